@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs what `make run` / `make test` need and is missing, on Debian/Ubuntu.
+#   ops/bootstrap.sh            python + whatever DATABASE_URL / REDIS_URL do not replace
+#   ops/bootstrap.sh --all      python + mariadb-server + redis-server (the tests start their own)
+#   ops/bootstrap.sh --python   python (3.11+ with venv) only
+set -euo pipefail
+
+PYTHON=${PYTHON:-python3}
+need=()
+
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
+
+if ! have "$PYTHON"; then
+    need+=(python3 python3-venv)
+elif ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "error: $PYTHON is $("$PYTHON" -V 2>&1); Python 3.11 or newer is needed (set PYTHON=/path/to/python3.11)" >&2
+    exit 1
+elif ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    need+=(python3-venv)
+fi
+
+mode=${1:-}
+if [ "$mode" != "--python" ]; then
+    if [ "$mode" = "--all" ] || [ -z "${DATABASE_URL:-}" ]; then
+        have mariadbd || have mysqld || need+=(mariadb-server)
+    fi
+    if [ "$mode" = "--all" ] || [ -z "${REDIS_URL:-}" ]; then
+        have redis-server || need+=(redis-server)
+    fi
+fi
+
+[ ${#need[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "error: missing ${need[*]}: install them (sudo apt-get install ${need[*]}), or set DATABASE_URL and REDIS_URL to existing servers." >&2
+    exit 1
+fi
+
+echo "installing ${need[*]} from apt"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# No init system starts these here: our server runs private instances under ./var.
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

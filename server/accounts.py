@@ -1,0 +1,83 @@
+"""Account primitives shared by the CLI, the admin bootstrap and the auth handlers."""
+
+from __future__ import annotations
+
+import re
+
+from sqids import Sqids
+
+from server.db import Conn, Database
+from server.errors import validation_failed
+from server.security import hash_password_async
+
+PHONE_RE = re.compile(r"^(?:\+?86)?(1[3-9]\d{9})$")
+# No 0/O, 1/I/L: codes are read aloud and typed from screenshots.
+INVITE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
+_SQIDS = Sqids(alphabet=INVITE_ALPHABET, min_length=6)
+
+
+def normalize_phone(raw: str) -> str:
+    """A mainland mobile as 11 digits; '+86 138-0013-8000' → '13800138000'."""
+    compact = re.sub(r"[\s-]", "", raw or "")
+    m = PHONE_RE.match(compact)
+    if not m:
+        raise validation_failed([{"field": "phone", "message": "must be a mainland China mobile number"}])
+    return m.group(1)
+
+
+def invite_code_for(user_id: int) -> str:
+    """A bijection of the user id: collision-free by construction, no retry loop."""
+    return str(_SQIDS.encode([user_id]))
+
+
+def user_id_for_invite_code(code: str) -> int | None:
+    decoded = _SQIDS.decode(code.strip().upper())
+    if len(decoded) != 1 or invite_code_for(decoded[0]) != code.strip().upper():
+        return None
+    return int(decoded[0])
+
+
+def mask_phone(phone: str | None) -> str | None:
+    return None if not phone else f"{phone[:3]}****{phone[-4:]}"
+
+
+async def insert_user(
+    conn: Conn,
+    *,
+    phone: str | None,
+    password_hash: str | None,
+    role: str = "user",
+    referrer_id: int | None = None,
+    wechat_openid: str | None = None,
+    wechat_unionid: str | None = None,
+) -> int:
+    """Insert a user and give it its invite code; run inside the caller's transaction."""
+    user_id = await conn.insert(
+        "INSERT INTO users (phone, password_hash, role, referrer_id, wechat_openid, wechat_unionid) "
+        "VALUES (%s, %s, %s, %s, %s, %s)",
+        phone,
+        password_hash,
+        role,
+        referrer_id,
+        wechat_openid,
+        wechat_unionid,
+    )
+    await conn.execute("UPDATE users SET invite_code = %s WHERE id = %s", invite_code_for(user_id), user_id)
+    return user_id
+
+
+async def ensure_admin(db: Database, phone: str, password: str) -> tuple[int, bool]:
+    """Create the admin if no user has this phone, else make that user an admin.
+
+    Returns (user id, created)."""
+    phone = normalize_phone(phone)
+    if len(password) < 8:
+        raise validation_failed([{"field": "password", "message": "at least 8 characters"}])
+    hashed = await hash_password_async(password)
+    async with db.transaction() as tx:
+        row = await tx.fetchone("SELECT id FROM users WHERE phone = %s FOR UPDATE", phone)
+        if row is not None:
+            await tx.execute("UPDATE users SET role = 'admin' WHERE id = %s", row["id"])
+            return int(row["id"]), False
+        user_id = await insert_user(tx, phone=phone, password_hash=hashed, role="admin")
+        return user_id, True

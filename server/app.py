@@ -1,0 +1,73 @@
+"""The application factory. Long-lived parts start in `cleanup_ctx`, in dependency
+order (MySQL → Redis → actors → …), and stop in reverse (STYLE.md rule 2)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from loguru import logger
+
+from handlers import setup_routes
+from server.config import ConfigError, Settings
+from server.db import Database
+from server.keys import db_key, metrics_key, migrator_key, redis_key, settings_key
+from server.metrics import Metrics
+from server.middleware import add_request_id_header, envelope_middleware
+from server.migrations import Migrator
+from server.redis import connect_redis
+
+
+async def db_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[settings_key]
+    url = settings.db()
+    try:
+        db = await Database.connect(url, settings, app[metrics_key])
+    except Exception as exc:
+        raise ConfigError(f"cannot connect to MySQL at {url!r}: {exc}") from exc
+    app[db_key] = db
+    migrator = Migrator(db)
+    app[migrator_key] = migrator
+    try:
+        if settings.migrate_on_start:
+            applied = await migrator.migrate()
+            if applied:
+                logger.info("applied {} migration(s)", len(applied))
+        if settings.admin_phone and settings.admin_password:
+            from server.accounts import ensure_admin
+
+            await ensure_admin(db, settings.admin_phone, settings.admin_password.get_secret_value())
+        yield
+    finally:
+        await db.close()
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[settings_key]
+    if not settings.redis_url:
+        raise ConfigError("REDIS_URL is not set and no embedded Redis was started")
+    client = connect_redis(settings.redis_url, settings)
+    try:
+        await client.ping()
+    except Exception as exc:
+        await client.aclose()
+        raise ConfigError(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
+    app[redis_key] = client
+    try:
+        yield
+    finally:
+        await client.aclose()
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        middlewares=[envelope_middleware],
+        client_max_size=settings.client_max_size,
+    )
+    app[settings_key] = settings
+    app[metrics_key] = Metrics()
+    setup_routes(app)
+    app.on_response_prepare.append(add_request_id_header)
+    app.cleanup_ctx.append(db_ctx)
+    app.cleanup_ctx.append(redis_ctx)
+    return app

@@ -1,0 +1,188 @@
+"""MySQL access: one aiomysql pool per process, explicit SQL, explicit transactions.
+
+    row = await db.fetchone("SELECT id FROM users WHERE phone = %s", phone)
+    async with db.transaction() as tx:
+        await tx.execute("UPDATE ...", ...)
+
+Acquiring a connection waits at most `DB_ACQUIRE_TIMEOUT` seconds, then answers
+BUSY (503) instead of queueing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiomysql
+import pymysql
+
+from server.config import DatabaseURL, Settings
+from server.errors import Busy
+from server.metrics import Metrics
+
+Row = dict[str, Any]
+
+SQL_MODE = (
+    "STRICT_TRANS_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION"
+)
+INIT_COMMAND = f"SET time_zone = '+00:00', sql_mode = '{SQL_MODE}', innodb_lock_wait_timeout = 5"
+
+# Error numbers that mean "try the whole transaction again".
+DEADLOCK = 1213
+LOCK_WAIT_TIMEOUT = 1205
+DUPLICATE_KEY = 1062
+
+
+def is_retryable(exc: BaseException) -> bool:
+    return isinstance(exc, pymysql.err.OperationalError) and exc.args[:1] in (
+        (DEADLOCK,),
+        (LOCK_WAIT_TIMEOUT,),
+    )
+
+
+def is_duplicate(exc: BaseException) -> bool:
+    return isinstance(exc, pymysql.err.IntegrityError) and exc.args[:1] == (DUPLICATE_KEY,)
+
+
+class Conn:
+    """A connection (inside or outside a transaction) with the three query shapes."""
+
+    def __init__(self, conn: aiomysql.Connection) -> None:
+        self.raw = conn
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run a statement; returns the affected row count (`lastrowid` via `insert`)."""
+        async with self.raw.cursor() as cur:
+            return int(await cur.execute(sql, args or None))
+
+    async def insert(self, sql: str, *args: Any) -> int:
+        """Run an INSERT; returns the new AUTO_INCREMENT id."""
+        async with self.raw.cursor() as cur:
+            await cur.execute(sql, args or None)
+            return int(cur.lastrowid)
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        async with self.raw.cursor() as cur:
+            return int(await cur.executemany(sql, rows))
+
+    async def fetchone(self, sql: str, *args: Any) -> Row | None:
+        async with self.raw.cursor(aiomysql.DictCursor) as cur:
+            await cur.execute(sql, args or None)
+            row: Row | None = await cur.fetchone()
+            return row
+
+    async def fetchall(self, sql: str, *args: Any) -> list[Row]:
+        async with self.raw.cursor(aiomysql.DictCursor) as cur:
+            await cur.execute(sql, args or None)
+            rows: list[Row] = list(await cur.fetchall())
+            return rows
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        async with self.raw.cursor() as cur:
+            await cur.execute(sql, args or None)
+            row = await cur.fetchone()
+            return None if row is None else row[0]
+
+
+class Database:
+    def __init__(self, pool: aiomysql.Pool, settings: Settings, metrics: Metrics) -> None:
+        self.pool = pool
+        self._acquire_timeout = settings.db_acquire_timeout
+        self._metrics = metrics
+        self._waiting = 0
+        metrics.watch_pool(self.pool_stats)
+
+    @classmethod
+    async def connect(cls, url: DatabaseURL, settings: Settings, metrics: Metrics) -> Database:
+        where: dict[str, Any] = (
+            {"unix_socket": url.unix_socket} if url.unix_socket else {"host": url.host, "port": url.port}
+        )
+        pool = await aiomysql.create_pool(
+            minsize=settings.db_pool_min,
+            maxsize=settings.db_pool_max,
+            pool_recycle=settings.db_pool_recycle,
+            connect_timeout=settings.db_connect_timeout,
+            user=url.user,
+            password=url.password,
+            db=url.database,
+            charset="utf8mb4",
+            autocommit=True,
+            init_command=INIT_COMMAND,
+            **where,
+        )
+        return cls(pool, settings, metrics)
+
+    def pool_stats(self) -> dict[str, int]:
+        size = int(self.pool.size)
+        free = int(self.pool.freesize)
+        return {
+            "size": size,
+            "free": free,
+            "in_use": size - free,
+            "waiting": self._waiting,
+            "max": int(self.pool.maxsize),
+        }
+
+    async def close(self) -> None:
+        self.pool.close()
+        await self.pool.wait_closed()
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Conn]:
+        started = time.perf_counter()
+        self._waiting += 1
+        try:
+            async with asyncio.timeout(self._acquire_timeout):
+                raw = await self.pool.acquire()
+        except TimeoutError:
+            self._metrics.db_acquire_timeouts.inc()
+            raise Busy("Database pool exhausted, retry shortly") from None
+        finally:
+            self._waiting -= 1
+            self._metrics.db_acquire.observe(time.perf_counter() - started)
+        try:
+            yield Conn(raw)
+        finally:
+            # aiomysql closes a connection released in the middle of a transaction.
+            self.pool.release(raw)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Conn]:
+        """BEGIN … COMMIT, or ROLLBACK on any exception (cancellation included)."""
+        async with self.connection() as conn:
+            await conn.raw.begin()
+            try:
+                yield conn
+            except BaseException:
+                try:
+                    await asyncio.shield(conn.raw.rollback())
+                except Exception:  # the connection is broken; release() closes it
+                    conn.raw.close()
+                raise
+            await conn.raw.commit()
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        async with self.connection() as c:
+            return await c.execute(sql, *args)
+
+    async def insert(self, sql: str, *args: Any) -> int:
+        async with self.connection() as c:
+            return await c.insert(sql, *args)
+
+    async def fetchone(self, sql: str, *args: Any) -> Row | None:
+        async with self.connection() as c:
+            return await c.fetchone(sql, *args)
+
+    async def fetchall(self, sql: str, *args: Any) -> list[Row]:
+        async with self.connection() as c:
+            return await c.fetchall(sql, *args)
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        async with self.connection() as c:
+            return await c.fetchval(sql, *args)
+
+    async def ping(self) -> None:
+        await self.fetchval("SELECT 1")

@@ -1,0 +1,71 @@
+"""Prometheus metrics: one registry per application, so tests can build many apps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class PoolCollector(Collector):
+    """Reads the pool's gauges at scrape time, so they are never stale."""
+
+    def __init__(self, read: Callable[[], dict[str, int]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[Metric]:
+        values = self._read()
+        for name, doc in (
+            ("size", "Connections open in the MySQL pool"),
+            ("free", "Idle connections in the MySQL pool"),
+            ("in_use", "Connections lent out by the MySQL pool"),
+            ("waiting", "Callers waiting to acquire a MySQL connection"),
+            ("max", "Upper bound of the MySQL pool"),
+        ):
+            yield GaugeMetricFamily(f"db_pool_{name}", doc, value=values.get(name, 0))
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self.http_requests = Counter(
+            "http_requests_total",
+            "HTTP requests answered, by route template",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.http_duration = Histogram(
+            "http_request_duration_seconds",
+            "Time to answer an HTTP request, by route template",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.db_acquire = Histogram(
+            "db_pool_acquire_seconds",
+            "Time to acquire a MySQL connection from the pool",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.db_acquire_timeouts = Counter(
+            "db_pool_acquire_timeouts_total",
+            "Acquires that gave up and answered BUSY",
+            registry=self.registry,
+        )
+
+    def watch_pool(self, read: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(PoolCollector(read))

@@ -1,0 +1,126 @@
+"""The outermost middleware: request id, the error envelope, access log, HTTP metrics.
+
+Only this module turns exceptions into HTTP answers (STYLE.md rule 10).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from loguru import logger
+
+from server.errors import CODE_FOR_STATUS, AppError, ErrorCode
+from server.keys import metrics_key, request_id_key
+from server.routing import json_response
+
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+REQUEST_ID_HEADER = "X-Request-ID"
+UNMATCHED = "<unmatched>"
+
+
+def request_id_for(request: web.Request) -> str:
+    rid = request.get(request_id_key)
+    if rid is not None:
+        return rid
+    sent = request.headers.get(REQUEST_ID_HEADER, "")
+    rid = sent if _REQUEST_ID_OK.match(sent) else uuid.uuid4().hex
+    request[request_id_key] = rid
+    return rid
+
+
+def route_template(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else UNMATCHED
+
+
+def error_response(
+    request: web.Request,
+    code: ErrorCode,
+    message: str,
+    *,
+    details: dict[str, Any] | None = None,
+    retry_after: int | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    body = {
+        "error": {
+            "code": code.value,
+            "message": message,
+            "request_id": request_id_for(request),
+            "details": details or {},
+        }
+    }
+    resp = json_response(body, code.status)
+    if retry_after is not None:
+        resp.headers["Retry-After"] = str(max(1, int(retry_after)))
+    for k, v in (headers or {}).items():
+        resp.headers[k] = v
+    return resp
+
+
+def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.StreamResponse:
+    if exc.status < 400:
+        return exc  # redirects and 2xx raised as exceptions pass through
+    code = CODE_FOR_STATUS.get(
+        exc.status, ErrorCode.INTERNAL if exc.status >= 500 else ErrorCode.MALFORMED_REQUEST
+    )
+    headers = {}
+    if "Allow" in exc.headers:
+        headers["Allow"] = exc.headers["Allow"]
+    message = exc.reason
+    if exc.status == 404:
+        message = f"No route for {request.method} {request.path}"
+    elif exc.status == 405:
+        message = f"{request.method} is not allowed on {request.path}"
+    retry = 1 if code in (ErrorCode.RATE_LIMITED, ErrorCode.BUSY) else None
+    return error_response(request, code, message, retry_after=retry, headers=headers)
+
+
+@web.middleware
+async def envelope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    rid = request_id_for(request)
+    started = time.perf_counter()
+    status = 500
+    with logger.contextualize(request_id=rid):
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except AppError as exc:
+            response = error_response(
+                request, exc.code, exc.message, details=exc.details, retry_after=exc.retry_after
+            )
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            response = _from_http_exception(request, exc)
+            status = response.status
+            return response
+        except asyncio.CancelledError:
+            status = 499  # the client went away
+            raise
+        except Exception:
+            logger.opt(exception=True).error("unhandled error in {} {}", request.method, request.path)
+            response = error_response(request, ErrorCode.INTERNAL, "Internal server error")
+            status = 500
+            return response
+        finally:
+            elapsed = time.perf_counter() - started
+            route = route_template(request)
+            metrics = request.app[metrics_key]
+            metrics.http_requests.labels(request.method, route, str(status)).inc()
+            metrics.http_duration.labels(request.method, route).observe(elapsed)
+            logger.info(
+                "{} {} {} {:.1f}ms", request.method, route, status, elapsed * 1000, route=route, status=status
+            )
+
+
+async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every answer carries X-Request-ID, WebSocket upgrades included."""
+    response.headers[REQUEST_ID_HEADER] = request_id_for(request)

@@ -1,0 +1,212 @@
+"""Route declarations: one decorator gives aiohttp its route and OpenAPI its operation.
+
+    routes = RouteTable(tags=["auth"])
+
+    @routes.post("/api/v1/auth/login", body=LoginIn, response=TokenPair,
+                 errors=[ErrorCode.INVALID_CREDENTIALS])
+    async def login(request: web.Request, body: LoginIn) -> TokenPair: ...
+
+The wrapper parses and validates the JSON body (`body=`) and the query string
+(`query=`) with pydantic, passes them as keyword arguments, and renders what the
+handler returns: a pydantic model or any value of the declared `response` type as
+JSON with `status`, `None` as 204, or a `web.StreamResponse` as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+from aiohttp import web
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from server.errors import AppError, ErrorCode, validation_failed
+from server.keys import settings_key
+
+Auth = Literal["public", "user", "admin"]
+Handler = Callable[..., Awaitable[Any]]
+
+JSON_TYPES = ("application/json",)
+_PATH_PARAM = re.compile(r"\{([a-zA-Z_][a-zA-Z0-9_]*)(?::[^}]*)?\}")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    method: str
+    path: str
+    handler: Handler
+    name: str
+    summary: str
+    description: str
+    tags: tuple[str, ...]
+    auth: Auth
+    body: type[BaseModel] | None
+    query: type[BaseModel] | None
+    response: Any
+    status: int
+    errors: tuple[ErrorCode, ...]
+    content_type: str
+    include_in_schema: bool
+    extra_responses: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def path_params(self) -> list[str]:
+        return _PATH_PARAM.findall(self.path)
+
+    @property
+    def openapi_path(self) -> str:
+        return _PATH_PARAM.sub(lambda m: "{" + m.group(1) + "}", self.path)
+
+
+def field_errors(exc: ValidationError, prefix: str = "") -> list[dict[str, str]]:
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"])
+        name = f"{prefix}.{loc}" if prefix and loc else (loc or prefix or "body")
+        out.append({"field": name, "message": err["msg"]})
+    return out
+
+
+async def read_json(request: web.Request, max_bytes: int) -> Any:
+    """The request body as JSON, or MALFORMED_REQUEST / PAYLOAD_TOO_LARGE."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise AppError(ErrorCode.PAYLOAD_TOO_LARGE, f"JSON bodies are limited to {max_bytes} bytes")
+    ctype = request.headers.get("Content-Type")
+    if ctype is not None and not (
+        request.content_type in JSON_TYPES or request.content_type.endswith("+json")
+    ):
+        raise AppError(ErrorCode.MALFORMED_REQUEST, "The body must be JSON (Content-Type: application/json)")
+    raw = await request.read()
+    if len(raw) > max_bytes:
+        raise AppError(ErrorCode.PAYLOAD_TOO_LARGE, f"JSON bodies are limited to {max_bytes} bytes")
+    if not raw.strip():
+        raise AppError(ErrorCode.MALFORMED_REQUEST, "A JSON body is required")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AppError(ErrorCode.MALFORMED_REQUEST, f"The body is not valid JSON: {exc}") from None
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode(),
+        status=status,
+        content_type="application/json",
+    )
+
+
+class RouteTable:
+    """The routes of one handlers module."""
+
+    def __init__(self, *, tags: Sequence[str] = (), auth: Auth = "user") -> None:
+        self.specs: list[RouteSpec] = []
+        self._tags = tuple(tags)
+        self._auth: Auth = auth
+
+    def route(
+        self,
+        method: str,
+        path: str,
+        *,
+        auth: Auth | None = None,
+        body: type[BaseModel] | None = None,
+        query: type[BaseModel] | None = None,
+        response: Any = None,
+        status: int = 200,
+        errors: Iterable[ErrorCode] = (),
+        summary: str | None = None,
+        tags: Sequence[str] | None = None,
+        content_type: str = "application/json",
+        include_in_schema: bool = True,
+        extra_responses: dict[int, str] | None = None,
+    ) -> Callable[[Handler], Handler]:
+        def decorate(fn: Handler) -> Handler:
+            adapter = (
+                TypeAdapter(response) if response is not None and content_type == JSON_TYPES[0] else None
+            )
+            doc = (fn.__doc__ or "").strip()
+            first, _, rest = doc.partition("\n")
+
+            async def handler(request: web.Request) -> web.StreamResponse:
+                kwargs: dict[str, Any] = {}
+                if body is not None:
+                    data = await read_json(request, request.app[settings_key].json_body_max)
+                    try:
+                        kwargs["body"] = body.model_validate(data)
+                    except ValidationError as exc:
+                        raise validation_failed(field_errors(exc)) from None
+                if query is not None:
+                    try:
+                        kwargs["query"] = query.model_validate(dict(request.query))
+                    except ValidationError as exc:
+                        raise validation_failed(field_errors(exc, "query")) from None
+                result = await fn(request, **kwargs)
+                if isinstance(result, web.StreamResponse):
+                    return result
+                if result is None:
+                    return web.Response(status=204)
+                if isinstance(result, BaseModel):
+                    payload = result.model_dump_json().encode()
+                elif adapter is not None:
+                    payload = adapter.dump_json(result)
+                else:
+                    return json_response(result, status)
+                return web.Response(body=payload, status=status, content_type="application/json")
+
+            spec = RouteSpec(
+                method=method.upper(),
+                path=path,
+                handler=handler,
+                name=fn.__name__,
+                summary=summary or first or fn.__name__.replace("_", " "),
+                description=rest.strip(),
+                tags=tuple(tags) if tags is not None else self._tags,
+                auth=auth or self._auth,
+                body=body,
+                query=query,
+                response=response,
+                status=status,
+                errors=tuple(errors),
+                content_type=content_type,
+                include_in_schema=include_in_schema,
+                extra_responses=extra_responses or {},
+            )
+            handler.route_spec = spec  # type: ignore[attr-defined]
+            handler.__name__ = fn.__name__
+            handler.__doc__ = fn.__doc__
+            self.specs.append(spec)
+            return fn
+
+        return decorate
+
+    def get(self, path: str, **kw: Any) -> Callable[[Handler], Handler]:
+        return self.route("GET", path, **kw)
+
+    def post(self, path: str, **kw: Any) -> Callable[[Handler], Handler]:
+        return self.route("POST", path, **kw)
+
+    def patch(self, path: str, **kw: Any) -> Callable[[Handler], Handler]:
+        return self.route("PATCH", path, **kw)
+
+    def put(self, path: str, **kw: Any) -> Callable[[Handler], Handler]:
+        return self.route("PUT", path, **kw)
+
+    def delete(self, path: str, **kw: Any) -> Callable[[Handler], Handler]:
+        return self.route("DELETE", path, **kw)
+
+
+def route_spec(request: web.Request) -> RouteSpec | None:
+    """The declaration of the route a request matched (None for 404/405 and static files)."""
+    return cast(RouteSpec | None, getattr(request.match_info.handler, "route_spec", None))
+
+
+def add_routes(app: web.Application, tables: Iterable[RouteTable]) -> list[RouteSpec]:
+    specs: list[RouteSpec] = []
+    for table in tables:
+        for spec in table.specs:
+            app.router.add_route(spec.method, spec.path, spec.handler, name=spec.name)
+            specs.append(spec)
+    return specs

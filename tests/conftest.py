@@ -1,0 +1,140 @@
+"""Real MariaDB and Redis, started once per test session by the same code `run.py`
+uses (server/embedded.py); each test gets its own database and Redis db."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pymysql
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from loguru import logger
+
+from server.app import create_app
+from server.config import Settings
+from server.embedded import EmbeddedMariaDB, EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parent.parent
+_redis_db = itertools.count(1)
+
+
+class Services:
+    def __init__(self, mariadb: EmbeddedMariaDB, redis: EmbeddedRedis) -> None:
+        self.mariadb = mariadb
+        self.redis = redis
+
+    def admin_conn(self) -> pymysql.Connection[Any]:
+        return pymysql.connect(
+            unix_socket=str(self.mariadb.socket), user="root", password="", autocommit=True
+        )
+
+    def create_database(self) -> str:
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        conn = self.admin_conn()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
+        finally:
+            conn.close()
+        return name
+
+    def drop_database(self, name: str) -> None:
+        conn = self.admin_conn()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        finally:
+            conn.close()
+
+    def query(self, database: str, sql: str, *args: Any) -> list[dict[str, Any]]:
+        """Read the database behind the app's back, as an operator would."""
+        conn = pymysql.connect(
+            unix_socket=str(self.mariadb.socket),
+            user="root",
+            password="",
+            database=database,
+            autocommit=True,
+            cursorclass=pymysql.cursors.DictCursor,
+        )
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, args or None)
+                return list(cur.fetchall())
+        finally:
+            conn.close()
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    base = Path(os.environ.get("WARDROBE_TEST_VAR") or tmp_path_factory.mktemp("services"))
+    mariadb = EmbeddedMariaDB(base, fast=True)
+    redis = EmbeddedRedis(base, persist=False)
+    mariadb.start()
+    redis.start()
+    try:
+        yield Services(mariadb, redis)
+    finally:
+        redis.stop()
+        mariadb.stop()
+
+
+@pytest.fixture
+def database(services: Services) -> Iterator[str]:
+    name = services.create_database()
+    yield name
+    services.drop_database(name)
+
+
+@pytest.fixture
+def make_settings(services: Services, database: str) -> Callable[..., Settings]:
+    """Settings for an app on this test's database and Redis db; keywords override."""
+    redis_db = next(_redis_db) % 16
+    import redis as redis_sync
+
+    client = redis_sync.Redis(unix_socket_path=str(services.redis.socket), db=redis_db)
+    client.flushdb()
+    client.close()
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "app_env": "test",
+            "database_url": services.mariadb.url(database),
+            "redis_url": services.redis.url(redis_db),
+            "var_dir": ROOT / "var" / "test",
+            "db_pool_max": 10,
+            "shutdown_timeout": 1.0,
+        }
+        values.update(overrides)
+        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+def app(settings: Settings) -> web.Application:
+    return create_app(settings)
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, app: web.Application) -> AsyncIterator[TestClient[Any, Any]]:
+    yield await aiohttp_client(app)
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    """Everything loguru writes during the test, formatted with tracebacks."""
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="DEBUG", format="{message}\n{exception}")
+    yield lines
+    logger.remove(sink)

@@ -1,0 +1,221 @@
+"""The error envelope, request ids, readiness, metrics, OpenAPI and docs."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from openapi_spec_validator import validate
+from pydantic import BaseModel, Field
+
+from server.app import create_app
+from server.config import ConfigError, Settings
+from server.errors import ErrorCode
+from server.keys import db_key
+from server.routing import RouteTable, add_routes
+
+
+class EchoIn(BaseModel):
+    name: str = Field(min_length=1, max_length=5)
+    count: int = Field(ge=0)
+
+
+probe = RouteTable(tags=["probe"], auth="public")
+
+
+@probe.post("/api/v1/_probe/echo", body=EchoIn, response=EchoIn)
+async def echo(request: web.Request, body: EchoIn) -> EchoIn:
+    return body
+
+
+@probe.get("/api/v1/_probe/boom")
+async def boom(request: web.Request) -> None:
+    raise RuntimeError("the probe exploded on purpose")
+
+
+@probe.get("/api/v1/_probe/hold-db")
+async def hold_db(request: web.Request) -> dict[str, str]:
+    async with request.app[db_key].connection():
+        return {"held": "yes"}
+
+
+@pytest.fixture
+def app(settings: Settings) -> web.Application:
+    app = create_app(settings)
+    add_routes(app, [probe])
+    return app
+
+
+def assert_envelope(body: dict[str, Any], code: ErrorCode, request_id: str) -> None:
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert err["code"] == code.value
+    assert err["request_id"] == request_id
+    assert isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["details"], dict)
+
+
+async def test_unknown_route_answers_404_envelope_with_its_request_id(client: Any) -> None:
+    resp = await client.get("/api/v1/nope")
+    assert resp.status == 404
+    rid = resp.headers["X-Request-ID"]
+    assert re.fullmatch(r"[0-9a-f]{32}", rid)
+    assert_envelope(await resp.json(), ErrorCode.NOT_FOUND, rid)
+
+
+async def test_request_id_sent_by_the_client_is_echoed(client: Any) -> None:
+    resp = await client.get("/healthz", headers={"X-Request-ID": "front-end-42"})
+    assert resp.headers["X-Request-ID"] == "front-end-42"
+    resp = await client.get("/healthz", headers={"X-Request-ID": "bad id\twith spaces"})
+    assert resp.headers["X-Request-ID"] != "bad id\twith spaces"
+
+
+async def test_delete_on_healthz_answers_405_envelope(client: Any) -> None:
+    resp = await client.delete("/healthz")
+    assert resp.status == 405
+    assert resp.headers["Allow"] == "GET"
+    assert_envelope(await resp.json(), ErrorCode.METHOD_NOT_ALLOWED, resp.headers["X-Request-ID"])
+
+
+async def test_malformed_json_answers_400_malformed_request(client: Any) -> None:
+    resp = await client.post(
+        "/api/v1/_probe/echo", data=b'{"name": "x",', headers={"Content-Type": "application/json"}
+    )
+    assert resp.status == 400
+    assert_envelope(await resp.json(), ErrorCode.MALFORMED_REQUEST, resp.headers["X-Request-ID"])
+
+
+async def test_a_body_of_another_content_type_answers_400(client: Any) -> None:
+    resp = await client.post("/api/v1/_probe/echo", data={"name": "x"})
+    assert resp.status == 400
+    assert (await resp.json())["error"]["code"] == "MALFORMED_REQUEST"
+
+
+async def test_field_errors_answer_422_with_each_field(client: Any) -> None:
+    resp = await client.post("/api/v1/_probe/echo", json={"name": "toolong", "count": -1})
+    assert resp.status == 422
+    body = await resp.json()
+    assert_envelope(body, ErrorCode.VALIDATION_FAILED, resp.headers["X-Request-ID"])
+    fields = {f["field"] for f in body["error"]["details"]["fields"]}
+    assert fields == {"name", "count"}
+
+
+async def test_a_valid_body_reaches_the_handler(client: Any) -> None:
+    resp = await client.post("/api/v1/_probe/echo", json={"name": "abc", "count": 2})
+    assert resp.status == 200
+    assert await resp.json() == {"name": "abc", "count": 2}
+
+
+async def test_an_oversized_json_body_answers_413(client: Any, settings: Settings) -> None:
+    big = b'{"name": "' + b"x" * (settings.json_body_max + 10) + b'", "count": 1}'
+    resp = await client.post("/api/v1/_probe/echo", data=big, headers={"Content-Type": "application/json"})
+    assert resp.status == 413
+    assert (await resp.json())["error"]["code"] == "PAYLOAD_TOO_LARGE"
+
+
+async def test_a_handler_that_raises_answers_500_with_the_traceback_only_in_the_log(
+    client: Any, log_lines: list[str]
+) -> None:
+    resp = await client.get("/api/v1/_probe/boom", headers={"X-Request-ID": "trace-me"})
+    assert resp.status == 500
+    text = await resp.text()
+    assert "Traceback" not in text and "exploded" not in text
+    assert_envelope(await resp.json(), ErrorCode.INTERNAL, "trace-me")
+    logged = "".join(log_lines)
+    assert "Traceback" in logged and "the probe exploded on purpose" in logged
+
+
+async def test_an_exhausted_pool_answers_503_busy_with_retry_after(
+    aiohttp_client: Any, make_settings: Callable[..., Settings]
+) -> None:
+    app = create_app(make_settings(db_pool_min=0, db_pool_max=1, db_acquire_timeout=0.2))
+    add_routes(app, [probe])
+    client = await aiohttp_client(app)
+    db = app[db_key]
+    async with db.connection():
+        resp = await client.get("/api/v1/_probe/hold-db")
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "1"
+        assert (await resp.json())["error"]["code"] == "BUSY"
+    resp = await client.get("/api/v1/_probe/hold-db")
+    assert resp.status == 200
+    metrics = await (await client.get("/metrics")).text()
+    assert "db_pool_acquire_timeouts_total 1.0" in metrics
+
+
+async def test_readyz_is_200_when_db_redis_and_migrations_are_current(client: Any) -> None:
+    resp = await client.get("/readyz")
+    assert resp.status == 200
+    assert await resp.json() == {"status": "ok", "checks": {"db": "ok", "redis": "ok", "migrations": "ok"}}
+
+
+async def test_readyz_is_503_naming_pending_migrations(
+    aiohttp_client: Any, make_settings: Callable[..., Settings]
+) -> None:
+    client = await aiohttp_client(create_app(make_settings(migrate_on_start=False)))
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    checks = (await resp.json())["checks"]
+    assert checks["db"] == "ok" and checks["redis"] == "ok"
+    assert "0001_users.sql" in checks["migrations"]
+
+
+async def test_metrics_count_requests_by_route_template_and_show_pool_gauges(client: Any) -> None:
+    await client.get("/healthz")
+    await client.get("/api/v1/_probe/boom")
+    text = await (await client.get("/metrics")).text()
+    assert 'http_requests_total{method="GET",route="/healthz",status="200"} 1.0' in text
+    assert 'http_requests_total{method="GET",route="/api/v1/_probe/boom",status="500"} 1.0' in text
+    assert 'http_request_duration_seconds_bucket{le="0.005",method="GET",route="/healthz"}' in text
+    for gauge in ("db_pool_size", "db_pool_free", "db_pool_in_use", "db_pool_waiting", "db_pool_max 10.0"):
+        assert gauge in text
+    assert "process_resident_memory_bytes" in text
+
+
+async def test_openapi_document_is_valid_3_1_and_lists_every_route(client: Any, app: web.Application) -> None:
+    resp = await client.get("/api/openapi.json")
+    doc = await resp.json()
+    validate(doc)
+    assert doc["openapi"] == "3.1.0"
+    for path in ("/healthz", "/readyz", "/metrics", "/api/docs", "/api/openapi.json"):
+        assert path in doc["paths"], path
+    for responses in (op["responses"] for item in doc["paths"].values() for op in item.values()):
+        assert "500" in responses
+
+
+async def test_swagger_ui_renders_with_no_external_asset(client: Any) -> None:
+    resp = await client.get("/api/docs")
+    assert resp.status == 200
+    html = await resp.text()
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert assets and all(a.startswith("/") for a in assets)
+    assert "//" not in "".join(a[1:] for a in assets)
+    for asset in assets:
+        got = await client.get(asset)
+        assert got.status == 200, asset
+        assert len(await got.read()) > 1000
+
+
+def test_prod_refuses_a_default_secret_and_embedded_servers() -> None:
+    settings = Settings(_env_file=None, app_env="prod")  # type: ignore[call-arg]
+    with pytest.raises(ConfigError, match="JWT_SECRET"):
+        settings.check_for_start()
+    good = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        app_env="prod",
+        jwt_secret="x" * 40,
+        database_url="mysql://u:p@db:3306/w",
+        redis_url="redis://r:6379/0",
+    )
+    good.check_for_start()
+
+
+async def test_concurrent_requests_share_the_pool_without_leaking(client: Any, app: web.Application) -> None:
+    answers = await asyncio.gather(*(client.get("/api/v1/_probe/hold-db") for _ in range(50)))
+    assert [r.status for r in answers] == [200] * 50
+    stats = app[db_key].pool_stats()
+    assert stats["in_use"] == 0 and stats["waiting"] == 0
