@@ -3,6 +3,7 @@
     python run.py [serve] [--host H] [--port P]   serve the API (default)
     python run.py migrate [--status]               apply (or list) database migrations
     python run.py create-admin --phone P --password W
+    python run.py check-quota                      verify balances against the ledger
 
 With no DATABASE_URL / REDIS_URL, private MariaDB and Redis servers are started
 under ./var for the life of the command.
@@ -131,10 +132,25 @@ def cmd_create_admin(settings: Settings, args: argparse.Namespace) -> int:
     return _run_db_command(settings, go)
 
 
+def cmd_check_quota(settings: Settings, args: argparse.Namespace) -> int:
+    """Every account against its ledger and open reservations; non-zero exit on a difference."""
+    from server.quota import check_all
+
+    async def go(db: Any) -> int:
+        checked, problems = await check_all(db)
+        for p in problems:
+            print(f"user {p.user_id}: {p.what}: recorded {p.recorded}, expected {p.expected}")
+        print(f"checked {checked} account(s): {len(problems)} difference(s)")
+        return 1 if problems else 0
+
+    return _run_db_command(settings, go)
+
+
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "serve": cmd_serve,
     "migrate": cmd_migrate,
     "create-admin": cmd_create_admin,
+    "check-quota": cmd_check_quota,
 }
 
 
@@ -149,6 +165,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     admin = sub.add_parser("create-admin", help="create an admin user (or promote an existing one)")
     admin.add_argument("--phone", required=True)
     admin.add_argument("--password", required=True)
+    sub.add_parser("check-quota", help="verify every balance against the ledger; exit 1 on a difference")
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["serve", *argv])

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from handlers import service
-from server.keys import route_specs_key
+from handlers import admin_users, auth, dev, files, quota, service, users
+from server.keys import route_specs_key, settings_key
 from server.routing import RouteTable, add_routes
 
-ROUTE_TABLES: list[RouteTable] = [service.routes]
+ROUTE_TABLES: list[RouteTable] = [
+    service.routes,
+    files.routes,
+    auth.routes,
+    users.routes,
+    admin_users.routes,
+    quota.routes,
+    quota.admin_routes,
+]
 
 
 def setup_routes(app: web.Application) -> None:
-    app[route_specs_key] = add_routes(app, ROUTE_TABLES)
+    tables = [*ROUTE_TABLES, *dev.route_tables(app[settings_key])]  # dev: only in dev/test
+    app[route_specs_key] = add_routes(app, tables)
     service.setup(app)

@@ -70,9 +70,12 @@ async def ensure_admin(db: Database, phone: str, password: str) -> tuple[int, bo
     """Create the admin if no user has this phone, else make that user an admin.
 
     Returns (user id, created)."""
+    from server.auth.passwords import password_problem  # the rules every password follows
+
     phone = normalize_phone(phone)
-    if len(password) < 8:
-        raise validation_failed([{"field": "password", "message": "at least 8 characters"}])
+    problem = password_problem(password)
+    if problem:
+        raise validation_failed([{"field": "password", "message": problem}])
     hashed = await hash_password_async(password)
     async with db.transaction() as tx:
         row = await tx.fetchone("SELECT id FROM users WHERE phone = %s FOR UPDATE", phone)

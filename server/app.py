@@ -3,19 +3,39 @@ order (MySQL → Redis → actors → …), and stop in reverse (STYLE.md rule 2
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 from loguru import logger
 
+from actors.runtime import ActorSystem
+from actors.user import UserActor
 from handlers import setup_routes
+from server.auth import auth_ctx
+from server.auth.middleware import auth_middleware
 from server.config import ConfigError, Settings
+from server.cron import CronJob, cron_ctx
 from server.db import Database
-from server.keys import db_key, metrics_key, migrator_key, redis_key, settings_key
+from server.events import NullHub
+from server.keys import (
+    actor_system_key,
+    db_key,
+    hub_key,
+    instance_id_key,
+    metrics_key,
+    migrator_key,
+    redis_key,
+    settings_key,
+)
 from server.metrics import Metrics
 from server.middleware import add_request_id_header, envelope_middleware
 from server.migrations import Migrator
 from server.redis import connect_redis
+from server.storage import storage_ctx
+from server.sweeper import sweep_expired_reservations
 
 
 async def db_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -59,9 +79,31 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         await client.aclose()
 
 
+async def actors_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The actor system and the event hub; stopping drains every mailbox within a bound."""
+    settings = app[settings_key]
+    app[instance_id_key] = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    app[hub_key] = NullHub()
+    system = ActorSystem(
+        app[metrics_key].registry,
+        default_ask_timeout=settings.actor_ask_timeout,
+        passivate_after={"UserActor": settings.actor_idle_seconds},
+    )
+    system.register(UserActor, lambda: UserActor(app[db_key], app[hub_key]))
+    await system.start()
+    app[actor_system_key] = system
+    try:
+        yield
+    finally:
+        await system.stop(settings.actor_stop_timeout)
+
+
+CRON_JOBS = [CronJob("reservation-sweeper", "* * * * *", sweep_expired_reservations)]
+
+
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
-        middlewares=[envelope_middleware],
+        middlewares=[envelope_middleware, auth_middleware],
         client_max_size=settings.client_max_size,
     )
     app[settings_key] = settings
@@ -70,4 +112,9 @@ def create_app(settings: Settings) -> web.Application:
     app.on_response_prepare.append(add_request_id_header)
     app.cleanup_ctx.append(db_ctx)
     app.cleanup_ctx.append(redis_ctx)
+    app.cleanup_ctx.append(auth_ctx)
+    app.cleanup_ctx.append(storage_ctx)
+    app.cleanup_ctx.append(actors_ctx)
+    if settings.cron_enabled:
+        app.cleanup_ctx.append(cron_ctx(CRON_JOBS))
     return app

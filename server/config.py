@@ -108,10 +108,93 @@ class Settings(BaseSettings):
     admin_phone: str | None = None
     admin_password: SecretStr | None = None
 
+    # --- auth (issue 4) ---
+    # JWT signing keys as "kid:secret,kid:secret", newest first: the first signs, all verify.
+    # Unset: JWT_SECRET alone, under a kid derived from it.
+    jwt_keys: SecretStr = SecretStr("")
+    access_token_ttl: int = Field(900, ge=60)
+    refresh_token_ttl: int = Field(604800, ge=300)
+    # argon2id cost (defaults: RFC 9106 low-memory profile, see server/security.py).
+    argon2_time_cost: int = Field(3, ge=1)
+    argon2_memory_kib: int = Field(64 * 1024, ge=8)
+    argon2_parallelism: int = Field(1, ge=1)
+    auth_hash_threads: int = Field(2, ge=1)
+    # SMS codes: life, wrong tries, and the send limits.
+    sms_provider: Literal["console", "tencent"] = "console"
+    sms_code_ttl: int = Field(300, ge=30)
+    sms_code_max_tries: int = Field(5, ge=1)
+    sms_resend_interval: int = Field(60, ge=0)
+    sms_daily_cap: int = Field(10, ge=1)
+    sms_ip_limit: int = Field(30, ge=1)
+    sms_ip_window: int = Field(3600, ge=1)
+    # Failed logins: per phone (locks the account) and per IP (rate limit), in one window.
+    login_max_failures: int = Field(5, ge=1)
+    login_ip_max_failures: int = Field(50, ge=1)
+    login_failure_window: int = Field(900, ge=1)
+    # Hops of trusted reverse proxies in front of us: the client IP is read from
+    # X-Forwarded-For that many entries from the right (0: the socket peer).
+    trusted_proxy_hops: int = Field(0, ge=0)
+    profile_cache_ttl: int = Field(3600, ge=1)
+    # Hot profiles also kept in each process, exact across processes (server/auth/nearcache.py).
+    profile_local_cache_size: int = Field(10_000, ge=0)
+    profile_local_cache_ttl: float = Field(30.0, gt=0)
+    wechat_appid: str | None = None
+    wechat_secret: SecretStr | None = None
+    wechat_api_base: str = "https://api.weixin.qq.com"
+    wechat_timeout: float = Field(5.0, gt=0)
+    tencent_secret_id: str | None = None
+    tencent_secret_key: SecretStr | None = None
+    tencent_sms_app_id: str | None = None
+    tencent_sms_sign_name: str | None = None
+    tencent_sms_template_id: str | None = None
+    tencent_sms_region: str = "ap-guangzhou"
+    tencent_sms_endpoint: str = "https://sms.tencentcloudapi.com"
+    tencent_sms_timeout: int = Field(10, ge=1)
+
     # Actors (issue 3): mailbox sizes per kind and idle time before passivation.
     actor_ask_timeout: float = Field(10.0, gt=0)
     actor_idle_seconds: float = Field(300.0, gt=0)
     actor_mailbox_default: int = Field(1000, ge=1)
+    actor_stop_timeout: float = Field(5.0, gt=0)
+
+    # Cron jobs (reservation sweeper, …); off in tests that drive jobs by hand.
+    cron_enabled: bool = True
+
+    # --- storage (issue 6) ---
+    # local: files under VAR_DIR/storage served by GET /files/{key}; cos: Tencent Cloud COS.
+    storage_backend: Literal["local", "cos"] = "local"
+    # Signs /files URLs (HMAC-SHA256). Empty: derived from JWT_SECRET with HKDF.
+    storage_url_secret: SecretStr | None = None
+    storage_url_ttl: int = Field(3600, ge=60)
+    cos_region: str | None = None
+    cos_bucket: str | None = None
+    cos_secret_id: str | None = None
+    cos_secret_key: SecretStr | None = None
+    cos_scheme: Literal["http", "https"] = "https"
+    cos_domain: str | None = None  # custom/CDN domain (or 127.0.0.1:PORT for a fake)
+    cos_timeout: float = Field(10.0, gt=0)  # per HTTP attempt; the whole call gets (retries+1)×
+    cos_retries: int = Field(1, ge=0)
+    cos_threads: int = Field(8, ge=1)
+    cos_max_pending: int = Field(64, ge=1)  # running + queued COS calls before BUSY
+
+    # --- websocket (issue 7) ---  docs/websocket.md
+    # Browser Origins allowed to open /api/v1/ws, comma separated ("*": any). A request
+    # without Origin (mini-program, native app) and a page of this same host always pass.
+    ws_allowed_origins: str = ""
+    ws_auth_timeout: float = Field(10.0, gt=0)  # seconds to send the auth frame, else 4408
+    ws_heartbeat: float = Field(25.0, gt=0)  # ping interval; no pong within half of it closes
+    ws_queue_size: int = Field(256, ge=1)  # frames waiting for one socket before 4429 (too slow)
+    ws_send_timeout: float = Field(10.0, gt=0)  # one frame may take this long to write, else 4429
+    ws_close_timeout: float = Field(5.0, gt=0)  # closing handshake; then the socket is dropped
+    ws_max_per_user: int = Field(10, ge=1)  # sockets of one user on one process, else 4429
+    ws_max_connections: int = Field(10_000, ge=1)  # sockets on one process, else 4429
+    ws_max_frame: int = Field(16 * 1024, ge=1024)  # largest client frame (bytes)
+    ws_expiry_warning: float = Field(60.0, ge=0)  # auth.expiring this long before the token's exp
+    # Event retention per user: every event of the last EVENTS_RETENTION_HOURS and at
+    # least the last EVENTS_KEEP_MIN, whichever is more, up to EVENTS_MAX_PER_USER.
+    events_retention_hours: float = Field(24.0, gt=0)
+    events_keep_min: int = Field(1000, ge=1)
+    events_max_per_user: int = Field(100_000, ge=1)
 
     @field_validator("log_level")
     @classmethod
@@ -122,6 +205,12 @@ class Settings(BaseSettings):
     def _pool_bounds(self) -> Settings:
         if self.db_pool_min > self.db_pool_max:
             raise ValueError("DB_POOL_MIN must not exceed DB_POOL_MAX")
+        return self
+
+    @model_validator(mode="after")
+    def _events_bounds(self) -> Settings:  # websocket (issue 7)
+        if self.events_max_per_user < self.events_keep_min:
+            raise ValueError("EVENTS_MAX_PER_USER must be at least EVENTS_KEEP_MIN")
         return self
 
     @property
@@ -147,14 +236,39 @@ class Settings(BaseSettings):
             return
         problems = []
         secret = self.jwt_secret.get_secret_value()
-        if secret == DEFAULT_JWT_SECRET or len(secret) < 32:
+        if not self.jwt_keys.get_secret_value() and (secret == DEFAULT_JWT_SECRET or len(secret) < 32):
             problems.append("JWT_SECRET must be set to a random value of at least 32 characters")
+        problems += self._auth_problems()
         if self.embedded_db:
             problems.append("DATABASE_URL must point at a real MySQL/MariaDB server")
         if self.embedded_redis:
             problems.append("REDIS_URL must point at a real Redis server")
         if problems:
             raise ConfigError("APP_ENV=prod refuses to start: " + "; ".join(problems))
+
+    def _auth_problems(self) -> list[str]:
+        """Prod checks of the auth settings (issue 4)."""
+        from server.auth.tokens import parse_jwt_keys
+
+        problems = []
+        try:
+            keys = parse_jwt_keys(self)
+        except ValueError as exc:
+            return [str(exc)]
+        if self.jwt_keys.get_secret_value() and any(len(k.secret) < 32 for k in keys):
+            problems.append("every JWT_KEYS secret must be at least 32 characters")
+        if self.sms_provider == "tencent" and not (
+            self.tencent_secret_id
+            and self.tencent_secret_key
+            and self.tencent_sms_app_id
+            and self.tencent_sms_sign_name
+            and self.tencent_sms_template_id
+        ):
+            problems.append(
+                "SMS_PROVIDER=tencent needs TENCENT_SECRET_ID, TENCENT_SECRET_KEY, "
+                "TENCENT_SMS_APP_ID, TENCENT_SMS_SIGN_NAME and TENCENT_SMS_TEMPLATE_ID"
+            )
+        return problems
 
 
 def load_settings(**overrides: object) -> Settings:

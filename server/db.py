@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import aiomysql
 import pymysql
@@ -24,6 +24,7 @@ from server.errors import Busy
 from server.metrics import Metrics
 
 Row = dict[str, Any]
+Isolation = Literal["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"]
 
 SQL_MODE = (
     "STRICT_TRANS_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION"
@@ -150,9 +151,14 @@ class Database:
             self.pool.release(raw)
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Conn]:
-        """BEGIN … COMMIT, or ROLLBACK on any exception (cancellation included)."""
+    async def transaction(self, isolation: Isolation | None = None) -> AsyncIterator[Conn]:
+        """BEGIN … COMMIT, or ROLLBACK on any exception (cancellation included).
+
+        `isolation="READ COMMITTED"` suits transactions that serialise on one locked
+        row: no gap locks, so concurrent inserts of other keys cannot deadlock them."""
         async with self.connection() as conn:
+            if isolation is not None:
+                await conn.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}")
             await conn.raw.begin()
             try:
                 yield conn

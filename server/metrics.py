@@ -67,5 +67,17 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.cron_runs = Counter(
+            "cron_runs_total",
+            "Cron job runs by outcome (skipped: another instance had the slot)",
+            ["job", "outcome"],
+            registry=self.registry,
+        )
+        self.quota_swept = Counter(
+            "quota_sweeper_cancelled_total",
+            "Expired reservations the sweeper cancelled",
+            registry=self.registry,
+        )
+
     def watch_pool(self, read: Callable[[], dict[str, int]]) -> None:
         self.registry.register(PoolCollector(read))

@@ -25,7 +25,7 @@ UNMATCHED = "<unmatched>"
 
 
 def request_id_for(request: web.Request) -> str:
-    rid = request.get(request_id_key)
+    rid: str | None = request.get(request_id_key)
     if rid is not None:
         return rid
     sent = request.headers.get(REQUEST_ID_HEADER, "")

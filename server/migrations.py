@@ -116,7 +116,8 @@ class Migrator:
         self.migrations = discover(sql_dir)
 
     async def _applied(self, conn: Conn) -> dict[int, str]:
-        await conn.execute(CREATE_TABLE)
+        if not await self._table_exists(conn):
+            await conn.execute(CREATE_TABLE)
         rows = await conn.fetchall("SELECT version, checksum FROM schema_migrations ORDER BY version")
         return {int(r["version"]): str(r["checksum"]) for r in rows}
 
@@ -136,6 +137,16 @@ class Migrator:
                 )
         return [m for m in self.migrations if m.version not in applied]
 
+    @staticmethod
+    async def _table_exists(conn: Conn) -> bool:
+        # Checked first: CREATE TABLE IF NOT EXISTS on an existing table raises a note
+        # that pymysql turns into a Warning.
+        n = await conn.fetchval(
+            "SELECT COUNT(*) FROM information_schema.tables "
+            "WHERE table_schema = DATABASE() AND table_name = 'schema_migrations'"
+        )
+        return bool(n)
+
     async def status(self) -> Status:
         async with self.db.connection() as conn:
             applied = await self._applied(conn)
@@ -144,11 +155,7 @@ class Migrator:
     async def pending(self) -> list[Migration]:
         """Pending migrations without creating anything (for /readyz)."""
         async with self.db.connection() as conn:
-            exists = await conn.fetchval(
-                "SELECT COUNT(*) FROM information_schema.tables "
-                "WHERE table_schema = DATABASE() AND table_name = 'schema_migrations'"
-            )
-            if not exists:
+            if not await self._table_exists(conn):
                 return list(self.migrations)
             rows = await conn.fetchall("SELECT version, checksum FROM schema_migrations")
         return self._check({int(r["version"]): str(r["checksum"]) for r in rows})

@@ -151,7 +151,8 @@ class RouteTable:
                 if isinstance(result, BaseModel):
                     payload = result.model_dump_json().encode()
                 elif adapter is not None:
-                    payload = adapter.dump_json(result)
+                    # Plain data is checked against the declared model: the contract holds.
+                    payload = adapter.dump_json(adapter.validate_python(result))
                 else:
                     return json_response(result, status)
                 return web.Response(body=payload, status=status, content_type="application/json")

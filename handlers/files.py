@@ -1,0 +1,53 @@
+"""Files of the local storage backend, behind signed, expiring URLs (docs/storage.md).
+
+`GET /files/{key}?exp=<unix>&sig=<hex>` is public: the signature is the authorisation.
+A link that is malformed, tampered with or expired answers 403 FORBIDDEN whether or not
+the object exists, so a link reveals nothing about keys it was not made for. Only a
+correctly signed, unexpired link to an object that is gone answers 404 NOT_FOUND.
+With STORAGE_BACKEND=cos the URLs point at COS and this route answers 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from server.errors import ErrorCode, NotFound
+from server.keys import storage_key
+from server.routing import RouteTable
+from server.storage import InvalidKey
+from server.storage.local import LocalStorage
+
+routes = RouteTable(tags=["files"], auth="public")
+
+
+@routes.get(
+    "/files/{key:.+}",
+    content_type="application/octet-stream",
+    errors=[ErrorCode.FORBIDDEN, ErrorCode.NOT_FOUND],
+    summary="A stored file, through a signed URL from an API answer",
+)
+async def get_file(request: web.Request) -> web.StreamResponse:
+    """The bytes of a stored object with its own Content-Type.
+
+    The `url` fields of the API are links to this route; they carry `exp` (unix time)
+    and `sig` (HMAC-SHA256) and stop working at `exp`.
+    """
+    storage = request.app[storage_key]
+    if not isinstance(storage, LocalStorage):
+        raise NotFound("Files are served by the object storage, not by this server")
+    key = request.match_info["key"]
+    remaining = storage.check_signature(key, request.query.get("exp", ""), request.query.get("sig", ""))
+    try:
+        path = storage.path_for(key)
+    except InvalidKey:
+        raise NotFound("No such file") from None
+    if not await asyncio.to_thread(path.is_file):
+        raise NotFound("No such file")
+    headers = {
+        "Content-Type": await storage.content_type(key),
+        "Cache-Control": f"private, max-age={remaining}",
+        "X-Content-Type-Options": "nosniff",
+    }
+    return web.FileResponse(path, headers=headers)

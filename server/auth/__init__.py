@@ -1,0 +1,96 @@
+"""Accounts and authentication (issue 4); docs/auth.md tells the design.
+
+`auth_ctx` builds every part once MySQL and Redis are up and stores them as one
+`Auth` under `auth_key`; handlers reach them as `request.app[auth_key].service`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from server.auth.account import AccountService
+from server.auth.admin import UserAdmin
+from server.auth.limits import Limits
+from server.auth.nearcache import NearCache
+from server.auth.passwords import Passwords
+from server.auth.service import AuthService
+from server.auth.sessions import Sessions
+from server.auth.sms import SmsCodes, SmsProvider, make_provider
+from server.auth.tokens import TokenIssuer
+from server.auth.users import Profiles
+from server.auth.wechat import WeChatClient
+from server.keys import auth_key, db_key, redis_key, settings_key
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    tokens: TokenIssuer
+    passwords: Passwords
+    sessions: Sessions
+    limits: Limits
+    sms: SmsProvider
+    codes: SmsCodes
+    profiles: Profiles
+    wechat: WeChatClient
+    service: AuthService
+    account: AccountService
+    admin: UserAdmin
+
+
+async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx, after db_ctx and redis_ctx: the auth parts and their thread pools."""
+    settings, db, redis = app[settings_key], app[db_key], app[redis_key]
+    tokens = TokenIssuer.from_settings(settings)
+    passwords = Passwords(settings)
+    sessions = Sessions(db, redis, settings.refresh_token_ttl)
+    limits = Limits(redis, settings)
+    sms = make_provider(settings, redis)
+    codes = SmsCodes(redis, sms, limits, settings)
+    near = NearCache(redis, settings.profile_local_cache_size, settings.profile_local_cache_ttl)
+    profiles = Profiles(db, redis, settings.profile_cache_ttl, near)
+    wechat = WeChatClient(settings)
+    app[auth_key] = Auth(
+        tokens=tokens,
+        passwords=passwords,
+        sessions=sessions,
+        limits=limits,
+        sms=sms,
+        codes=codes,
+        profiles=profiles,
+        wechat=wechat,
+        service=AuthService(
+            settings=settings,
+            db=db,
+            tokens=tokens,
+            sessions=sessions,
+            passwords=passwords,
+            codes=codes,
+            limits=limits,
+            profiles=profiles,
+            wechat=wechat,
+        ),
+        account=AccountService(
+            db=db, sessions=sessions, passwords=passwords, codes=codes, limits=limits, profiles=profiles
+        ),
+        admin=UserAdmin(db, sessions, profiles),
+    )
+    if settings.admin_phone:
+        # db_ctx may just have made this user an admin, before Redis was up.
+        from server.accounts import normalize_phone
+
+        admin_id = await db.fetchval(
+            "SELECT id FROM users WHERE phone = %s", normalize_phone(settings.admin_phone)
+        )
+        if admin_id is not None:
+            await profiles.invalidate(int(admin_id))
+    await near.start()
+    try:
+        yield
+    finally:
+        await near.stop()
+        await wechat.close()
+        sms.close()
+        passwords.close()

@@ -1,0 +1,367 @@
+"""Credits: the SQL of reserve → confirm | cancel, grants, and the invariant check.
+
+`apply_batch` applies a list of operations for ONE user inside the caller's
+transaction: one `SELECT … FOR UPDATE` on the account row, the operations in
+order against in-memory state, then multi-row writes. Each operation gets its own
+outcome (a result or an `AppError`); one failing never fails the others. The
+UserActor calls it with everything waiting in its mailbox (group commit); the
+naive per-request path (bench/quota.py) calls it with one operation.
+
+Safety does not depend on the actor being unique (DESIGN.md): the row lock orders
+every process's batches for a user, `quota_transactions.task_id` is unique, and a
+phase only moves reserved → confirmed or reserved → cancelled.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from actors.runtime import Message
+from server.db import Conn, Database
+from server.errors import AppError, Conflict, ErrorCode, NotFound, validation_failed
+
+Phase = Literal["reserved", "confirmed", "cancelled"]
+GrantKind = Literal["grant", "refund", "adjust"]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaState:
+    balance: int
+    reserved: int
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.reserved
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    task_id: str
+    user_id: int
+    amount: int
+    phase: Phase
+    expires_at: dt.datetime
+    reason: str | None = None
+    #: True on the answer to the operation that made this change (not on replays).
+    changed: bool = field(default=False, compare=False)
+
+
+# ---------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, slots=True)
+class Reserve(Message[Reservation]):
+    task_id: str
+    amount: int
+    ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class Confirm(Message[Reservation]):
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(Message[Reservation]):
+    """Return the credits. `expired_before` (the sweeper's) cancels only a
+    reservation that expired before that time; otherwise it is left as it is."""
+
+    task_id: str
+    reason: str
+    expired_before: dt.datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Grant(Message[QuotaState]):
+    """Add (or, for refund/adjust, remove) credits. A `ref` is applied once."""
+
+    amount: int
+    kind: GrantKind
+    ref: str | None = None
+    reason: str | None = None
+    order_no: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot(Message[QuotaState]):
+    pass
+
+
+QuotaOp = Reserve | Confirm | Cancel | Grant | Snapshot
+
+
+@dataclass(slots=True)
+class BatchResult:
+    outcomes: list[Any]  # a result or an AppError, one per operation
+    state: QuotaState
+    changed: bool
+
+
+# ---------------------------------------------------------------- the batch
+
+
+def _reservation(row: dict[str, Any]) -> Reservation:
+    return Reservation(
+        task_id=str(row["task_id"]),
+        user_id=int(row["user_id"]),
+        amount=int(row["amount"]),
+        phase=row["phase"],
+        expires_at=row["expires_at"],
+        reason=row["reason"],
+    )
+
+
+async def _lock_account(tx: Conn, user_id: int) -> QuotaState:
+    sql = "SELECT balance, reserved FROM quota_accounts WHERE user_id = %s FOR UPDATE"
+    row = await tx.fetchone(sql, user_id)
+    if row is None:
+        await tx.execute(
+            "INSERT INTO quota_accounts (user_id) VALUES (%s) ON DUPLICATE KEY UPDATE user_id = user_id",
+            user_id,
+        )
+        row = await tx.fetchone(sql, user_id)
+        assert row is not None
+    return QuotaState(int(row["balance"]), int(row["reserved"]))
+
+
+class _Batch:
+    """In-memory application of one batch; collects the rows to write."""
+
+    def __init__(self, user_id: int, state: QuotaState, known: dict[str, Reservation], now: dt.datetime):
+        self.user_id = user_id
+        self.balance = state.balance
+        self.reserved = state.reserved
+        self.known = known
+        self.now = now
+        self.inserts: dict[str, Reservation] = {}
+        self.settles: dict[str, Reservation] = {}
+        self.ledger: list[tuple[Any, ...]] = []
+        self.seen_refs: set[tuple[str, str]] = set()
+
+    def _log(self, kind: str, bal: int, res: int, *, task_id: str | None = None, **kw: Any) -> None:
+        self.balance += bal
+        self.reserved += res
+        self.ledger.append(
+            (
+                self.user_id,
+                kind,
+                bal,
+                res,
+                self.balance,
+                self.reserved,
+                task_id,
+                kw.get("order_no"),
+                kw.get("ref"),
+                kw.get("reason"),
+                self.now,
+            )
+        )
+
+    def _store(self, r: Reservation) -> Reservation:
+        self.known[r.task_id] = r
+        if r.task_id in self.inserts:
+            self.inserts[r.task_id] = r
+        else:
+            self.settles[r.task_id] = r
+        return r
+
+    def reserve(self, op: Reserve) -> Reservation:
+        if op.amount <= 0 or not op.task_id or len(op.task_id) > 64 or op.ttl <= 0:
+            raise validation_failed(
+                [{"field": "amount", "message": "a reservation needs a task id and amount > 0"}]
+            )
+        existing = self.known.get(op.task_id)
+        if existing is not None:
+            if existing.user_id != self.user_id or existing.amount != op.amount:
+                raise Conflict(f"task {op.task_id} already holds another reservation")
+            return replace(existing, changed=False)
+        if self.balance - self.reserved < op.amount:
+            raise AppError(
+                ErrorCode.QUOTA_INSUFFICIENT,
+                f"{op.amount} credits needed, {self.balance - self.reserved} available",
+                details={"required": op.amount, "available": self.balance - self.reserved},
+            )
+        r = Reservation(
+            op.task_id, self.user_id, op.amount, "reserved", self.now + dt.timedelta(seconds=op.ttl)
+        )
+        self.known[r.task_id] = r
+        self.inserts[r.task_id] = r
+        self._log("reserve", 0, op.amount, task_id=op.task_id)
+        return r
+
+    def _settle(self, task_id: str, to: Phase, reason: str | None) -> Reservation:
+        r = self.known.get(task_id)
+        if r is None or r.user_id != self.user_id:
+            raise NotFound(f"no reservation for task {task_id}")
+        if r.phase == to:
+            return replace(r, changed=False)  # settled already: the recorded outcome, no change
+        if r.phase != "reserved":
+            raise Conflict(
+                f"task {task_id} is already {r.phase}; it cannot become {to}", details={"phase": r.phase}
+            )
+        if to == "confirmed":
+            self._log("confirm", -r.amount, -r.amount, task_id=task_id)
+        else:
+            self._log("cancel", 0, -r.amount, task_id=task_id, reason=reason)
+        return self._store(replace(r, phase=to, reason=reason, changed=True))
+
+    def confirm(self, op: Confirm) -> Reservation:
+        return self._settle(op.task_id, "confirmed", None)
+
+    def cancel(self, op: Cancel) -> Reservation:
+        r = self.known.get(op.task_id)
+        due = op.expired_before
+        if due is not None and r is not None and r.phase == "reserved" and r.expires_at >= due:
+            return replace(r, changed=False)  # renewed or not yet due: the sweeper leaves it
+        return self._settle(op.task_id, "cancelled", op.reason[:200])
+
+    def grant(self, op: Grant, applied_refs: set[tuple[str, str]]) -> QuotaState:
+        if op.amount == 0:
+            raise validation_failed([{"field": "amount", "message": "must not be zero"}])
+        if op.kind == "grant" and op.amount < 0:
+            raise validation_failed([{"field": "amount", "message": "a grant adds credits"}])
+        if op.ref is not None:
+            key = (op.kind, op.ref)
+            if key in applied_refs or key in self.seen_refs:
+                return QuotaState(self.balance, self.reserved)  # applied once already
+            self.seen_refs.add(key)
+        if self.balance + op.amount - self.reserved < 0:
+            raise AppError(
+                ErrorCode.QUOTA_INSUFFICIENT,
+                f"removing {-op.amount} credits would leave less than zero available",
+                details={"available": self.balance - self.reserved},
+            )
+        self._log(op.kind, op.amount, 0, ref=op.ref, reason=op.reason, order_no=op.order_no)
+        return QuotaState(self.balance, self.reserved)
+
+
+async def apply_batch(
+    tx: Conn, user_id: int, ops: Sequence[QuotaOp], now: dt.datetime | None = None
+) -> BatchResult:
+    now = now or utcnow()
+    before = await _lock_account(tx, user_id)
+    task_ids = sorted({op.task_id for op in ops if isinstance(op, Reserve | Confirm | Cancel)})
+    known: dict[str, Reservation] = {}
+    if task_ids:
+        marks = ",".join(["%s"] * len(task_ids))
+        rows = await tx.fetchall(
+            "SELECT task_id, user_id, amount, phase, expires_at, reason FROM quota_transactions "
+            f"WHERE task_id IN ({marks}) FOR UPDATE",
+            *task_ids,
+        )
+        known = {str(r["task_id"]): _reservation(r) for r in rows}
+    applied_refs: set[tuple[str, str]] = set()
+    refs = sorted({(op.kind, op.ref) for op in ops if isinstance(op, Grant) and op.ref is not None})
+    if refs:
+        where = " OR ".join(["(kind = %s AND ref = %s)"] * len(refs))
+        rows = await tx.fetchall(
+            f"SELECT kind, ref FROM quota_ledger WHERE {where}", *[v for kr in refs for v in kr]
+        )
+        applied_refs = {(str(r["kind"]), str(r["ref"])) for r in rows}
+
+    batch = _Batch(user_id, before, known, now)
+    outcomes: list[Any] = []
+    for op in ops:
+        try:
+            if isinstance(op, Reserve):
+                outcomes.append(batch.reserve(op))
+            elif isinstance(op, Confirm):
+                outcomes.append(batch.confirm(op))
+            elif isinstance(op, Cancel):
+                outcomes.append(batch.cancel(op))
+            elif isinstance(op, Grant):
+                outcomes.append(batch.grant(op, applied_refs))
+            else:
+                outcomes.append(QuotaState(batch.balance, batch.reserved))
+        except AppError as exc:
+            outcomes.append(exc)
+
+    if batch.inserts:
+        await tx.executemany(
+            "INSERT INTO quota_transactions (task_id, user_id, amount, phase, reason, expires_at, "
+            "created_at, "
+            "settled_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            [
+                (r.task_id, r.user_id, r.amount, r.phase, r.reason, r.expires_at, now,
+                 None if r.phase == "reserved" else now)
+                for r in batch.inserts.values()
+            ],
+        )  # fmt: skip
+    if batch.settles:
+        await tx.executemany(
+            "UPDATE quota_transactions SET phase = %s, reason = %s, settled_at = %s "
+            "WHERE task_id = %s AND phase = 'reserved'",
+            [(r.phase, r.reason, now, r.task_id) for r in batch.settles.values()],
+        )
+    if batch.ledger:
+        await tx.executemany(
+            "INSERT INTO quota_ledger (user_id, kind, balance_delta, reserved_delta, balance_after, "
+            "reserved_after, task_id, order_no, ref, reason, created_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            batch.ledger,
+        )
+        await tx.execute(
+            "UPDATE quota_accounts SET balance = %s, reserved = %s, version = version + 1 WHERE user_id = %s",
+            batch.balance,
+            batch.reserved,
+            user_id,
+        )
+    return BatchResult(outcomes, QuotaState(batch.balance, batch.reserved), bool(batch.ledger))
+
+
+# ---------------------------------------------------------------- reads
+
+
+async def read_state(db: Database, user_id: int) -> QuotaState:
+    row = await db.fetchone("SELECT balance, reserved FROM quota_accounts WHERE user_id = %s", user_id)
+    return QuotaState(0, 0) if row is None else QuotaState(int(row["balance"]), int(row["reserved"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Discrepancy:
+    user_id: int
+    what: str
+    recorded: int
+    expected: int
+
+
+async def check_all(db: Database) -> tuple[int, list[Discrepancy]]:
+    """Every account against its ledger and its open reservations: (accounts checked, differences)."""
+    accounts = await db.fetchall("SELECT user_id, balance, reserved FROM quota_accounts ORDER BY user_id")
+    ledger = {
+        int(r["user_id"]): r
+        for r in await db.fetchall(
+            "SELECT user_id, SUM(balance_delta) AS b, SUM(reserved_delta) AS r "
+            "FROM quota_ledger GROUP BY user_id"
+        )
+    }
+    open_ = {
+        int(r["user_id"]): int(r["s"])
+        for r in await db.fetchall(
+            "SELECT user_id, SUM(amount) AS s FROM quota_transactions "
+            "WHERE phase = 'reserved' GROUP BY user_id"
+        )
+    }
+    out: list[Discrepancy] = []
+    for a in accounts:
+        uid, bal, res = int(a["user_id"]), int(a["balance"]), int(a["reserved"])
+        led = ledger.get(uid)
+        lb, lr = (int(led["b"] or 0), int(led["r"] or 0)) if led else (0, 0)
+        if bal != lb:
+            out.append(Discrepancy(uid, "balance vs ledger", bal, lb))
+        if res != lr:
+            out.append(Discrepancy(uid, "reserved vs ledger", res, lr))
+        if res != open_.get(uid, 0):
+            out.append(Discrepancy(uid, "reserved vs open reservations", res, open_.get(uid, 0)))
+        if bal < res or res < 0:
+            out.append(Discrepancy(uid, "available below zero", bal - res, 0))
+    for uid in set(ledger) - {int(a["user_id"]) for a in accounts}:
+        out.append(Discrepancy(uid, "ledger rows without an account", 0, int(ledger[uid]["b"] or 0)))
+    return len(accounts), out

@@ -1,0 +1,100 @@
+"""Object storage for uploads and task outputs: one protocol, two backends.
+
+- `LocalStorage` (server/storage/local.py): files under `<VAR_DIR>/storage`, served by
+  `GET /files/{key}` (handlers/files.py) through HMAC-signed, expiring URLs.
+- `CosStorage` (server/storage/cos.py): Tencent Cloud COS through cos-python-sdk-v5,
+  whose blocking calls run in a bounded thread pool owned by the storage object.
+
+`STORAGE_BACKEND` picks one; `storage_ctx` (a cleanup_ctx) creates it and closes it.
+Keys are relative paths chosen by the server, e.g. `assets/u42/0f3c….png`; both
+backends accept only keys that `validate_key` accepts.
+
+Errors: a missing object is NotFound (404); a backend that fails or is too slow is
+AppError(UPSTREAM_FAILED) (502); a full COS queue is Busy (503).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Iterable
+from typing import Final, Protocol, runtime_checkable
+
+from aiohttp import web
+from loguru import logger
+
+from server.config import ConfigError, Settings
+from server.keys import settings_key, storage_key
+
+MAX_KEY_LENGTH: Final = 512
+# Segments start with a letter, digit or underscore, so no `.`/`..`, no hidden files,
+# no empty segments and no leading `/`; only URL-safe characters, so keys need no quoting.
+_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(?:/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
+
+
+class InvalidKey(ValueError):
+    """A storage key the backends refuse (a programming error, not a client error)."""
+
+
+def validate_key(key: str) -> str:
+    """`key` unchanged, or InvalidKey: relative, `/`-separated, [A-Za-z0-9._-], ≤ 512 chars."""
+    if not isinstance(key, str) or not key:
+        raise InvalidKey("a storage key must be a non-empty string")
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidKey(f"storage key longer than {MAX_KEY_LENGTH} characters")
+    if not _KEY.fullmatch(key):
+        raise InvalidKey(
+            f"invalid storage key {key!r}: use relative /-separated segments of [A-Za-z0-9._-] "
+            "that do not start with '.'"
+        )
+    return key
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """Where bytes live. Every method may raise NotFound, AppError(UPSTREAM_FAILED) or Busy."""
+
+    name: str
+
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Store `data` under `key`, replacing any previous object (atomically)."""
+        ...
+
+    async def get(self, key: str) -> bytes:
+        """The object's bytes; NotFound if there is none."""
+        ...
+
+    async def exists(self, key: str) -> bool: ...
+
+    async def delete(self, keys: Iterable[str]) -> None:
+        """Remove the objects; keys that do not exist are ignored."""
+        ...
+
+    def url(self, key: str, expires_in: int) -> str:
+        """A signed URL that lets anyone GET the object for `expires_in` seconds (no I/O)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def create_storage(settings: Settings) -> Storage:
+    """The backend STORAGE_BACKEND names, or ConfigError saying which setting is missing."""
+    if settings.storage_backend == "local":
+        from server.storage.local import LocalStorage
+
+        return LocalStorage.from_settings(settings)
+    if settings.storage_backend == "cos":
+        from server.storage.cos import CosStorage
+
+        return CosStorage.from_settings(settings)
+    raise ConfigError(f"STORAGE_BACKEND must be local or cos, got {settings.storage_backend!r}")
+
+
+async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: the storage backend, closed (thread pool included) on shutdown."""
+    storage = create_storage(app[settings_key])
+    app[storage_key] = storage
+    logger.info("storage backend: {}", storage.name)
+    try:
+        yield
+    finally:
+        await storage.close()
