@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from handlers import admin_users, auth, dev, files, quota, service, users
+from handlers import admin_features, admin_users, auth, dev, files, quota, service, tasks, users, ws
 from server.keys import route_specs_key, settings_key
 from server.routing import RouteTable, add_routes
 
@@ -16,6 +16,10 @@ ROUTE_TABLES: list[RouteTable] = [
     admin_users.routes,
     quota.routes,
     quota.admin_routes,
+    ws.routes,
+    tasks.public,
+    tasks.routes,
+    admin_features.routes,
 ]
 
 

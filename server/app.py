@@ -19,7 +19,7 @@ from server.auth.middleware import auth_middleware
 from server.config import ConfigError, Settings
 from server.cron import CronJob, cron_ctx
 from server.db import Database
-from server.events import NullHub
+from server.hub import close_websockets, hub_ctx
 from server.keys import (
     actor_system_key,
     db_key,
@@ -36,6 +36,8 @@ from server.migrations import Migrator
 from server.redis import connect_redis
 from server.storage import storage_ctx
 from server.sweeper import sweep_expired_reservations
+from server.tasks.manager import recover_tasks, tasks_ctx
+from server.vendors.setup import vendors_ctx
 
 
 async def db_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -80,10 +82,10 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def actors_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The actor system and the event hub; stopping drains every mailbox within a bound."""
+    """The actor system; stopping drains every mailbox within a bound. The event hub
+    (`app[hub_key]`) was started before it by `hub_ctx` (server/hub)."""
     settings = app[settings_key]
     app[instance_id_key] = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-    app[hub_key] = NullHub()
     system = ActorSystem(
         app[metrics_key].registry,
         default_ask_timeout=settings.actor_ask_timeout,
@@ -98,7 +100,10 @@ async def actors_ctx(app: web.Application) -> AsyncIterator[None]:
         await system.stop(settings.actor_stop_timeout)
 
 
-CRON_JOBS = [CronJob("reservation-sweeper", "* * * * *", sweep_expired_reservations)]
+CRON_JOBS = [
+    CronJob("reservation-sweeper", "* * * * *", sweep_expired_reservations),
+    CronJob("task-recovery", "* * * * *", recover_tasks),
+]
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -110,11 +115,15 @@ def create_app(settings: Settings) -> web.Application:
     app[metrics_key] = Metrics()
     setup_routes(app)
     app.on_response_prepare.append(add_request_id_header)
+    app.on_shutdown.append(close_websockets)  # GOING_AWAY to every socket (issue 7)
     app.cleanup_ctx.append(db_ctx)
     app.cleanup_ctx.append(redis_ctx)
+    app.cleanup_ctx.append(hub_ctx)  # before the actors, which publish through it
     app.cleanup_ctx.append(auth_ctx)
     app.cleanup_ctx.append(storage_ctx)
     app.cleanup_ctx.append(actors_ctx)
+    app.cleanup_ctx.append(vendors_ctx)  # needs the actor system
+    app.cleanup_ctx.append(tasks_ctx)  # features and task runs: need the vendors
     if settings.cron_enabled:
         app.cleanup_ctx.append(cron_ctx(CRON_JOBS))
     return app

@@ -13,6 +13,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.vendors.config import VendorsSetting  # vendors (issue 6)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_JWT_SECRET = "dev-insecure-jwt-secret-change-me-please-0000"
@@ -160,6 +162,13 @@ class Settings(BaseSettings):
     # Cron jobs (reservation sweeper, …); off in tests that drive jobs by hand.
     cron_enabled: bool = True
 
+    # --- tasks (issue 6) ---
+    task_concurrency: int = Field(16, ge=1)  # task runs in flight per process
+    task_pending: int = Field(256, ge=1)  # waiting beyond that; more answers BUSY
+    task_timeout: float = Field(600.0, gt=0)  # a run taking longer fails, credits returned
+    task_lease_ttl: float = Field(15.0, gt=0)  # renewed every third of it while running
+    task_max_attempts: int = Field(2, ge=1)  # runs of one task, recovery included
+
     # --- storage (issue 6) ---
     # local: files under VAR_DIR/storage served by GET /files/{key}; cos: Tencent Cloud COS.
     storage_backend: Literal["local", "cos"] = "local"
@@ -195,6 +204,13 @@ class Settings(BaseSettings):
     events_retention_hours: float = Field(24.0, gt=0)
     events_keep_min: int = Field(1000, ge=1)
     events_max_per_user: int = Field(100_000, ge=1)
+
+    # --- vendors (issue 6) ---  docs/vendors.md
+    # VENDORS: JSON {name: {kind, base_url, api_key, concurrency, qps, timeout, retries,
+    # mailbox, breaker_threshold, …}}; limits left out take their kind's default. The
+    # built-in `local` vendor is always there (an entry only tunes its limits).
+    vendors: VendorsSetting = Field(default_factory=dict, validate_default=True)
+    vendor_input_url_ttl: int = Field(3600, ge=60)  # life of the signed URLs DashScope fetches inputs from
 
     @field_validator("log_level")
     @classmethod

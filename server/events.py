@@ -13,7 +13,9 @@ from loguru import logger
 
 
 class EventHub(Protocol):
-    async def publish(self, user_id: int, event: str, data: dict[str, Any]) -> None: ...
+    # Returns the event's per-user seq, or None when it was not numbered (NullHub, or the
+    # real hub (server/hub) when Redis failed: publish never raises into business code).
+    async def publish(self, user_id: int, event: str, data: dict[str, Any]) -> int | None: ...
 
 
 class NullHub:

@@ -16,10 +16,14 @@ if TYPE_CHECKING:
     from server.cron import CronRunner
     from server.db import Database
     from server.events import EventHub
+    from server.features import FeatureStore
+    from server.hub import RedisEventHub
     from server.metrics import Metrics
     from server.migrations import Migrator
     from server.routing import RouteSpec
     from server.storage import Storage
+    from server.tasks.manager import TaskManager
+    from server.vendors.setup import Vendors
 
 settings_key: web.AppKey[Settings] = web.AppKey("settings")
 metrics_key: web.AppKey[Metrics] = web.AppKey("metrics")
@@ -31,6 +35,8 @@ actor_system_key: web.AppKey[ActorSystem] = web.AppKey("actor_system")
 hub_key: web.AppKey[EventHub] = web.AppKey("event_hub")
 cron_key: web.AppKey[CronRunner] = web.AppKey("cron")
 instance_id_key: web.AppKey[str] = web.AppKey("instance_id")
+features_key: web.AppKey[FeatureStore] = web.AppKey("features")
+tasks_key: web.AppKey[TaskManager] = web.AppKey("tasks")
 openapi_key: web.AppKey[dict[str, Any]] = web.AppKey("openapi")
 
 # Per-request state.
@@ -42,3 +48,9 @@ principal_key: web.RequestKey[Principal] = web.RequestKey("principal")
 
 # Storage (issue 6): the backend STORAGE_BACKEND picks (server/storage).
 storage_key: web.AppKey[Storage] = web.AppKey("storage")
+
+# Live events (issue 7): the hub's socket side (hub_key above is its publishing side).
+live_hub_key: web.AppKey[RedisEventHub] = web.AppKey("live_hub")
+
+# Vendors (issue 6): one VendorActor per configured AI vendor (server/vendors/setup.py).
+vendors_key: web.AppKey[Vendors] = web.AppKey("vendors")

@@ -1,0 +1,161 @@
+"""Pipeline benchmarks, one function per section.
+
+    .venv/bin/python bench/pipeline.py             # every section
+    .venv/bin/python bench/pipeline.py vendor      # one section
+
+Sections:
+
+- `vendor`: one VendorActor (generic HTTP adapter) against the in-process fake vendor
+  (tests/fakes/vendor.py) answering every call after a fixed 100 ms, with concurrency 5:
+  the limit is 5 / 0.1 s = 50 calls a second. A burst of CALLS calls goes in at once
+  (the mailbox holds them all); calls per second = CALLS / (time from the first ask to
+  the last answer). Target: ratio to the limit ≥ 0.95, and the fake's own highest
+  in-flight count exactly 5. Best of ROUNDS rounds, interleaved with a baseline: the
+  same burst through a bare `asyncio.Semaphore(5)` and the ClientSession.
+- (to come) `tasks`: end-to-end tasks per second with an instant vendor — add a
+  function and a SECTIONS entry.
+
+Prints a table, then lines for bench/RESULTS.md. No assertions; about 20 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import io
+import os
+import platform
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import aiohttp
+from aiohttp.test_utils import TestServer
+from loguru import logger
+from PIL import Image
+
+from actors import ActorSystem
+from server.vendors.adapters import HttpAdapter
+from server.vendors.config import VendorConfig, VendorLimits, http_operations
+from server.vendors.setup import Vendors
+from tests.fakes.vendor import FakeVendor
+
+ROUNDS = 3
+CALLS = 300
+LATENCY = 0.1
+CONCURRENCY = 5
+
+
+def _png() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(out, "PNG")
+    return out.getvalue()
+
+
+async def _bare_burst(session: aiohttp.ClientSession, url: str, key: str, image: bytes) -> int:
+    """The baseline: the same burst through an asyncio.Semaphore and the session alone."""
+    gate = asyncio.Semaphore(CONCURRENCY)
+    body = {"operation": "echo", "params": {}, "inputs": {"image": base64.b64encode(image).decode()}}
+
+    async def one() -> bytes:
+        async with gate, session.post(url, json=body, headers={"Authorization": f"Bearer {key}"}) as resp:
+            return await resp.read()
+
+    return len(await asyncio.gather(*(one() for _ in range(CALLS))))
+
+
+async def _vendor_round(image: bytes, *, bare: bool) -> tuple[float, int, int]:
+    """One burst: (calls per second, the fake's max in flight, calls answered)."""
+    fake = FakeVendor(latency=LATENCY)
+    server = TestServer(fake.app())
+    await server.start_server()
+    fake.base_url = str(server.make_url("")).rstrip("/")
+    limits = VendorLimits(
+        timeout=10.0,
+        concurrency=CONCURRENCY,
+        qps=0.0,
+        retries=0,
+        backoff=0.1,
+        backoff_max=1.0,
+        mailbox=CALLS,
+        queue_timeout=60.0,
+        breaker_threshold=0,
+        breaker_cooldown=30.0,
+        poll_interval=0.1,
+        max_result_bytes=1024 * 1024,
+    )
+    config = VendorConfig(kind="http", base_url=f"{fake.base_url}/http", operations={"echo": ["image"]})
+    try:
+        async with aiohttp.ClientSession() as session, ActorSystem() as system:
+            vendors = Vendors(system)
+            adapter = HttpAdapter(
+                session, f"{fake.base_url}/http", fake.api_key, http_operations("fake", config)
+            )
+            vendors.add("fake", adapter, limits)
+            await vendors.call("fake", "echo", {"image": image})  # warm the connection pool
+            fake.max_in_flight = 0
+            started = time.perf_counter()
+            if bare:
+                answered = await _bare_burst(session, f"{fake.base_url}/http/echo", fake.api_key, image)
+            else:
+                calls = (vendors.call("fake", "echo", {"image": image}) for _ in range(CALLS))
+                answered = len(await asyncio.gather(*calls))
+            elapsed = time.perf_counter() - started
+            await vendors.close(1.0)
+    finally:
+        await server.close()
+    return CALLS / elapsed, fake.max_in_flight, answered
+
+
+async def vendor() -> list[str]:
+    """Calls per second through one VendorActor, as a ratio to its limit; rounds alternate
+    with a bare semaphore-and-session baseline so both see the same machine."""
+    image = _png()
+    limit = CONCURRENCY / LATENCY
+    best: dict[str, tuple[float, int]] = {"actor": (0.0, 0), "bare": (0.0, 0)}
+    peaks: dict[str, int] = {"actor": 0, "bare": 0}
+    for n in range(1, ROUNDS + 1):
+        for target in ("bare", "actor"):
+            rate, peak, answered = await _vendor_round(image, bare=target == "bare")
+            peaks[target] = max(peaks[target], peak)
+            best[target] = max(best[target], (rate, peak))
+            print(
+                f"  round {n} {target:<5}: {rate:6.2f} calls/s  ratio {rate / limit:.3f}  "
+                f"max in flight {peak}  ({answered} answered)"
+            )
+    for target in ("bare", "actor"):
+        rate = best[target][0]
+        print(f"  best {target}: {rate:.2f} calls/s of a {limit:.0f}/s limit = {rate / limit:.3f}")
+    head = f"fake vendor at {LATENCY * 1000:.0f} ms, concurrency {CONCURRENCY}, burst of {CALLS}"
+    return [
+        "| target | calls/s | limit | ratio to the limit | fake's max in flight |",
+        "|---|---|---|---|---|",
+        f"| bare `asyncio.Semaphore(5)` + ClientSession, {head} | {best['bare'][0]:.1f} | {limit:.0f}/s "
+        f"| {best['bare'][0] / limit:.3f} | {peaks['bare']} |",
+        f"| **VendorActor** (HttpAdapter), {head} | {best['actor'][0]:.1f} | {limit:.0f}/s "
+        f"| **{best['actor'][0] / limit:.3f}** | **{peaks['actor']}** |",
+    ]
+
+
+SECTIONS: dict[str, Callable[[], Awaitable[list[str]]]] = {"vendor": vendor}
+
+
+async def main(names: list[str]) -> None:
+    logger.remove()  # a warning per failed call would drown the figures
+    python = f"Python {platform.python_version()}"
+    print(f"{python} on {platform.machine()}, {os.cpu_count()} CPUs, {datetime.date.today()}")
+    lines: list[str] = []
+    for name in names or list(SECTIONS):
+        print(f"\n[{name}]")
+        lines += await SECTIONS[name]()
+    print("\nFor bench/RESULTS.md:")
+    for line in lines:
+        print(line)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1:]))

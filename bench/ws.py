@@ -1,0 +1,495 @@
+"""Live events to 1,000 WebSocket clients: the app against a bare aiohttp broadcast loop.
+
+    .venv/bin/python bench/ws.py [--clients 1000] [--seconds 6] [--window 2] [--runs 3]
+
+Two servers, each one process pinned to CPU 0 (with two or more CPUs):
+
+- app: `create_app` + `web.run_app` on private MariaDB and Redis instances
+  (server.embedded, under ./var/bench). Every client is a different user on
+  GET /api/v1/ws. An event goes: RedisEventHub.publish_many (Lua: seq, stream,
+  PUBLISH) → Redis pub/sub → the app's dispatcher → the user's socket;
+- bare: a one-route aiohttp app that keeps its websockets in a set; POST /round
+  sends one event frame to every socket from an in-process loop (`send_str`).
+
+The clients are one process on CPU 1: 1,000 minimal RFC 6455 clients (a
+Protocol each; aiohttp's client costs more per frame than either server, so
+it would measure itself). It drives rounds: a round is one event to every
+client, at most `--window` rounds in flight. For the app, a publisher process
+(not pinned) publishes each round through the hub; for bare, a POST /round.
+Each event carries `t`, time.time() when its round started; latency is from `t`
+to the client reading the frame. Rounds run `--seconds` after a 1 s warm-up;
+runs alternate bare/app and the best rate of each is kept, with the CPU each
+process used meanwhile. Prints a table, then lines for bench/RESULTS.md. ~75 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import platform
+import resource
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DATA = {"task_id": "tsk_3k9f02a7", "step": "tryon", "progress": 0.5, "message": "rendering"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pin(cpu: int) -> None:
+    if (os.cpu_count() or 1) >= 2:
+        os.sched_setaffinity(0, {cpu})
+
+
+def raise_nofile(want: int = 65536) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+# ------------------------------------------------------------------ the two servers
+
+
+def serve_app(port: int) -> None:
+    from aiohttp import web
+
+    from server.app import create_app
+    from server.config import load_settings
+    from server.logging import setup_logging
+
+    pin(0)
+    raise_nofile()
+    settings = load_settings()
+    setup_logging(settings.log_level)
+    web.run_app(create_app(settings), host="127.0.0.1", port=port, access_log=None, print=None, backlog=2048)
+
+
+def serve_bare(port: int) -> None:
+    from aiohttp import web
+
+    pin(0)
+    raise_nofile()
+    sockets: set[web.WebSocketResponse] = set()
+
+    async def ws_handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(compress=False)
+        await ws.prepare(request)
+        await ws.send_str("hello")
+        sockets.add(ws)
+        try:
+            async for _ in ws:
+                pass
+        finally:
+            sockets.discard(ws)
+        return ws
+
+    async def round_handler(request: web.Request) -> web.Response:
+        body = await request.json()
+        frame = json.dumps(
+            {"type": "event", "seq": body["r"], "event": "task.progress", "data": {**DATA, **body}},
+            separators=(",", ":"),
+        )
+        for ws in list(sockets):
+            await ws.send_str(frame)
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_get("/ws", ws_handler)
+    app.router.add_post("/round", round_handler)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, backlog=2048)
+
+
+# ------------------------------------------------------------------ the clients
+
+
+class RawClient(asyncio.Protocol):
+    """A minimal WebSocket client (RFC 6455) for the load side.
+
+    aiohttp's client spends ~40 µs of CPU a frame, more than either server, so with
+    it the bench would measure the client. This one parses frames from the bytes as
+    they come and reads only `r` and `t` of each event."""
+
+    def __init__(self, path: str, host: str, on_event: Any) -> None:
+        self.path, self.host, self.on_event = path, host, on_event
+        self.buf = bytearray()
+        self.upgraded = False
+        self.first: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        key = base64.b64encode(os.urandom(16)).decode()
+        transport.write(
+            f"GET {self.path} HTTP/1.1\r\nHost: {self.host}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        if not self.upgraded:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            assert buf.startswith(b"HTTP/1.1 101"), bytes(buf[:200])
+            self.upgraded = True
+            del buf[: end + 4]
+        pos, size = 0, len(buf)
+        while size - pos >= 2:
+            opcode, length = buf[pos] & 0x0F, buf[pos + 1] & 0x7F
+            head = 2
+            if length == 126:
+                if size - pos < 4:
+                    break
+                length, head = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length, head = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
+            if size - pos < head + length:
+                break
+            payload = bytes(buf[pos + head : pos + head + length])
+            pos += head + length
+            if opcode == 1:
+                if not self.first.done():
+                    self.first.set_result(payload)
+                else:
+                    self.on_event(payload)
+            elif opcode == 9 and self.transport is not None:  # ping → masked pong
+                mask = os.urandom(4)
+                body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+                self.transport.write(bytes([0x8A, 0x80 | len(body)]) + mask + body)
+            elif opcode == 8 and not self.first.done():
+                self.first.set_exception(ConnectionError(f"closed: {payload!r}"))
+        del buf[:pos]
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _round_and_time(payload: bytes) -> tuple[int, float]:
+    """`r` and `t` of `{…,"data":{…,"r":R,"t":T}}` (both servers put them last)."""
+    at = payload.rindex(b'"r":')
+    comma = payload.index(b",", at)
+    return int(payload[at + 4 : comma]), float(payload[comma + 5 : -2])
+
+
+async def publisher() -> None:
+    """Reads `r t` lines on stdin and publishes round r: one event per user, one pipeline."""
+    from redis.asyncio import Redis
+
+    from server.config import load_settings
+    from server.hub import RedisEventHub
+
+    clients = int(sys.argv[sys.argv.index("--clients") + 1])
+    settings = load_settings()
+    redis = Redis.from_url(settings.redis_url or "")
+    hub = RedisEventHub(redis, settings)  # publishing only: its sockets side never starts
+    user_ids = range(1, clients + 1)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    async def publish_round(r: int, t: float) -> None:
+        data = {**DATA, "r": r, "t": t}
+        assert await hub.publish_many([(uid, "task.progress", data) for uid in user_ids]) is not None
+
+    rounds: set[asyncio.Task[None]] = set()  # rounds overlap: encode one while Redis runs another
+    while line := await reader.readline():
+        r, t = line.split()
+        task = asyncio.create_task(publish_round(int(r), float(t)))
+        rounds.add(task)
+        task.add_done_callback(rounds.discard)
+    await asyncio.gather(*rounds)
+    await redis.aclose()
+
+
+async def drive(
+    target: str, base: str, clients: int, seconds: float, window: int, pids: dict[str, int]
+) -> dict[str, Any]:
+    from server.auth.tokens import TokenIssuer
+    from server.config import load_settings
+
+    settings = load_settings()
+    issuer = TokenIssuer.from_settings(settings)
+    user_ids = list(range(1, clients + 1))
+    received: dict[int, int] = {}
+    latencies: list[float] = []
+    done: dict[int, asyncio.Event] = {}
+    measuring = False
+    loop = asyncio.get_running_loop()
+    host, port = base.removeprefix("http://").split(":")
+    gate = asyncio.Semaphore(100)
+
+    def on_event(payload: bytes) -> None:
+        r, t = _round_and_time(payload)
+        if measuring:
+            latencies.append(time.time() - t)
+        n = received[r] = received.get(r, 0) + 1
+        if n == clients:
+            done.pop(r).set()
+
+    async def open_socket(uid: int) -> RawClient:
+        if target == "app":
+            path = f"/api/v1/ws?token={issuer.issue_access(uid, 'user', f'{uid:032x}')}"
+        else:
+            path = "/ws"
+        async with gate:
+            _, proto = await loop.create_connection(
+                lambda: RawClient(path, f"{host}:{port}", on_event), host, int(port)
+            )
+            first = await asyncio.wait_for(proto.first, 30)
+            if target == "bare":  # the bare server sends a hello so both paths wait the same
+                assert first == b"hello", first
+            else:
+                assert json.loads(first)["type"] == "ready", first
+        return proto
+
+    sockets = await asyncio.gather(*(open_socket(uid) for uid in user_ids))
+    session = aiohttp.ClientSession()
+    pub = None
+    if target == "app":
+        pub = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--publish", "--clients", str(clients), stdin=asyncio.subprocess.PIPE
+        )
+
+    posts: set[asyncio.Task[None]] = set()
+
+    async def start_round(r: int) -> None:
+        t = time.time()
+        if pub is not None:
+            assert pub.stdin is not None
+            pub.stdin.write(f"{r} {t!r}\n".encode())
+        else:  # not awaited here: the window, not the POST's answer, paces the rounds
+            posts.add(task := asyncio.create_task(post_round(r, t)))
+            task.add_done_callback(posts.discard)
+
+    async def post_round(r: int, t: float) -> None:
+        async with session.post(f"{base}/round", json={"r": r, "t": t}) as resp:
+            assert resp.status == 204
+
+    r = 0
+    in_flight: list[asyncio.Event] = []
+    cpu_start = time.process_time()
+    cpu_before: dict[str, float] = {}
+    started = time.perf_counter()
+    warm_until = started + 1.0
+    stop_at = warm_until + seconds
+    measured_from = 0.0
+    while True:
+        now = time.perf_counter()
+        if not measuring and now >= warm_until:
+            measuring, measured_from = True, now
+            cpu_start = time.process_time()
+            if pub is not None:
+                pids["publisher"] = pub.pid
+            cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        if now >= stop_at:
+            break
+        while len(in_flight) >= window:
+            await in_flight.pop(0).wait()
+        r += 1
+        done[r] = event = asyncio.Event()
+        in_flight.append(event)
+        await start_round(r)
+    elapsed = time.perf_counter() - measured_from
+    measuring = False
+    cpu = {name: (cpu_seconds(pid) - cpu_before[name]) / elapsed for name, pid in pids.items()}
+    cpu["client"] = (time.process_time() - cpu_start) / elapsed
+    for event in in_flight:
+        await asyncio.wait_for(event.wait(), 30)
+    await asyncio.gather(*posts)
+    for proto in sockets:
+        proto.close()
+    await session.close()
+    if pub is not None:
+        assert pub.stdin is not None
+        pub.stdin.close()
+        await pub.wait()
+    latencies.sort()
+    return {
+        "rate": len(latencies) / elapsed,
+        "p50": latencies[len(latencies) // 2],
+        "p99": latencies[int(len(latencies) * 0.99)],
+        "events": len(latencies),
+        "rounds": r,
+        "cpu": cpu,
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_client(
+    target: str, base: str, args: argparse.Namespace, env: dict[str, str], pids: dict[str, int]
+) -> dict[str, Any]:
+    argv = [sys.executable, __file__, "--drive", target, "--base", base, "--pids", json.dumps(pids)]
+    argv += ["--clients", str(args.clients), "--seconds", str(args.seconds), "--window", str(args.window)]
+    out = subprocess.run(
+        argv, env=env, capture_output=True, text=True, timeout=args.seconds + 90, check=False
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"client for {target} failed:\n{out.stderr[-3000:]}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+# ------------------------------------------------------------------ the run
+
+
+def wait_until_up(url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not answer")
+
+
+def main(args: argparse.Namespace) -> None:
+    import pymysql
+    import redis as redis_sync
+
+    from server.embedded import EmbeddedMariaDB, EmbeddedRedis, ensure_database
+
+    raise_nofile()
+    var = ROOT / "var" / "bench"
+    mariadb, redis = EmbeddedMariaDB(var, fast=True), EmbeddedRedis(var, persist=False)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        mariadb.start()
+        redis.start()
+        ensure_database(mariadb, "bench_ws")
+        conn = pymysql.connect(unix_socket=str(mariadb.socket), user="root")
+        with conn.cursor() as cur:  # a fresh database each run
+            cur.execute("DROP DATABASE bench_ws")
+            cur.execute("CREATE DATABASE bench_ws CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
+        conn.close()
+        redis_sync.Redis(unix_socket_path=str(redis.socket), db=14).flushdb()
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "ADMIN_"))},
+            "APP_ENV": "test",
+            "DATABASE_URL": mariadb.url("bench_ws"),
+            "REDIS_URL": redis.url(14),
+            "LOG_LEVEL": "WARNING",
+            "CRON_ENABLED": "false",
+            "JWT_SECRET": "bench-ws-secret-0123456789abcdef0123456789",
+        }
+        app_port, bare_port = free_port(), free_port()
+        for mode, port in (("--serve-app", app_port), ("--serve-bare", bare_port)):
+            procs.append(subprocess.Popen([sys.executable, __file__, mode, "--port", str(port)], env=env))
+        app_base, bare_base = f"http://127.0.0.1:{app_port}", f"http://127.0.0.1:{bare_port}"
+        wait_until_up(f"{app_base}/healthz", procs[0])
+        wait_until_up(f"{bare_base}/ws", procs[1])
+        redis_pid = int(redis.pid_file.read_text().strip())
+        best: dict[str, dict[str, Any]] = {}
+        for _ in range(args.runs):
+            for target, base in (("bare", bare_base), ("app", app_base)):
+                pids = {"server": procs[0 if target == "app" else 1].pid, "redis": redis_pid}
+                got = run_client(target, base, args, env, pids)
+                busy = ", ".join(f"{k} {v:.2f}" for k, v in got["cpu"].items())
+                print(f"  {target} CPU (cores busy): {busy}", flush=True)
+                print(
+                    f"  {target}: {got['rate']:.0f} events/s, p50 {got['p50'] * 1000:.1f} ms, "
+                    f"p99 {got['p99'] * 1000:.1f} ms",
+                    flush=True,
+                )
+                if target not in best or got["rate"] > best[target]["rate"]:
+                    best[target] = got
+        report(best, args)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+        redis.stop()
+        mariadb.stop()
+
+
+ROWS = (("bare", "bare aiohttp broadcast loop"), ("app", "app: publish → Redis → hub → socket"))
+
+
+def report(best: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
+    bare, app = best["bare"], best["app"]
+    print(
+        f"Python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs; "
+        f"{args.clients} clients, window {args.window} rounds, best of {args.runs} runs of {args.seconds} s"
+    )
+    print(f"{'':<40}{'events/s':>10}{'ratio':>7}{'p50 ms':>8}{'p99 ms':>8}{'server µs/event':>17}")
+    for key, label in ROWS:
+        row = best[key]
+        cost = row["cpu"]["server"] / row["rate"] * 1e6
+        print(
+            f"{label:<40}{row['rate']:>10.0f}{row['rate'] / bare['rate']:>7.2f}"
+            f"{row['p50'] * 1000:>8.1f}{row['p99'] * 1000:>8.1f}{cost:>17.1f}"
+        )
+    for key, _ in ROWS:
+        busy = ", ".join(f"{k} {v:.2f}" for k, v in best[key]["cpu"].items())
+        print(f"  {key}: cores busy: {busy}")
+    ratio = app["rate"] / bare["rate"]
+    print(f"ratio {ratio:.2f} (target >= 0.5); app p99 {app['p99'] * 1000:.0f} ms (target < 250)")
+    print()
+    print("For bench/RESULTS.md:")
+    for key, label in ROWS:
+        row = best[key]
+        cost = row["cpu"]["server"] / row["rate"] * 1e6
+        print(
+            f"| {label} | {row['rate']:.0f} | {row['rate'] / bare['rate']:.2f} | "
+            f"{row['p50'] * 1000:.0f} | {row['p99'] * 1000:.0f} | {cost:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=6)
+    parser.add_argument("--window", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--serve-app", action="store_true")
+    parser.add_argument("--serve-bare", action="store_true")
+    parser.add_argument("--drive", choices=["app", "bare"])
+    parser.add_argument("--base")
+    parser.add_argument("--publish", action="store_true")
+    parser.add_argument("--pids", default="{}")
+    ns = parser.parse_args()
+    if ns.serve_app:
+        serve_app(ns.port)
+    elif ns.serve_bare:
+        serve_bare(ns.port)
+    elif ns.publish:
+        raise_nofile()
+        asyncio.run(publisher())
+    elif ns.drive:
+        pin(1)
+        raise_nofile()
+        result = asyncio.run(drive(ns.drive, ns.base, ns.clients, ns.seconds, ns.window, json.loads(ns.pids)))
+        print(json.dumps(result))
+    else:
+        main(ns)

@@ -1,0 +1,361 @@
+"""One socket's delivery: its cursor, catch-up from the stream, and a bounded outbound queue.
+
+`cursor` is the highest seq queued for the client. A session is either *live* (the
+hub's dispatcher hands it each event: the next seq is queued with `put_nowait`, a
+duplicate is dropped, a hole starts a catch-up) or *catching up* (a task reads the
+stream after `cursor` and queues what it finds, waiting for room; live events only
+raise `_target`, the highest seq known to exist). Events are in the stream before
+they are published, so reading the stream until `cursor >= _target` and then turning
+live, with no await in between, loses nothing and sends nothing twice.
+
+Events may take WS_QUEUE_SIZE slots of the queue; CONTROL_SLOTS more are kept for
+control frames (pong, errors, auth.expiring). A live event that finds no slot
+closes the socket with 4429: the dispatcher never waits for one client.
+
+Frames are written to the transport here, not through `ws.send_frame`: a server's
+text frame without compression is a 2–10 byte header and the payload (RFC 6455
+§5.2), and writing it in the dispatcher when nothing is queued and the socket is
+not backed up saves a task switch per event (a third of the hub's cost per event;
+bench/ws.py). Only when the transport's buffer is past its high-water mark do
+frames wait in the queue, for the writer task, which awaits the drain. aiohttp
+still writes its own frames (ping, pong, close) whole, between ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from loguru import logger
+
+from server.config import Settings
+from server.hub.stream import EventStreams
+
+CONTROL_SLOTS = 16
+REPLAY_BATCH = 256
+
+# Close codes (docs/websocket.md).
+UNAUTHENTICATED = 4401
+FORBIDDEN = 4403
+AUTH_TIMEOUT = 4408
+TOO_MANY = 4429
+UNAVAILABLE = 1011
+GOING_AWAY = 1001
+
+
+class _TooSlow(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class HubStats:
+    """Plain counters on the hot path; exported by the hub's collector at scrape time."""
+
+    published: int = 0
+    publish_failures: int = 0
+    delivered: int = 0
+    replayed: int = 0
+    resets: int = 0
+    closed: dict[int, int] = field(default_factory=dict)
+
+
+def rfc3339(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(int(epoch), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def text_frame(payload: bytes) -> bytes:
+    """The header of an unmasked, unfragmented, uncompressed text frame, and the payload."""
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 65536:
+        return struct.pack("!BBH", 0x81, 126, size) + payload
+    return struct.pack("!BBQ", 0x81, 127, size) + payload
+
+
+def encode(frame: dict[str, Any]) -> bytes:
+    return json.dumps(frame, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class Session:
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        request: web.Request,
+        stream: AbstractStreamWriter,
+        streams: EventStreams,
+        stats: HubStats,
+        settings: Settings,
+        on_close: Callable[[Session], None],
+    ) -> None:
+        self.ws = ws
+        self.request = request
+        self._stream = stream
+        self._transport = request.transport
+        limits = self._transport.get_write_buffer_limits() if self._transport is not None else (0, 0)
+        self._high_water = max(limits[1], 16 * 1024)
+        self.streams = streams
+        self.stats = stats
+        self._on_close = on_close
+        self.user_id: int | None = None
+        self.cursor = 0
+        self.acked = 0
+        self.expires_at: float | None = None  # the access token's exp (epoch seconds)
+        self.close_code: int | None = None
+        self.limit = settings.ws_queue_size
+        # bytes: a frame for the writer; None: only wait for the drain
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(self.limit + CONTROL_SLOTS)
+        self._send_timeout = settings.ws_send_timeout
+        self._close_timeout = settings.ws_close_timeout
+        self._warning = settings.ws_expiry_warning
+        self._warned = False
+        self._live = False
+        self._target = 0
+        self._check_last = False
+        self._room: asyncio.Event | None = None
+        self._draining_since = 0.0  # the writer waits for the peer to take bytes
+        self._writer: asyncio.Task[None] | None = None
+        self._catchup: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[None] | None = None
+
+    # --- called by the hub's dispatcher: synchronous, never waits -----------------
+
+    def offer(self, seq: int, frame: bytes) -> None:
+        if not self._live:
+            self._target = max(self._target, seq)
+            return
+        cursor = self.cursor
+        if seq == cursor + 1:
+            queue = self.queue
+            if not self._draining_since and not queue.qsize():
+                self._write_now(frame)
+            elif queue.qsize() >= self.limit:
+                self._too_slow()
+                return
+            else:
+                queue.put_nowait(frame)
+            self.cursor = seq
+            self.stats.delivered += 1
+        elif seq > cursor:  # a hole: read cursor+1 … seq from the stream
+            self._target = seq
+            self._start_catch_up()
+
+    def catch_up(self) -> None:
+        """The pub/sub connection came back: read whatever was published meanwhile."""
+        if self.user_id is not None and self.close_code is None:
+            self._check_last = True
+            self._start_catch_up()
+
+    def tick(self, wall: float, mono: float) -> None:
+        """Housekeeping (every half second): stuck writes and token expiry."""
+        if self.close_code is not None:
+            return
+        if self._draining_since and mono - self._draining_since > self._send_timeout:
+            self._too_slow()
+            return
+        exp = self.expires_at
+        if exp is None:
+            return
+        if wall >= exp:
+            self.close(UNAUTHENTICATED, "TOKEN_EXPIRED")
+        elif not self._warned and wall >= exp - self._warning:
+            self._warned = True
+            self.send({"type": "auth.expiring", "expires_at": rfc3339(exp)})
+
+    # --- called by the socket's handler -------------------------------------------
+
+    def start(self) -> None:
+        self._writer = asyncio.create_task(self._write(), name="ws-writer")
+
+    def send(self, frame: dict[str, Any]) -> None:
+        """Queue a control frame (not an event)."""
+        if self.close_code is not None:
+            return
+        data = encode(frame)
+        if not self._draining_since and not self.queue.qsize():
+            self._write_now(data)
+            return
+        try:
+            self.queue.put_nowait(data)
+        except asyncio.QueueFull:
+            self._too_slow()
+
+    def renew(self, expires_at: float) -> None:
+        self.expires_at = expires_at
+        self._warned = False
+
+    def go_live(self, last_seq: int) -> None:
+        """After `ready`: deliver every event after `last_seq`."""
+        self.cursor = last_seq
+        if self._target > last_seq:
+            self._start_catch_up()
+        else:
+            self._live = True
+
+    async def resume(self, after_seq: int) -> None:
+        """Replay every kept event after `after_seq`, then go on live."""
+        if self._catchup is not None:
+            await _cancel(self._catchup)
+            self._catchup = None
+        if self.close_code is not None:
+            return
+        self._target = max(self._target, self.cursor)
+        self.cursor = after_seq
+        self._check_last = True
+        self._live = False
+        self._catchup = asyncio.create_task(self._catch_up(), name="ws-catch-up")
+
+    def close(self, code: int, reason: str) -> None:
+        """Close with `code` (once). The hub stops routing to the session at once and
+        owns the closing task until it ends, even if the handler is cancelled meanwhile."""
+        if self.close_code is not None:
+            return
+        self.close_code = code
+        self._live = False
+        self.stats.closed[code] = self.stats.closed.get(code, 0) + 1
+        self._closer = asyncio.create_task(self._close(code, reason), name="ws-closer")
+        self._on_close(self)
+
+    @property
+    def closer(self) -> asyncio.Task[None] | None:
+        return self._closer
+
+    async def finish(self) -> None:
+        """The handler is done: stop the tasks, close the socket if still open."""
+        if self.close_code is None:
+            self.close(int(self.ws.close_code or 1000), "")
+        await self.wait_closed()
+
+    def wait_closed(self) -> Awaitable[Any]:
+        return asyncio.wait([self._closer]) if self._closer is not None else asyncio.sleep(0)
+
+    def cancel(self) -> None:
+        """Hub teardown: whatever still runs stops now."""
+        for task in (self._writer, self._catchup, self._closer):
+            if task is not None:
+                task.cancel()
+
+    # --- tasks --------------------------------------------------------------------
+
+    def _too_slow(self) -> None:
+        logger.info("user {} socket too slow (queue {}), closing", self.user_id, self.queue.qsize())
+        self.close(TOO_MANY, "too slow")
+
+    def _start_catch_up(self) -> None:
+        if self.close_code is not None:
+            return
+        self._live = False
+        if self._catchup is None or self._catchup.done():
+            self._catchup = asyncio.create_task(self._catch_up(), name="ws-catch-up")
+
+    async def _catch_up(self) -> None:
+        assert self.user_id is not None
+        uid, streams = self.user_id, self.streams
+        try:
+            while True:
+                if self._check_last:
+                    self._check_last = False
+                    last = await streams.last_seq(uid)
+                    if self.cursor > last:  # the client knows seqs Redis does not: data was lost
+                        self._reset(last, "unknown_seq")
+                    self._target = max(self._target, last)
+                entries = await streams.read_after(uid, self.cursor, REPLAY_BATCH)
+                if (entries and entries[0][0] != self.cursor + 1) or (
+                    not entries and self._target > self.cursor
+                ):
+                    self._reset(await streams.last_seq(uid), "trimmed")
+                    continue
+                for seq, frame in entries:
+                    await self._put(frame)
+                    self.cursor = seq
+                self.stats.replayed += len(entries)
+                if len(entries) < REPLAY_BATCH and self._target <= self.cursor and not self._check_last:
+                    self._live = True  # no await since the last read: nothing slips between
+                    return
+        except _TooSlow:
+            self._too_slow()
+        except Exception as exc:
+            logger.warning("replay for user {} failed ({!r}); closing so the client resumes", uid, exc)
+            self.close(UNAVAILABLE, "events unavailable, reconnect")
+
+    def _reset(self, last: int, reason: str) -> None:
+        """Events after the client's seq are gone: it must refetch; live goes on after `last`."""
+        self.stats.resets += 1
+        self.send({"type": "reset", "last_seq": last, "reason": reason})
+        self.cursor = last
+        self._target = last
+
+    async def _put(self, frame: bytes) -> None:
+        queue = self.queue
+        if not self._draining_since and not queue.qsize():
+            self._write_now(frame)
+            return
+        while queue.qsize() >= self.limit:
+            if self._room is None:
+                self._room = asyncio.Event()
+            self._room.clear()
+            try:
+                async with asyncio.timeout(self._send_timeout):
+                    await self._room.wait()
+            except TimeoutError:
+                raise _TooSlow from None
+        queue.put_nowait(frame)
+
+    def _write_now(self, payload: bytes, *, writer: bool = False) -> None:
+        """Write a frame; past the transport's high-water mark, mark the socket as draining
+        (frames queue from now on) and have the writer task wait for the drain."""
+        transport = self._transport
+        if transport is None or transport.is_closing() or self.ws.closed:
+            return  # going away: the handler's read loop ends and the session closes
+        transport.write(text_frame(payload))
+        if not self._draining_since and transport.get_write_buffer_size() > self._high_water:
+            self._draining_since = asyncio.get_running_loop().time()
+            if not writer:
+                self.queue.put_nowait(None)  # the queue was empty: wake the writer to drain
+
+    async def _write(self) -> None:
+        queue, stream = self.queue, self._stream
+        try:
+            while True:
+                frame = await queue.get()
+                if frame is not None:
+                    self._write_now(frame, writer=True)
+                if self._draining_since:
+                    await stream.drain()
+                    self._draining_since = 0.0
+                room = self._room
+                if room is not None and queue.qsize() < self.limit:
+                    room.set()
+        except ConnectionError:
+            pass  # the peer is gone; the handler's read loop ends too
+        except Exception:
+            logger.opt(exception=True).error("writing to user {}'s socket failed", self.user_id)
+            self.close(UNAVAILABLE, "internal error")
+
+    async def _close(self, code: int, reason: str) -> None:
+        for task in (self._catchup, self._writer):
+            if task is not None:
+                await _cancel(task)
+        transport = self.request.transport
+        try:
+            async with asyncio.timeout(self._close_timeout):
+                await self.ws.close(code=code, message=reason.encode()[:120])
+                # What was queued before the close frame must reach a slow peer too.
+                # asyncio offers no event for "write buffer empty": poll, rarely and bounded.
+                while transport is not None and transport.get_write_buffer_size():  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            if transport is not None:
+                transport.abort()  # the peer takes nothing: do not keep its buffer
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    await asyncio.wait([task])

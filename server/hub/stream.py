@@ -1,0 +1,172 @@
+"""Per-user event streams in Redis: numbering, retention, replay (docs/websocket.md).
+
+Keys of user 42 (the `{42}` hash tag keeps them on one Redis Cluster slot):
+
+- `ev:{42}:seq`    the last seq given out (INCR). Never expires: seqs never restart.
+- `ev:{42}:stream` a Stream whose entry ids ARE the seqs (`<seq>-0`), one field
+                   `f` = the finished frame `{"type":"event","seq":N,"event":…,"data":…}`,
+                   so replay is `XRANGE (<after>-0 +` and sends the bytes as stored.
+- `ev:{42}:marks`  hash: time bucket → the first seq published in it (time-based trim).
+
+One Lua script numbers, stores and announces an event: INCR, XADD, trim, PUBLISH run
+atomically, so seqs have no gaps across every instance, and an event is in the stream
+before any subscriber can see it live (whoever sees N+1 live can read N from the stream).
+
+Retention: an event is kept while it is younger than EVENTS_RETENTION_HOURS *or* among
+the user's last EVENTS_KEEP_MIN. Time is tracked in buckets of 1/24 of the retention
+(an hour for 24 h); at the first publish of a user in a new bucket, the script drops
+the marks of buckets that left the window and trims the stream exactly (`XTRIM MINID`)
+to the older of "first seq still in the window" and "last KEEP_MIN". So an event lives
+between the retention and one bucket more. EVENTS_MAX_PER_USER caps a stream whatever
+its age (`XADD MAXLEN ~`): the safety valve against a runaway publisher; past it the
+24 h promise yields and a late resume gets a `reset`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from redis.asyncio import Redis
+
+# KEYS: seq, stream, marks of each event's user, three per event, in order.
+# ARGV: now_ms, bucket_ms, retention_ms, keep_min, max_len, then channel, event (JSON
+# string), data (JSON) per event. Returns the seqs. One call may carry many events
+# (publish_many) so Redis parses one command, not one per event.
+_PUBLISH = """
+local now, width = tonumber(ARGV[1]), tonumber(ARGV[2])
+local bucket = math.floor(now / width)
+local oldest = math.floor((now - tonumber(ARGV[3])) / width)
+local keep_min, max_len = tonumber(ARGV[4]), ARGV[5]
+local seqs = {}
+for e = 0, #KEYS / 3 - 1 do
+  local seq_key, stream, marks = KEYS[e * 3 + 1], KEYS[e * 3 + 2], KEYS[e * 3 + 3]
+  local seq = redis.call('INCR', seq_key)
+  local frame = '{"type":"event","seq":' .. seq .. ',"event":' .. ARGV[e * 3 + 7]
+    .. ',"data":' .. ARGV[e * 3 + 8] .. '}'
+  redis.call('XADD', stream, 'MAXLEN', '~', max_len, seq .. '-0', 'f', frame)
+  if redis.call('HSETNX', marks, bucket, seq) == 1 then
+    -- the user's first event in this time bucket: drop what left the window
+    local keep_from = seq - keep_min + 1
+    local kept = redis.call('HGETALL', marks)
+    for i = 1, #kept, 2 do
+      local first = tonumber(kept[i + 1])
+      if tonumber(kept[i]) < oldest then
+        redis.call('HDEL', marks, kept[i])
+      elseif first < keep_from then
+        keep_from = first
+      end
+    end
+    if keep_from > 1 then
+      redis.call('XTRIM', stream, 'MINID', keep_from .. '-0')
+    end
+  end
+  redis.call('PUBLISH', ARGV[e * 3 + 6], seq .. '\\n' .. frame)
+  seqs[#seqs + 1] = seq
+end
+return seqs
+"""
+BATCH = 100  # events per script call in publish_many: keeps each call well under a millisecond
+
+_Entries = list[tuple[bytes, dict[bytes, bytes]]]  # XRANGE, decode_responses=False
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class EventStreams:
+    """The Redis side of the hub: publish (number + keep + announce), read back, last seq."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        retention_seconds: float,
+        keep_min: int,
+        max_per_user: int,
+        clock: Callable[[], float] = time.time,
+        readers: int = 25,
+    ) -> None:
+        self.redis = redis
+        # Reads for sockets (attach, replay) share the Redis pool with everything else: a
+        # thousand clients reconnecting at once must queue here, not exhaust the pool.
+        self._readers = asyncio.Semaphore(readers)
+        db = int(redis.connection_pool.connection_kwargs.get("db", 0) or 0)
+        # Pub/sub ignores SELECT: the db number keeps apps on other dbs of one Redis apart.
+        self.channel_prefix = f"ev:live:{db}:".encode()
+        self.retention_ms = max(1, int(retention_seconds * 1000))
+        self.bucket_ms = max(1, self.retention_ms // 24)
+        self.keep_min = keep_min
+        self.max_per_user = max_per_user
+        self.clock = clock
+        self._script = redis.register_script(_PUBLISH)
+
+    def channel(self, user_id: int) -> bytes:
+        return self.channel_prefix + str(user_id).encode()
+
+    @staticmethod
+    def keys(user_id: int) -> tuple[str, str, str]:
+        return f"ev:{{{user_id}}}:seq", f"ev:{{{user_id}}}:stream", f"ev:{{{user_id}}}:marks"
+
+    async def publish(self, user_id: int, event: str, data: dict[str, Any]) -> int:
+        """Number, keep and announce one event; returns its seq. Raises on Redis errors."""
+        keys, args = self._call([(user_id, event, data)])
+        seqs = await self._script(keys=keys, args=args)
+        return int(seqs[0])
+
+    async def publish_many(self, events: list[tuple[int, str, dict[str, Any]]]) -> list[int]:
+        """`publish` for many events: BATCH per script call, the calls in one pipeline.
+
+        One call touches several users' keys, which Redis Cluster refuses (cross-slot);
+        on a cluster, publish per user instead."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for i in range(0, len(events), BATCH):
+                keys, args = self._call(events[i : i + BATCH])
+                await self._script(keys=keys, args=args, client=pipe)
+            return [int(seq) for seqs in await pipe.execute() for seq in seqs]
+
+    def _call(
+        self, events: list[tuple[int, str, dict[str, Any]]]
+    ) -> tuple[list[str], list[bytes | str | int]]:
+        keys: list[str] = []
+        args: list[bytes | str | int] = [
+            int(self.clock() * 1000),
+            self.bucket_ms,
+            self.retention_ms,
+            self.keep_min,
+            self.max_per_user,
+        ]
+        last: tuple[str, dict[str, Any], str, str] | None = None
+        for user_id, event, data in events:
+            if last is None or last[0] is not event or last[1] is not data:  # fan-out: encode once
+                last = (event, data, _dumps(event), _dumps(data))
+            keys += self.keys(user_id)
+            args += (self.channel(user_id), last[2], last[3])
+        return keys, args
+
+    async def last_seq(self, user_id: int) -> int:
+        async with self._readers:
+            raw = await self.redis.get(self.keys(user_id)[0])
+        return int(raw) if raw is not None else 0
+
+    async def read_after(self, user_id: int, after: int, count: int) -> list[tuple[int, bytes]]:
+        """Up to `count` kept events with seq > after, in order, as (seq, frame)."""
+        async with self._readers:
+            raw = await self.redis.xrange(self.keys(user_id)[1], min=f"({after}-0", max="+", count=count)
+        entries = cast(_Entries, raw)
+        out: list[tuple[int, bytes]] = []
+        for entry_id, fields in entries:
+            out.append((int(entry_id.split(b"-", 1)[0]), fields[b"f"]))
+        return out
+
+    async def first_kept(self, user_id: int) -> int | None:
+        """The oldest seq still kept (for the reset frame), or None for an empty stream."""
+        async with self._readers:
+            entries = cast(
+                _Entries, await self.redis.xrange(self.keys(user_id)[1], min="-", max="+", count=1)
+            )
+        return int(entries[0][0].split(b"-", 1)[0]) if entries else None

@@ -1,0 +1,148 @@
+"""The process's task jobs: spawning under limits, cancellation across instances, recovery.
+
+Recovery (at start and every minute): an active task whose lease no process holds
+was left by a process that died. The first instance to take its lease (SET NX)
+owns it: if its credits are still reserved and it has run fewer than
+TASK_MAX_ATTEMPTS times, it runs again from the first step (vendor outputs are
+not kept between runs); otherwise it fails and its credits go back. Either way
+the credits settle exactly once: the user actor's phase check decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiojobs
+from aiohttp import web
+from loguru import logger
+
+from server import leases
+from server.errors import AppError, Busy, ErrorCode
+from server.features import FeatureStore
+from server.keys import db_key, features_key, instance_id_key, redis_key, settings_key, tasks_key, vendors_key
+from server.tasks.runner import VendorCall, _fail, hold_lease, run_task
+from server.tasks.service import mark_finished
+
+_TASK_ROW = "SELECT id, user_id, feature, inputs, attempts, status FROM tasks WHERE id = %s"
+
+
+class TaskManager:
+    def __init__(self, app: web.Application, call: VendorCall) -> None:
+        settings = app[settings_key]
+        self.app = app
+        self.call = call
+        self.scheduler = aiojobs.Scheduler(
+            limit=settings.task_concurrency,
+            pending_limit=settings.task_pending,
+            close_timeout=settings.actor_stop_timeout,
+            wait_timeout=settings.actor_stop_timeout,
+        )
+        self.jobs: dict[str, aiojobs.Job[None]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------ running
+
+    async def start(self, task_id: str) -> None:
+        """Run a task whose lease this process holds; BUSY when the queue is full."""
+        if self.scheduler.pending_count >= self.scheduler.pending_limit:
+            raise Busy("Too many tasks are waiting to run; retry shortly", retry_after=5)
+        db = self.app[db_key]
+        await db.execute("UPDATE tasks SET attempts = attempts + 1 WHERE id = %s", task_id)
+        row = await db.fetchone(_TASK_ROW, task_id)
+        if row is None:
+            return
+        self.jobs[task_id] = await self.scheduler.spawn(self._job(row), name=f"task:{task_id}")
+
+    async def _job(self, row: Mapping[str, Any]) -> None:
+        task_id = str(row["id"])
+        try:
+            await hold_lease(self.app, task_id, run_task(self.app, row, self.call))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.opt(exception=True).error("task job {} failed outside its run", task_id)
+        finally:
+            self.jobs.pop(task_id, None)
+
+    def cancel_local(self, task_id: str) -> None:
+        job = self.jobs.get(task_id)
+        if job is not None and not job.closed:
+            logger.info("stopping task {}: cancelled", task_id)
+            closing = asyncio.get_running_loop().create_task(job.close(), name=f"close:{task_id}")
+            self._closing.add(closing)  # owned until done: no orphan task
+            closing.add_done_callback(self._closing.discard)
+
+    # ------------------------------------------------------------ recovery
+
+    async def recover(self) -> int:
+        """Take over active tasks nobody holds; returns how many this call took."""
+        settings = self.app[settings_key]
+        db, redis, owner = self.app[db_key], self.app[redis_key], self.app[instance_id_key]
+        rows = await db.fetchall(
+            "SELECT id FROM tasks WHERE status IN ('queued', 'running') ORDER BY id LIMIT 200"
+        )
+        ids = [str(r["id"]) for r in rows if str(r["id"]) not in self.jobs]
+        held = await leases.held(redis, ids)
+        taken = 0
+        for task_id in ids:
+            if task_id in held:
+                continue
+            if not await leases.acquire(redis, task_id, owner, int(settings.task_lease_ttl * 1000)):
+                continue  # another instance took it first
+            taken += 1
+            row = await db.fetchone(_TASK_ROW, task_id)
+            phase = await db.fetchval("SELECT phase FROM quota_transactions WHERE task_id = %s", task_id)
+            if row is None or row["status"] not in ("queued", "running"):
+                await leases.release(redis, task_id, owner)
+            elif phase == "confirmed":  # died between the charge and the status: it succeeded
+                await mark_finished(self.app, task_id, "succeeded", None)
+                await leases.release(redis, task_id, owner)
+            elif phase == "reserved" and int(row["attempts"]) < settings.task_max_attempts:
+                logger.warning("recovering task {} (attempt {})", task_id, int(row["attempts"]) + 1)
+                await db.execute(
+                    "UPDATE tasks SET status = 'queued', progress = 0, runner = %s WHERE id = %s",
+                    owner,
+                    task_id,
+                )
+                try:
+                    await self.start(task_id)
+                except Busy:
+                    await leases.release(redis, task_id, owner)  # a later run takes it
+            else:
+                logger.warning("task {} cannot run again; failing it with its credits returned", task_id)
+                try:
+                    await _fail(
+                        self.app, row, AppError(ErrorCode.INTERNAL, "The server running this task stopped")
+                    )
+                finally:
+                    await leases.release(redis, task_id, owner)
+        return taken
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def close(self) -> None:
+        await self.scheduler.close()
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=2.0)
+
+
+async def recover_tasks(app: web.Application) -> int:
+    """The cron job: see TaskManager.recover."""
+    return await app[tasks_key].recover()
+
+
+async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx after the vendors: features (validated against their catalog) and tasks."""
+    vendors = app[vendors_key]
+    app[features_key] = FeatureStore(app[db_key], app[redis_key], vendors.catalog())
+    manager = TaskManager(app, vendors.call)
+    app[tasks_key] = manager
+    recovery = asyncio.get_running_loop().create_task(manager.recover(), name="tasks:recover-at-start")
+    try:
+        yield
+    finally:
+        recovery.cancel()
+        await asyncio.gather(recovery, return_exceptions=True)
+        await manager.close()

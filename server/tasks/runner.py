@@ -1,0 +1,328 @@
+"""Running a task's pipeline: steps on vendor actors, FORK/JOIN, progress, settlement.
+
+Each task runs as an aiojobs job (bounded: TASK_CONCURRENCY running, TASK_PENDING
+waiting, beyond that BUSY). The job holds the task's lease in Redis and renews it;
+every step's state is written to `task_steps`; progress goes out as events (at
+most 5 a second per task); the output becomes an asset. Then the credits settle —
+confirm on success, cancel on failure — and only then the task's final status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from aiohttp import web
+from loguru import logger
+
+from actors.user import UserActor
+from server import assets, leases
+from server.errors import AppError, ErrorCode
+from server.features import Feature
+from server.images import ValidatedImage
+from server.keys import (
+    actor_system_key,
+    db_key,
+    features_key,
+    hub_key,
+    instance_id_key,
+    redis_key,
+    settings_key,
+    storage_key,
+)
+from server.pipeline import CallStep, Combiner, ForkStep, JoinStep
+from server.quota import Cancel, Confirm
+from server.tasks.service import cancel_key, mark_finished
+from server.vendors.adapters import VendorResult
+
+# (vendor, operation, inputs, params) -> output: the vendor actors' `Vendors.call`.
+VendorCall = Callable[
+    [str, str, Mapping[str, bytes | list[bytes]], Mapping[str, Any]], Awaitable[VendorResult]
+]
+
+BUSY_RETRIES = 5
+PROGRESS_INTERVAL_S = 0.2
+
+
+class PipelineRun:
+    def __init__(
+        self,
+        app: web.Application,
+        task: Mapping[str, Any],
+        feature: Feature,
+        inputs: dict[str, bytes],
+        call: VendorCall,
+    ) -> None:
+        self.app = app
+        self.task_id = str(task["id"])
+        self.user_id = int(task["user_id"])
+        self.attempt = int(task["attempts"])
+        self.feature = feature
+        self.inputs = inputs
+        self.call_vendor = call
+        self.total = max(1, feature.pipeline.call_count())
+        self.done = 0
+        self._last_progress = 0.0
+        self.join_mode = {s.fork: s.mode for s in feature.pipeline.steps if isinstance(s, JoinStep)}
+
+    # -------------------------------------------------------------- persistence
+
+    async def _step(self, step_id: str, status: str, *, parent: str | None = None, vendor: str | None = None,
+                    operation: str | None = None, error: str | None = None) -> None:  # fmt: skip
+        db = self.app[db_key]
+        if status == "running":
+            await db.execute(
+                "INSERT INTO task_steps (task_id, step_id, parent_id, vendor, operation, status, attempt, "
+                "started_at) VALUES (%s, %s, %s, %s, %s, 'running', %s, UTC_TIMESTAMP(6)) "
+                "ON DUPLICATE KEY UPDATE status = 'running', attempt = VALUES(attempt), "
+                "started_at = UTC_TIMESTAMP(6), finished_at = NULL, "
+                "error = NULL",
+                self.task_id, step_id, parent, vendor, operation, self.attempt,
+            )  # fmt: skip
+        else:
+            await db.execute(
+                "UPDATE task_steps SET status = %s, error = %s, finished_at = UTC_TIMESTAMP(6) "
+                "WHERE task_id = %s AND step_id = %s",
+                status, None if error is None else error[:500], self.task_id, step_id,
+            )  # fmt: skip
+
+    async def _progress(self) -> None:
+        self.done += 1
+        progress = min(1.0, self.done / self.total)
+        await self.app[db_key].execute("UPDATE tasks SET progress = %s WHERE id = %s", progress, self.task_id)
+        now = time.monotonic()
+        if now - self._last_progress >= PROGRESS_INTERVAL_S or self.done >= self.total:
+            self._last_progress = now
+            await self.app[hub_key].publish(
+                self.user_id, "task.progress", {"task_id": self.task_id, "progress": round(progress, 4)}
+            )
+
+    # -------------------------------------------------------------- execution
+
+    def _resolve(self, ref: str, outputs: dict[str, VendorResult]) -> bytes:
+        kind, _, name = ref.partition(".")
+        return self.inputs[name] if kind == "$input" else outputs[name].data
+
+    async def _vendor(
+        self, vendor: str, operation: str, inputs: Mapping[str, Any], params: Mapping[str, Any]
+    ) -> VendorResult:
+        """One vendor call; a BUSY vendor (full mailbox) is retried a few times with backoff."""
+        for attempt in range(BUSY_RETRIES + 1):
+            try:
+                return await self.call_vendor(vendor, operation, inputs, params)
+            except AppError as exc:
+                if exc.code != ErrorCode.BUSY or attempt == BUSY_RETRIES:
+                    raise
+                await asyncio.sleep(0.05 * 2**attempt * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    async def _call(
+        self, step: CallStep, outputs: dict[str, VendorResult], parent: str | None = None
+    ) -> VendorResult:
+        await self._step(step.id, "running", parent=parent, vendor=step.vendor, operation=step.operation)
+        try:
+            inputs = {
+                name: self._resolve(v, outputs)
+                if isinstance(v, str)
+                else [self._resolve(r, outputs) for r in v]
+                for name, v in step.inputs.items()
+            }
+            out = await self._vendor(step.vendor, step.operation, inputs, step.params)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._step(step.id, "cancelled"))
+            raise
+        except Exception as exc:
+            await self._step(step.id, "failed", error=_describe(exc))
+            raise
+        await self._step(step.id, "succeeded")
+        await self._progress()
+        return out
+
+    async def _fork(self, step: ForkStep, outputs: dict[str, VendorResult]) -> list[VendorResult]:
+        """Run the branches; what counts as done depends on the join's mode."""
+        mode = self.join_mode[step.id]
+        await self._step(step.id, "running")
+        jobs = [asyncio.ensure_future(self._call(b, outputs, parent=step.id)) for b in step.branches]
+        try:
+            if mode == "all":
+                results: list[VendorResult] = list(await asyncio.gather(*jobs))
+            elif mode == "any":
+                done = await asyncio.gather(*jobs, return_exceptions=True)
+                results = [r for r in done if isinstance(r, VendorResult)]
+                if not results:
+                    raise next(e for e in done if isinstance(e, BaseException))
+            else:  # first_success
+                results = []
+                pending: set[asyncio.Future[VendorResult]] = set(jobs)
+                error: BaseException | None = None
+                while pending and not results:
+                    finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for f in finished:
+                        if f.exception() is None:
+                            results.append(f.result())
+                        else:
+                            error = error or f.exception()
+                if not results:
+                    assert error is not None
+                    raise error
+        except BaseException as exc:
+            await _cancel_all(jobs)
+            failed = isinstance(exc, Exception)
+            status, text = ("failed", _describe(exc)) if failed else ("cancelled", None)
+            await asyncio.shield(self._step(step.id, status, error=text))
+            raise
+        await _cancel_all(jobs)  # first_success: the losers stop here
+        await self._step(step.id, "succeeded")
+        return results
+
+    async def _join(self, step: JoinStep, branch_outputs: list[VendorResult]) -> VendorResult:
+        c: Combiner | None = step.combiner
+        if c is None:
+            return branch_outputs[0]
+        await self._step(step.id, "running", parent=step.fork, vendor=c.vendor, operation=c.operation)
+        try:
+            out = await self._vendor(
+                c.vendor, c.operation, {c.input: [o.data for o in branch_outputs]}, c.params
+            )
+        except Exception as exc:
+            await self._step(step.id, "failed", error=_describe(exc))
+            raise
+        await self._step(step.id, "succeeded")
+        await self._progress()
+        return out
+
+    async def execute(self) -> VendorResult:
+        outputs: dict[str, VendorResult] = {}
+        forks: dict[str, list[VendorResult]] = {}
+        for step in self.feature.pipeline.steps:
+            if isinstance(step, CallStep):
+                outputs[step.id] = await self._call(step, outputs)
+            elif isinstance(step, ForkStep):
+                forks[step.id] = await self._fork(step, outputs)
+            else:
+                outputs[step.id] = await self._join(step, forks[step.fork])
+        return outputs[self.feature.pipeline.output]
+
+
+async def _cancel_all(jobs: Sequence[asyncio.Future[Any]]) -> None:
+    for j in jobs:
+        j.cancel()
+    await asyncio.gather(*jobs, return_exceptions=True)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, AppError):
+        return f"{exc.code.value}: {exc.message}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+# ------------------------------------------------------------------ one task
+
+
+async def _publish_status(app: web.Application, user_id: int, task_id: str, status: str) -> None:
+    await app[hub_key].publish(user_id, "task.updated", {"task_id": task_id, "status": status})
+
+
+async def _fail(app: web.Application, task: Mapping[str, Any], error: AppError) -> None:
+    """Return the credits, then mark the task failed (unless it was cancelled meanwhile)."""
+    task_id, user_id = str(task["id"]), int(task["user_id"])
+    try:
+        await (
+            app[actor_system_key]
+            .ref(UserActor, user_id)
+            .ask(Cancel(task_id, f"failed: {error.message}"[:200]))
+        )
+    except AppError as exc:
+        if exc.code != ErrorCode.CONFLICT:
+            raise
+    if await mark_finished(app, task_id, "failed", error):
+        await _publish_status(app, user_id, task_id, "failed")
+
+
+async def run_task(app: web.Application, task: Mapping[str, Any], call: VendorCall) -> None:
+    """The whole life of one task run; the caller holds its lease."""
+    task_id, user_id = str(task["id"]), int(task["user_id"])
+    db = app[db_key]
+    settings = app[settings_key]
+    try:
+        feature = await app[features_key].get_any(str(task["feature"]))
+        started = await db.execute(
+            "UPDATE tasks SET status = 'running', started_at = COALESCE(started_at, UTC_TIMESTAMP(6)) "
+            "WHERE id = %s AND status IN ('queued', 'running')",
+            task_id,
+        )
+        if not started:
+            return  # cancelled before it began
+        await _publish_status(app, user_id, task_id, "running")
+        storage = app[storage_key]
+        refs = json.loads(task["inputs"])
+        mine = await assets.owned(
+            db, user_id, [v for k, v in refs.items() if feature.inputs[k].type == "image"]
+        )
+        images = {k: await storage.get(mine[v].storage_key) for k, v in refs.items() if v in mine}
+        run = PipelineRun(app, task, feature, images, call)
+        async with asyncio.timeout(settings.task_timeout):
+            out = await run.execute()
+        image = ValidatedImage(out.data, out.content_type, *_size(out.data), len(out.data))
+        await assets.store(db, storage, user_id, image, kind="output", task_id=task_id)
+    except asyncio.CancelledError:
+        raise  # user cancel (already settled) or shutdown (recovery takes it over)
+    except TimeoutError:
+        await _fail(
+            app,
+            task,
+            AppError(ErrorCode.UPSTREAM_FAILED, f"The task took longer than {settings.task_timeout:.0f}s"),
+        )
+        return
+    except AppError as exc:
+        await _fail(app, task, exc)
+        return
+    except Exception as exc:
+        logger.opt(exception=True).error("task {} crashed", task_id)
+        await _fail(app, task, AppError(ErrorCode.INTERNAL, f"The task failed: {type(exc).__name__}"))
+        return
+    try:
+        await app[actor_system_key].ref(UserActor, user_id).ask(Confirm(task_id))
+    except AppError as exc:
+        if exc.code == ErrorCode.CONFLICT:
+            return  # cancelled while the last step ran: the credits went back, no charge
+        raise
+    if await mark_finished(app, task_id, "succeeded", None):
+        await _publish_status(app, user_id, task_id, "succeeded")
+
+
+def _size(data: bytes) -> tuple[int, int]:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return im.size
+
+
+async def hold_lease(app: web.Application, task_id: str, body: Awaitable[None]) -> None:
+    """Run `body` while renewing the task's lease; stop it if the lease is lost."""
+    redis, owner = app[redis_key], app[instance_id_key]
+    ttl = app[settings_key].task_lease_ttl
+    work = asyncio.ensure_future(body)
+    try:
+        while not work.done():
+            await asyncio.wait({work}, timeout=min(ttl / 3, 2.0))
+            if work.done():
+                break
+            if await redis.exists(cancel_key(task_id)):
+                logger.info("task {} was cancelled through another instance; stopping", task_id)
+                work.cancel()
+            elif not await leases.renew(redis, task_id, owner, int(ttl * 1000)):
+                logger.warning("task {} lost its lease; stopping here", task_id)
+                work.cancel()
+        await work
+    finally:
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+        await asyncio.shield(leases.release(redis, task_id, owner))

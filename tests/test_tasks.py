@@ -1,0 +1,399 @@
+"""Tasks end to end: upload → create → pipeline on vendor actors → outputs, credits settled once."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from aiohttp import FormData, web
+from PIL import Image
+
+from actors.user import UserActor
+from server.app import create_app
+from server.config import Settings
+from server.keys import actor_system_key, vendors_key
+from server.quota import Grant, QuotaState, Snapshot
+from tests.auth_support import auth_settings, bearer, error_code, register
+from tests.conftest import Services
+from tests.fakes.vendor import FakeVendor
+
+ADMIN = {"admin_phone": "13900000002", "admin_password": "admin-pass-2"}
+
+
+def image_bytes(color: str, size: tuple[int, int] = (240, 320), fmt: str = "PNG") -> bytes:
+    im = Image.new("RGB", size, "white")
+    im.paste(Image.new("RGB", (size[0] // 2, size[1] // 2), color), (size[0] // 4, size[1] // 4))
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+async def fake(aiohttp_server: Any) -> FakeVendor:
+    fake = FakeVendor()
+    server = await aiohttp_server(fake.app())
+    fake.base_url = str(server.make_url("")).rstrip("/")
+    return fake
+
+
+def vendor_settings(fake: FakeVendor, **limits: Any) -> dict[str, Any]:
+    entry = {
+        "kind": "http",
+        "base_url": f"{fake.base_url}/http",
+        "api_key": fake.api_key,
+        "operations": {"enhance": ["image"]},
+        "concurrency": 5,
+        "retries": 0,
+        "breaker_threshold": 0,
+        **limits,
+    }
+    return {"vendors": {"fake": entry}}
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings], fake: FakeVendor) -> Settings:
+    return auth_settings(make_settings, cron_enabled=False, **ADMIN, **vendor_settings(fake))
+
+
+class User:
+    def __init__(self, client: Any, app: web.Application, body: dict[str, Any]) -> None:
+        self.client = client
+        self.app = app
+        self.id = int(body["user"]["id"])
+        self.headers = bearer(body["access_token"])
+
+    async def grant(self, credits: int) -> None:
+        await self.app[actor_system_key].ref(UserActor, self.id).ask(Grant(credits, "grant"))
+
+    async def quota(self) -> QuotaState:
+        return await self.app[actor_system_key].ref(UserActor, self.id).ask(Snapshot())
+
+    async def upload(self, data: bytes, name: str = "photo.png") -> dict[str, Any]:
+        form = FormData()
+        form.add_field("file", data, filename=name, content_type="image/png")
+        resp = await self.client.post("/api/v1/assets", data=form, headers=self.headers)
+        assert resp.status == 201, await resp.text()
+        return dict(await resp.json())
+
+    async def create(self, feature: str, inputs: dict[str, Any], key: str) -> Any:
+        return await self.client.post(
+            "/api/v1/tasks",
+            json={"feature": feature, "inputs": inputs},
+            headers={**self.headers, "Idempotency-Key": key},
+        )
+
+    async def task(self, task_id: str) -> dict[str, Any]:
+        resp = await self.client.get(f"/api/v1/tasks/{task_id}", headers=self.headers)
+        assert resp.status == 200, await resp.text()
+        return dict(await resp.json())
+
+    async def finished(self, task_id: str, within: float = 30) -> dict[str, Any]:
+        """Poll the task as a front end without a socket would, until it ends."""
+        async with asyncio.timeout(within):
+            while True:
+                task = await self.task(task_id)
+                if task["status"] in ("succeeded", "failed", "cancelled"):
+                    return task
+                await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def user(client: Any, app: web.Application) -> User:
+    return User(client, app, await register(client))
+
+
+async def admin_headers(client: Any) -> dict[str, str]:
+    resp = await client.post(
+        "/api/v1/auth/login", json={"phone": ADMIN["admin_phone"], "password": ADMIN["admin_password"]}
+    )
+    return bearer((await resp.json())["access_token"])
+
+
+async def add_feature(client: Any, slug: str, pipeline: dict[str, Any], cost: int = 1) -> None:
+    resp = await client.post(
+        "/api/v1/admin/features",
+        json={
+            "slug": slug,
+            "name": slug,
+            "cost": cost,
+            "inputs": {"image": {"type": "image"}},
+            "pipeline": pipeline,
+        },
+        headers=await admin_headers(client),
+    )
+    assert resp.status == 201, await resp.text()
+
+
+def enhance(step_id: str, ref: str = "$input.image") -> dict[str, Any]:
+    return {"id": step_id, "type": "call", "vendor": "fake", "operation": "enhance", "inputs": {"image": ref}}
+
+
+async def test_a_try_on_runs_end_to_end_serves_its_output_and_charges_once(
+    user: User, services: Services, database: str
+) -> None:
+    await user.grant(100)
+    person = await user.upload(image_bytes("navy"))
+    garment = await user.upload(image_bytes("red"))
+    resp = await user.create("tryon-preview", {"person": person["id"], "garment": garment["id"]}, "k-1")
+    assert resp.status == 202, await resp.text()
+    created = await resp.json()
+    assert created["status"] in ("queued", "running") and created["cost"] == 10
+    assert await user.quota() == QuotaState(100, 10)
+
+    task = await user.finished(created["id"])
+    assert task["status"] == "succeeded", task
+    assert task["progress"] == 1 and task["error"] is None
+    assert [s["id"] for s in task["steps"]] == ["cutout", "compose", "mark"]
+    assert all(s["status"] == "succeeded" and s["finished_at"] for s in task["steps"])
+    (output,) = task["outputs"]
+    got = await user.client.get(output["url"])
+    assert got.status == 200 and got.content_type == "image/png"
+    assert Image.open(io.BytesIO(await got.read())).size == (240, 320)
+    assert await user.quota() == QuotaState(90, 0)
+    kinds = services.query(
+        database, "SELECT kind FROM quota_ledger WHERE task_id = %s ORDER BY id", created["id"]
+    )
+    assert [k["kind"] for k in kinds] == ["reserve", "confirm"]
+
+
+async def test_a_repeated_key_answers_the_same_task_and_another_body_is_a_conflict(user: User) -> None:
+    await user.grant(10)
+    photo = await user.upload(image_bytes("green"))
+    first = await user.create("bg-remove", {"image": photo["id"]}, "same-key")
+    again = await user.create("bg-remove", {"image": photo["id"]}, "same-key")
+    assert (first.status, again.status) == (202, 200)
+    assert (await first.json())["id"] == (await again.json())["id"]
+    other = await user.create("multi-style", {"image": photo["id"]}, "same-key")
+    assert other.status == 409
+    assert await error_code(other) == "IDEMPOTENCY_CONFLICT"
+    assert (await user.quota()).reserved in (0, 2)  # one reservation at most, settled or not
+    await user.finished((await first.json())["id"])
+    assert await user.quota() == QuotaState(8, 0)
+
+
+async def test_the_seeded_four_style_feature_forks_and_joins_into_one_sheet(user: User) -> None:
+    await user.grant(8)
+    photo = await user.upload(image_bytes("orange", (200, 200)))
+    resp = await user.create("multi-style", {"image": photo["id"]}, "styles")
+    task = await user.finished((await resp.json())["id"])
+    assert task["status"] == "succeeded", task
+    branches = [
+        s for s in task["steps"] if s["parent"] == "styles" and s["vendor"] == "local" and s["id"] != "sheet"
+    ]
+    assert sorted(s["id"] for s in branches) == ["cool", "mono", "sketch", "warm"]
+    sheet = await user.client.get(task["outputs"][0]["url"])
+    width, height = Image.open(io.BytesIO(await sheet.read())).size
+    assert width == height >= 400  # a 2×2 sheet of the 200×200 photo
+
+
+async def test_a_vendor_answering_500_fails_the_task_and_returns_the_credits(
+    user: User, client: Any, fake: FakeVendor
+) -> None:
+    await add_feature(client, "fake-enhance", {"steps": [enhance("e")], "output": "e"}, cost=3)
+    await user.grant(3)
+    photo = await user.upload(image_bytes("blue"))
+    fake.fail_next(500)
+    resp = await user.create("fake-enhance", {"image": photo["id"]}, "will-fail")
+    task = await user.finished((await resp.json())["id"])
+    assert task["status"] == "failed"
+    assert task["error"]["code"] == "UPSTREAM_FAILED"
+    assert task["steps"][0]["status"] == "failed" and "500" in task["steps"][0]["error"]
+    assert await user.quota() == QuotaState(3, 0)
+
+
+async def test_cancel_stops_the_vendor_call_and_returns_the_credits(
+    user: User, client: Any, app: web.Application, fake: FakeVendor
+) -> None:
+    await add_feature(client, "fake-slow", {"steps": [enhance("e")], "output": "e"}, cost=4)
+    await user.grant(4)
+    photo = await user.upload(image_bytes("purple"))
+    fake.hold = asyncio.Event()
+    task_id = (await (await user.create("fake-slow", {"image": photo["id"]}, "to-cancel")).json())["id"]
+    await fake.until(lambda: fake.in_flight == 1)
+    resp = await client.post(f"/api/v1/tasks/{task_id}/cancel", headers=user.headers)
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["status"] == "cancelled"
+    assert await user.quota() == QuotaState(4, 0)
+    vendor = app[vendors_key].actor("fake")
+    async with asyncio.timeout(5):  # the runner stopped its in-flight call and freed the slot
+        while vendor.in_flight:  # noqa: ASYNC110 - a counter, not an event
+            await asyncio.sleep(0.01)
+    fake.hold.set()  # the fake's handler itself is not cancelled by aiohttp when we hang up
+    again = await client.post(f"/api/v1/tasks/{task_id}/cancel", headers=user.headers)
+    assert again.status == 409 and await error_code(again) == "CONFLICT"
+    assert (await user.task(task_id))["status"] == "cancelled"
+
+
+async def test_20_tasks_forking_10_branches_never_exceed_the_vendors_limit_of_5(
+    user: User, client: Any, fake: FakeVendor
+) -> None:
+    fake.latency = 0.02
+    branches = [enhance(f"b{i}") for i in range(10)]
+    pipeline = {
+        "steps": [
+            {"id": "fan", "type": "fork", "branches": branches},
+            {
+                "id": "sheet",
+                "type": "join",
+                "fork": "fan",
+                "combiner": {"vendor": "local", "operation": "grid", "input": "images"},
+            },
+        ],
+        "output": "sheet",
+    }
+    await add_feature(client, "fan-out", pipeline)
+    await user.grant(20)
+    photo = await user.upload(image_bytes("teal", (64, 64)))
+    created = await asyncio.gather(
+        *(user.create("fan-out", {"image": photo["id"]}, f"fan-{i}") for i in range(20))
+    )
+    ids = [(await r.json())["id"] for r in created]
+    tasks = await asyncio.gather(*(user.finished(i, within=60) for i in ids))
+    assert [t["status"] for t in tasks] == ["succeeded"] * 20
+    assert fake.calls == 200
+    assert fake.max_in_flight == 5
+    assert await user.quota() == QuotaState(0, 0)
+
+
+async def test_bad_inputs_get_their_codes_and_reserve_nothing(
+    user: User, client: Any, app: web.Application, services: Services, database: str
+) -> None:
+    await user.grant(50)
+    mine = await user.upload(image_bytes("black"))
+    other = User(client, app, await register(client))
+    theirs = await other.upload(image_bytes("white"))
+
+    async def fields(resp: Any) -> set[str]:
+        assert resp.status == 422, await resp.text()
+        return {f["field"] for f in (await resp.json())["error"]["details"]["fields"]}
+
+    assert await fields(await user.create("tryon-preview", {"person": mine["id"]}, "a")) == {"inputs.garment"}
+    assert await fields(await user.create("bg-remove", {"image": theirs["id"]}, "b")) == {"inputs.image"}
+    assert await fields(await user.create("no-such-feature", {"image": mine["id"]}, "c")) == {"feature"}
+    resp = await client.post(
+        "/api/v1/tasks", json={"feature": "bg-remove", "inputs": {"image": mine["id"]}}, headers=user.headers
+    )
+    assert await fields(resp) == {"header.Idempotency-Key"}
+
+    form = FormData()
+    form.add_field("file", b"%PDF-1.4 not an image", filename="x.png", content_type="image/png")
+    resp = await client.post("/api/v1/assets", data=form, headers=user.headers)
+    assert resp.status == 415 and await error_code(resp) == "UNSUPPORTED_MEDIA_TYPE"
+    form = FormData()
+    form.add_field(
+        "file",
+        io.BytesIO(b"\x89PNG" + b"\0" * (10 * 1024 * 1024 + 1)),
+        filename="big.png",
+        content_type="image/png",
+    )
+    resp = await client.post("/api/v1/assets", data=form, headers=user.headers)
+    assert resp.status == 413 and await error_code(resp) == "PAYLOAD_TOO_LARGE"
+
+    poor = User(client, app, await register(client))
+    photo = await poor.upload(image_bytes("gray"))
+    resp = await poor.create("bg-remove", {"image": photo["id"]}, "d")
+    assert resp.status == 402 and await error_code(resp) == "QUOTA_INSUFFICIENT"
+
+    assert services.query(database, "SELECT COUNT(*) AS n FROM quota_transactions")[0]["n"] == 0
+    assert services.query(database, "SELECT COUNT(*) AS n FROM tasks")[0]["n"] == 0
+    assert await user.quota() == QuotaState(50, 0)
+
+
+async def test_cancelling_a_finished_or_unknown_task_changes_nothing(user: User, client: Any) -> None:
+    await user.grant(2)
+    photo = await user.upload(image_bytes("olive"))
+    task = await user.finished(
+        (await (await user.create("bg-remove", {"image": photo["id"]}, "done")).json())["id"]
+    )
+    resp = await client.post(f"/api/v1/tasks/{task['id']}/cancel", headers=user.headers)
+    assert resp.status == 409
+    assert (await user.task(task["id"]))["status"] == "succeeded"
+    assert await user.quota() == QuotaState(0, 0)
+    resp = await client.post("/api/v1/tasks/0123456789abcdef01234567/cancel", headers=user.headers)
+    assert resp.status == 404
+
+
+async def test_tasks_are_listed_newest_first_and_filtered_by_status(user: User, client: Any) -> None:
+    await user.grant(10)
+    photo = await user.upload(image_bytes("maroon"))
+    ids = []
+    for i in range(3):
+        ids.append((await (await user.create("bg-remove", {"image": photo["id"]}, f"list-{i}")).json())["id"])
+    for i in ids:
+        await user.finished(i)
+    page = await (await client.get("/api/v1/tasks?limit=2", headers=user.headers)).json()
+    assert [t["id"] for t in page["items"]] == ids[::-1][:2]
+    rest = await (
+        await client.get(f"/api/v1/tasks?limit=2&cursor={page['next_cursor']}", headers=user.headers)
+    ).json()
+    assert [t["id"] for t in rest["items"]] == ids[:1] and rest["next_cursor"] is None
+    failed = await (await client.get("/api/v1/tasks?status=failed", headers=user.headers)).json()
+    assert failed["items"] == []
+
+
+async def test_features_are_listed_with_cost_and_inputs(client: Any) -> None:
+    resp = await client.get("/api/v1/features")
+    features = {f["slug"]: f for f in await resp.json()}
+    assert set(features) >= {"tryon-preview", "bg-remove", "multi-style"}
+    assert features["tryon-preview"]["inputs"] == {
+        "person": {"type": "image", "required": True, "choices": None, "max_length": None},
+        "garment": {"type": "image", "required": True, "choices": None, "max_length": None},
+    }
+
+
+async def test_an_invalid_pipeline_is_refused_with_field_errors(client: Any) -> None:
+    resp = await client.post(
+        "/api/v1/admin/features",
+        json={
+            "slug": "broken",
+            "name": "Broken",
+            "cost": 1,
+            "inputs": {"image": {"type": "image"}},
+            "pipeline": {"steps": [enhance("a", "$steps.b"), enhance("b", "$steps.a")], "output": "b"},
+        },
+        headers=await admin_headers(client),
+    )
+    assert resp.status == 422
+    fields = (await resp.json())["error"]["details"]["fields"]
+    assert fields == [
+        {
+            "field": "pipeline.steps.0.inputs.image",
+            "message": "$steps.b: must name an earlier call or join step",
+        }
+    ]
+    assert "broken" not in {f["slug"] for f in await (await client.get("/api/v1/features")).json()}
+
+
+async def test_a_disabled_feature_disappears_for_every_instance(
+    client: Any, aiohttp_client: Any, settings: Settings
+) -> None:
+    other = await aiohttp_client(create_app(settings))
+    assert "bg-remove" in {f["slug"] for f in await (await other.get("/api/v1/features")).json()}
+    resp = await client.patch(
+        "/api/v1/admin/features/bg-remove", json={"enabled": False}, headers=await admin_headers(client)
+    )
+    assert resp.status == 200 and (await resp.json())["enabled"] is False
+    assert "bg-remove" not in {f["slug"] for f in await (await other.get("/api/v1/features")).json()}
+
+
+async def test_a_cancel_through_another_instance_stops_the_run_where_it_is(
+    user: User, client: Any, app: web.Application, aiohttp_client: Any, settings: Settings, fake: FakeVendor
+) -> None:
+    other = await aiohttp_client(create_app(settings))
+    await add_feature(client, "fake-held", {"steps": [enhance("e")], "output": "e"}, cost=2)
+    await user.grant(2)
+    photo = await user.upload(image_bytes("gold"))
+    fake.hold = asyncio.Event()
+    task_id = (await (await user.create("fake-held", {"image": photo["id"]}, "elsewhere")).json())["id"]
+    await fake.until(lambda: fake.in_flight == 1)
+    resp = await other.post(f"/api/v1/tasks/{task_id}/cancel", headers=user.headers)
+    assert resp.status == 200 and (await resp.json())["status"] == "cancelled"
+    vendor = app[vendors_key].actor("fake")
+    async with asyncio.timeout(5):  # within one lease renewal (≤ 2 s)
+        while vendor.in_flight:  # noqa: ASYNC110 - a counter, not an event
+            await asyncio.sleep(0.02)
+    fake.hold.set()
+    assert await user.quota() == QuotaState(2, 0)
