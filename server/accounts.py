@@ -50,8 +50,10 @@ async def insert_user(
     referrer_id: int | None = None,
     wechat_openid: str | None = None,
     wechat_unionid: str | None = None,
+    signup_credits: int = 0,
 ) -> int:
-    """Insert a user and give it its invite code; run inside the caller's transaction."""
+    """Insert a user, give it its invite code and its sign-up credits (a `grant` in the
+    ledger, so balance = ledger holds from the first row); run inside the caller's transaction."""
     user_id = await conn.insert(
         "INSERT INTO users (phone, password_hash, role, referrer_id, wechat_openid, wechat_unionid) "
         "VALUES (%s, %s, %s, %s, %s, %s)",
@@ -63,6 +65,18 @@ async def insert_user(
         wechat_unionid,
     )
     await conn.execute("UPDATE users SET invite_code = %s WHERE id = %s", invite_code_for(user_id), user_id)
+    if signup_credits > 0:
+        await conn.execute(
+            "INSERT INTO quota_accounts (user_id, balance) VALUES (%s, %s)", user_id, signup_credits
+        )
+        await conn.execute(
+            "INSERT INTO quota_ledger (user_id, kind, balance_delta, reserved_delta, balance_after, "
+            "reserved_after, ref, reason) VALUES (%s, 'grant', %s, 0, %s, 0, %s, 'sign-up credits')",
+            user_id,
+            signup_credits,
+            signup_credits,
+            f"signup:{user_id}",
+        )
     return user_id
 
 

@@ -162,6 +162,8 @@ class Settings(BaseSettings):
     # Cron jobs (reservation sweeper, …); off in tests that drive jobs by hand.
     cron_enabled: bool = True
 
+    signup_credits: int = Field(0, ge=0, le=100_000)  # credits every new account starts with
+
     # --- tasks (issue 6) ---
     task_concurrency: int = Field(16, ge=1)  # task runs in flight per process
     task_pending: int = Field(256, ge=1)  # waiting beyond that; more answers BUSY

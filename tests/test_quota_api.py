@@ -118,3 +118,23 @@ async def test_an_adjustment_validates_its_body_and_its_user(client: Any) -> Non
         headers=bearer(me["access_token"]),
     )
     assert resp.status == 403
+
+
+async def test_sign_up_credits_are_granted_once_through_the_ledger(
+    aiohttp_client: Any, make_settings: Callable[..., Settings]
+) -> None:
+    from server.app import create_app
+    from server.keys import db_key
+    from server.quota import check_all
+
+    app = create_app(auth_settings(make_settings, cron_enabled=False, signup_credits=20))
+    client = await aiohttp_client(app)
+    me = await register(client)
+    resp = await client.get("/api/v1/me/quota", headers=bearer(me["access_token"]))
+    assert await resp.json() == {"balance": 20, "reserved": 0, "available": 20}
+    ledger = await (await client.get("/api/v1/me/quota/ledger", headers=bearer(me["access_token"]))).json()
+    assert [(e["kind"], e["amount"], e["reason"]) for e in ledger["items"]] == [
+        ("grant", 20, "sign-up credits")
+    ]
+    _, problems = await check_all(app[db_key])
+    assert problems == []

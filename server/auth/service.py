@@ -98,7 +98,7 @@ class AuthService:
     async def _create(self, client: Client, method: str, **user: Any) -> AuthResult:
         """Insert a user and its first session in one transaction (duplicates propagate)."""
         async with self.db.transaction() as tx:
-            user_id = await insert_user(tx, **user)
+            user_id = await insert_user(tx, signup_credits=self.settings.signup_credits, **user)
             session = await self.sessions.record(
                 tx, user_id, method=method, ip=client.ip, user_agent=client.user_agent
             )
