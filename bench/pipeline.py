@@ -12,8 +12,13 @@ Sections:
   the last answer). Target: ratio to the limit ≥ 0.95, and the fake's own highest
   in-flight count exactly 5. Best of ROUNDS rounds, interleaved with a baseline: the
   same burst through a bare `asyncio.Semaphore(5)` and the ClientSession.
-- (to come) `tasks`: end-to-end tasks per second with an instant vendor — add a
-  function and a SECTIONS entry.
+- `tasks`: end-to-end tasks per second with an instant vendor: the whole app (HTTP,
+  auth, credits through the UserActor, task rows, lease, runner, vendor actor, output
+  asset, confirm) on private MariaDB + Redis, one user creating TASKS tasks of a
+  one-call feature on the fake vendor with no latency, 20 requesters at once; tasks/s
+  = TASKS / (first POST → last task succeeded). The baseline in the same run is the
+  same number of bare vendor calls through the VendorActor, so the ratio says what
+  the task machinery costs around one call.
 
 Prints a table, then lines for bench/RESULTS.md. No assertions; about 20 s.
 """
@@ -141,7 +146,138 @@ async def vendor() -> list[str]:
     ]
 
 
-SECTIONS: dict[str, Callable[[], Awaitable[list[str]]]] = {"vendor": vendor}
+TASKS = 200
+REQUESTERS = 20
+
+
+async def tasks() -> list[str]:
+    """End-to-end tasks per second with an instant vendor."""
+    import json
+    import tempfile
+
+    from server.app import create_app
+    from server.config import Settings
+    from server.embedded import EmbeddedMariaDB, EmbeddedRedis, ensure_database
+    from server.keys import db_key, vendors_key
+
+    image = _png()
+    fake = FakeVendor()
+    fake_server = TestServer(fake.app())
+    await fake_server.start_server()
+    fake.base_url = str(fake_server.make_url("")).rstrip("/")
+    with tempfile.TemporaryDirectory(prefix="bench-tasks-") as tmp:
+        mariadb, redis = EmbeddedMariaDB(Path(tmp)), EmbeddedRedis(Path(tmp), persist=False)
+        mariadb.start()
+        redis.start()
+        try:
+            ensure_database(mariadb, "bench")
+            settings = Settings(  # type: ignore[call-arg]
+                _env_file=None,
+                app_env="test",
+                database_url=mariadb.url("bench"),
+                redis_url=redis.url(0),
+                var_dir=Path(tmp),
+                cron_enabled=False,
+                signup_credits=TASKS,
+                argon2_time_cost=1,
+                argon2_memory_kib=8,
+                task_concurrency=32,
+                vendors={
+                    "fake": {
+                        "kind": "http",
+                        "base_url": f"{fake.base_url}/http",
+                        "api_key": fake.api_key,
+                        "operations": {"enhance": ["image"]},
+                        "concurrency": 16,
+                        "retries": 0,
+                    }
+                },
+            )
+            app = create_app(settings)
+            server = TestServer(app)
+            await server.start_server()
+            base = str(server.make_url("")).rstrip("/")
+            pipeline = {
+                "steps": [{"id": "e", "type": "call", "vendor": "fake", "operation": "enhance",
+                           "inputs": {"image": "$input.image"}}],
+                "output": "e",
+            }  # fmt: skip
+            async with aiohttp.ClientSession() as http:
+                await app[db_key].execute(
+                    "INSERT INTO features (slug, name, cost, inputs, pipeline) "
+                    "VALUES ('one', 'One', 1, %s, %s)",
+                    json.dumps({"image": {"type": "image"}}),
+                    json.dumps(pipeline),
+                )
+                await http.post(
+                    f"{base}/api/v1/auth/sms-codes", json={"phone": "13800000001", "purpose": "login"}
+                )
+                code = (await (await http.get(f"{base}/api/v1/dev/sms/13800000001")).json())["code"]
+                login = await (await http.post(
+                    f"{base}/api/v1/auth/login", json={"phone": "13800000001", "sms_code": code}
+                )).json()  # fmt: skip
+                auth = {"Authorization": f"Bearer {login['access_token']}"}
+                form = aiohttp.FormData()
+                form.add_field("file", image, filename="x.png", content_type="image/png")
+                asset = await (await http.post(f"{base}/api/v1/assets", data=form, headers=auth)).json()
+
+                # Baseline: the same number of bare calls through the vendor actor.
+                vendors = app[vendors_key]
+                started = time.perf_counter()
+                sem = asyncio.Semaphore(REQUESTERS)
+
+                async def bare_one() -> None:
+                    async with sem:
+                        await vendors.call("fake", "enhance", {"image": image})
+
+                await asyncio.gather(*(bare_one() for _ in range(TASKS)))
+                bare_rate = TASKS / (time.perf_counter() - started)
+
+                ids: list[str] = []
+                work = iter(range(TASKS))
+                started = time.perf_counter()
+
+                async def requester() -> None:
+                    for i in work:
+                        resp = await http.post(
+                            f"{base}/api/v1/tasks",
+                            json={"feature": "one", "inputs": {"image": asset["id"]}},
+                            headers={**auth, "Idempotency-Key": f"bench-{i}"},
+                        )
+                        ids.append((await resp.json())["id"])
+
+                await asyncio.gather(*(requester() for _ in range(REQUESTERS)))
+                db = app[db_key]
+                while await db.fetchval("SELECT COUNT(*) FROM tasks WHERE status = 'succeeded'") < TASKS:
+                    failed = await db.fetchval(
+                        "SELECT COUNT(*) FROM tasks WHERE status IN ('failed', 'cancelled')"
+                    )
+                    if failed:
+                        raise SystemExit(f"{failed} tasks failed")
+                    await asyncio.sleep(0.01)
+                rate = TASKS / (time.perf_counter() - started)
+                balance = await db.fetchval("SELECT balance FROM quota_accounts")
+            await server.close()
+        finally:
+            redis.stop()
+            mariadb.stop()
+            await fake_server.close()
+    print(
+        f"  bare vendor calls: {bare_rate:.0f}/s; end-to-end tasks: {rate:.0f}/s; "
+        f"ratio {rate / bare_rate:.3f}"
+    )
+    print(f"  credits left after {TASKS} tasks of cost 1: {balance} (expected 0)")
+    return [
+        "",
+        f"| end to end, instant vendor, {TASKS} tasks, {REQUESTERS} requesters | tasks/s "
+        "| baseline: bare vendor calls/s | ratio |",
+        "|---|---|---|---|",
+        f"| POST /tasks → succeeded (credits confirmed, output stored) | **{rate:.0f}** "
+        f"| {bare_rate:.0f} | {rate / bare_rate:.3f} |",
+    ]
+
+
+SECTIONS: dict[str, Callable[[], Awaitable[list[str]]]] = {"vendor": vendor, "tasks": tasks}
 
 
 async def main(names: list[str]) -> None:
