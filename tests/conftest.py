@@ -19,6 +19,7 @@ from loguru import logger
 from server.app import create_app
 from server.config import Settings
 from server.embedded import EmbeddedMariaDB, EmbeddedRedis
+from tests.fakes.vendor import FakeVendor
 
 ROOT = Path(__file__).resolve().parent.parent
 _redis_db = itertools.count(1)
@@ -129,6 +130,15 @@ def app(settings: Settings) -> web.Application:
 @pytest.fixture
 async def client(aiohttp_client: Any, app: web.Application) -> AsyncIterator[TestClient[Any, Any]]:
     yield await aiohttp_client(app)
+
+
+@pytest.fixture
+async def fake(aiohttp_server: Any) -> FakeVendor:
+    """An in-process fake AI vendor (tests/fakes/vendor.py), running."""
+    fake = FakeVendor()
+    server = await aiohttp_server(fake.app())
+    fake.base_url = str(server.make_url("")).rstrip("/")
+    return fake
 
 
 @pytest.fixture

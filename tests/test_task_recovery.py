@@ -40,14 +40,6 @@ PIPELINE = {
 
 
 @pytest.fixture
-async def fake(aiohttp_server: Any) -> FakeVendor:
-    fake = FakeVendor()
-    server = await aiohttp_server(fake.app())
-    fake.base_url = str(server.make_url("")).rstrip("/")
-    return fake
-
-
-@pytest.fixture
 def settings(make_settings: Callable[..., Settings], fake: FakeVendor) -> Settings:
     return auth_settings(make_settings, cron_enabled=False, task_lease_ttl=LEASE_TTL, **vendor_settings(fake))
 

@@ -31,14 +31,6 @@ def image_bytes(color: str, size: tuple[int, int] = (240, 320), fmt: str = "PNG"
     return buf.getvalue()
 
 
-@pytest.fixture
-async def fake(aiohttp_server: Any) -> FakeVendor:
-    fake = FakeVendor()
-    server = await aiohttp_server(fake.app())
-    fake.base_url = str(server.make_url("")).rstrip("/")
-    return fake
-
-
 def vendor_settings(fake: FakeVendor, **limits: Any) -> dict[str, Any]:
     entry = {
         "kind": "http",

@@ -80,14 +80,6 @@ async def eventually(predicate: Callable[[], bool]) -> None:
 
 
 @pytest.fixture
-async def fake(aiohttp_server: Any) -> FakeVendor:
-    fake = FakeVendor()
-    server = await aiohttp_server(fake.app())
-    fake.base_url = str(server.make_url("")).rstrip("/")
-    return fake
-
-
-@pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
