@@ -12,10 +12,11 @@ from aiohttp import web
 from openapi_spec_validator import validate
 from pydantic import BaseModel, Field
 
+from actors import Actor, ActorRef
 from server.app import create_app
 from server.config import ConfigError, Settings
 from server.errors import ErrorCode
-from server.keys import db_key
+from server.keys import actor_system_key, db_key
 from server.routing import RouteTable, add_routes
 
 
@@ -43,10 +44,35 @@ async def hold_db(request: web.Request) -> dict[str, str]:
         return {"held": "yes"}
 
 
+class Held(Actor[str]):
+    """Handles one message at a time and waits on `gate` in each."""
+
+    mailbox_size = 1
+
+    def __init__(self, gate: asyncio.Event, started: asyncio.Event) -> None:
+        self.gate = gate
+        self.started = started
+
+    async def receive(self, msg: str) -> str:
+        self.started.set()
+        await self.gate.wait()
+        return msg
+
+
+held_key: web.AppKey[list[ActorRef[str]]] = web.AppKey("held_actor")  # filled by the test
+
+
+@probe.post("/api/v1/_probe/tell")
+async def tell_held(request: web.Request) -> dict[str, str]:
+    request.app[held_key][0].tell("hello")
+    return {"queued": "yes"}
+
+
 @pytest.fixture
 def app(settings: Settings) -> web.Application:
     app = create_app(settings)
     add_routes(app, [probe])
+    app[held_key] = []
     return app
 
 
@@ -219,3 +245,19 @@ async def test_concurrent_requests_share_the_pool_without_leaking(client: Any, a
     assert [r.status for r in answers] == [200] * 50
     stats = app[db_key].pool_stats()
     assert stats["in_use"] == 0 and stats["waiting"] == 0
+
+
+async def test_a_full_actor_mailbox_answers_503_busy_with_retry_after(
+    client: Any, app: web.Application
+) -> None:
+    gate, started = asyncio.Event(), asyncio.Event()
+    ref = app[actor_system_key].spawn(Held(gate, started))
+    app[held_key].append(ref)
+    ref.tell("first")
+    await started.wait()  # "first" is being handled; the mailbox (1) is empty
+    assert (await client.post("/api/v1/_probe/tell")).status == 200  # fills the mailbox
+    resp = await client.post("/api/v1/_probe/tell")
+    assert resp.status == 503
+    assert resp.headers["Retry-After"] == "1"
+    assert (await resp.json())["error"]["code"] == "BUSY"
+    gate.set()
