@@ -1,11 +1,12 @@
 # The README's two commands: `make run` and `make test`. Both install what is missing.
+# `make e2e`: the browser test (tests/e2e, Debian's chromium); CI runs it after `make test`.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: run test lint typecheck pytest bench install clean
+.PHONY: run test e2e lint typecheck pytest bench install clean
 
 run: install
 	@bash ops/bootstrap.sh
@@ -14,6 +15,10 @@ run: install
 test: install
 	@bash ops/bootstrap.sh --all
 	$(MAKE) --no-print-directory lint typecheck pytest
+
+e2e: install
+	@bash ops/bootstrap.sh --e2e
+	$(BIN)/pytest -m e2e tests/e2e -p no:cacheprovider
 
 install: $(STAMP)
 
@@ -33,7 +38,7 @@ typecheck:
 	$(BIN)/mypy
 
 pytest:
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not e2e"
 
 bench: install
 	@bash ops/bootstrap.sh --all

@@ -4,9 +4,23 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from handlers import admin_features, admin_users, auth, dev, files, quota, service, tasks, users, ws
+from handlers import (
+    admin_features,
+    admin_users,
+    auth,
+    demo,
+    dev,
+    files,
+    ops,
+    quota,
+    service,
+    tasks,
+    users,
+    ws,
+)
 from server.keys import route_specs_key, settings_key
 from server.routing import RouteTable, add_routes
+from server.templates import setup_templates
 
 ROUTE_TABLES: list[RouteTable] = [
     service.routes,
@@ -20,10 +34,14 @@ ROUTE_TABLES: list[RouteTable] = [
     tasks.public,
     tasks.routes,
     admin_features.routes,
+    ops.routes,
 ]
 
 
 def setup_routes(app: web.Application) -> None:
-    tables = [*ROUTE_TABLES, *dev.route_tables(app[settings_key])]  # dev: only in dev/test
+    settings = app[settings_key]
+    tables = [*ROUTE_TABLES, *dev.route_tables(settings), *demo.route_tables(settings)]  # only in dev/test
     app[route_specs_key] = add_routes(app, tables)
     service.setup(app)
+    setup_templates(app)  # the one Jinja2 environment (ROOT/templates), for /ops and others
+    ops.setup(app)

@@ -3,6 +3,7 @@
 #   ops/bootstrap.sh            python + whatever DATABASE_URL / REDIS_URL do not replace
 #   ops/bootstrap.sh --all      python + mariadb-server + redis-server (the tests start their own)
 #   ops/bootstrap.sh --python   python (3.11+ with venv) only
+#   ops/bootstrap.sh --e2e      as --all, plus Debian's chromium at /usr/bin/chromium (make e2e)
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
@@ -20,18 +21,28 @@ elif ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
 fi
 
 mode=${1:-}
+all=false
+if [ "$mode" = "--all" ] || [ "$mode" = "--e2e" ]; then all=true; fi
 if [ "$mode" != "--python" ]; then
-    if [ "$mode" = "--all" ] || [ -z "${DATABASE_URL:-}" ]; then
+    if $all || [ -z "${DATABASE_URL:-}" ]; then
         have mariadbd || have mysqld || need+=(mariadb-server)
     fi
-    if [ "$mode" = "--all" ] || [ -z "${REDIS_URL:-}" ]; then
+    if $all || [ -z "${REDIS_URL:-}" ]; then
         have redis-server || need+=(redis-server)
     fi
+fi
+# The browser test drives the distribution's build; playwright never downloads one.
+if [ "$mode" = "--e2e" ] && [ ! -x /usr/bin/chromium ]; then
+    need+=(chromium fonts-liberation)
 fi
 
 [ ${#need[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    if [[ " ${need[*]} " == *" chromium "* ]]; then
+        echo "error: missing ${need[*]}: make e2e drives Debian's chromium at /usr/bin/chromium; install as root (sudo apt-get install ${need[*]})." >&2
+        exit 1
+    fi
     echo "error: missing ${need[*]}: install them (sudo apt-get install ${need[*]}), or set DATABASE_URL and REDIS_URL to existing servers." >&2
     exit 1
 fi

@@ -54,3 +54,6 @@ live_hub_key: web.AppKey[RedisEventHub] = web.AppKey("live_hub")
 
 # Vendors (issue 6): one VendorActor per configured AI vendor (server/vendors/setup.py).
 vendors_key: web.AppKey[Vendors] = web.AppKey("vendors")
+
+# Ops dashboard: when this process started serving (time.monotonic()), for its uptime.
+ops_started_key: web.AppKey[float] = web.AppKey("ops_started", float)

@@ -1,0 +1,330 @@
+"""The ops dashboard: GET /ops, and its own login (docs/ops.md).
+
+Server-rendered HTML for admins. It authenticates with an `ops_token` cookie
+(HttpOnly, SameSite=Strict, Path=/ops) holding an admin's access token, issued by
+the same `AuthService.login_password` as POST /api/v1/auth/login, so lockouts and
+rate limits are shared. The login form carries a single-use CSRF token kept in Redis
+and echoed in an `ops_csrf` cookie. Every figure is fetched under a time bound; a
+source that fails or is slow shows as "unavailable: …" and the page still renders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import aiohttp_jinja2
+from aiohttp import web
+from loguru import logger
+from multidict import MultiDictProxy
+from pydantic import ValidationError
+
+from actors.metrics import SystemSnapshot
+from server import __version__
+from server.auth.middleware import authenticate, client_of
+from server.auth.schemas import PhoneIn
+from server.auth.tokens import Principal
+from server.errors import AppError
+from server.keys import (
+    actor_system_key,
+    auth_key,
+    db_key,
+    instance_id_key,
+    ops_started_key,
+    redis_key,
+    settings_key,
+    tasks_key,
+    vendors_key,
+)
+from server.routing import RouteTable
+
+routes = RouteTable(tags=["ops"], auth="public")
+
+T = TypeVar("T")
+
+TOKEN_COOKIE = "ops_token"
+CSRF_COOKIE = "ops_csrf"
+COOKIE_PATH = "/ops"
+CSRF_TTL = 600  # seconds a login form stays valid
+QUERY_TIMEOUT = 2.0  # seconds per data source
+RECENT_TASKS = 20
+HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; style-src 'self' 'unsafe-inline'; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+BAD_FORM = "This form has expired or did not come from this page; try again."
+ADMIN_ONLY = "Admin only: this account cannot open the ops dashboard."
+
+
+def _page(request: web.Request, name: str, context: Mapping[str, Any], status: int = 200) -> web.Response:
+    resp = aiohttp_jinja2.render_template(f"ops/{name}", request, dict(context), status=status)
+    resp.headers.update(HEADERS)
+    return resp
+
+
+def _redirect(location: str) -> web.Response:
+    return web.Response(status=303, headers={"Location": location, "Cache-Control": "no-store"})
+
+
+def _set_cookie(request: web.Request, resp: web.StreamResponse, name: str, value: str, max_age: int) -> None:
+    resp.set_cookie(
+        name,
+        value,
+        max_age=max_age,
+        path=COOKIE_PATH,
+        httponly=True,
+        samesite="Strict",
+        secure=request.app[settings_key].is_prod,
+    )
+
+
+def _field(form: MultiDictProxy[Any], name: str, limit: int = 128) -> str:
+    value = form.get(name)
+    return value[:limit] if isinstance(value, str) else ""
+
+
+async def _login_form(
+    request: web.Request, *, status: int = 200, error: str | None = None, phone: str = ""
+) -> web.Response:
+    """The form with a fresh single-use CSRF token (in Redis and in a cookie)."""
+    token = secrets.token_urlsafe(32)
+    await request.app[redis_key].set(f"ops:csrf:{token}", "1", ex=CSRF_TTL)
+    resp = _page(request, "login.html", {"csrf": token, "error": error, "phone": phone}, status)
+    _set_cookie(request, resp, CSRF_COOKIE, token, CSRF_TTL)
+    return resp
+
+
+async def _csrf_ok(request: web.Request, form: MultiDictProxy[Any]) -> bool:
+    sent = _field(form, "csrf", 64)
+    cookie = request.cookies.get(CSRF_COOKIE, "")
+    if not sent or not hmac.compare_digest(sent.encode(), cookie.encode()):
+        return False
+    return bool(await request.app[redis_key].delete(f"ops:csrf:{sent}"))  # used once
+
+
+def _same_origin(request: web.Request) -> bool:
+    """A cross-site POST is refused even before SameSite=Strict would drop the cookie."""
+    origin = request.headers.get("Origin")
+    return origin is None or urlsplit(origin).netloc == request.host
+
+
+def _principal(request: web.Request) -> Principal | None:
+    token = request.cookies.get(TOKEN_COOKIE)
+    if not token:
+        return None
+    try:
+        return authenticate(request.app, token)
+    except AppError:
+        return None
+
+
+@routes.get("/ops/login", include_in_schema=False)
+async def ops_login_page(request: web.Request) -> web.Response:
+    return await _login_form(request)
+
+
+@routes.post("/ops/login", include_in_schema=False)
+async def ops_login(request: web.Request) -> web.Response:
+    if not _same_origin(request):
+        return await _login_form(request, status=403, error=BAD_FORM)
+    form = await request.post()
+    phone = _field(form, "phone", 32)
+    if not await _csrf_ok(request, form):
+        return await _login_form(request, status=403, error=BAD_FORM, phone=phone)
+    service = request.app[auth_key].service
+    try:
+        normalized = PhoneIn(phone=phone).phone
+        result = await service.login_password(normalized, _field(form, "password"), client_of(request))
+    except ValidationError:
+        return await _login_form(request, status=401, error="Wrong phone number or password", phone=phone)
+    except AppError as exc:  # wrong password, locked, rate limited, banned
+        resp = await _login_form(request, status=exc.code.status, error=exc.message, phone=phone)
+        if exc.retry_after is not None:
+            resp.headers["Retry-After"] = str(exc.retry_after)
+        return resp
+    principal = authenticate(request.app, result.access_token)
+    if not principal.is_admin:
+        await service.logout(result.refresh_token)  # no use for a session the page will not open
+        return await _login_form(request, status=403, error=ADMIN_ONLY, phone=phone)
+    # Kept only so that logout can end the session; the page never refreshes it.
+    ttl = request.app[settings_key].refresh_token_ttl
+    await request.app[redis_key].set(f"ops:refresh:{principal.sid}", result.refresh_token, ex=ttl)
+    resp = _redirect("/ops")
+    _set_cookie(request, resp, TOKEN_COOKIE, result.access_token, result.expires_in)
+    resp.del_cookie(CSRF_COOKIE, path=COOKIE_PATH)
+    logger.info("ops login of admin {}", principal.user_id)
+    return resp
+
+
+@routes.post("/ops/logout", include_in_schema=False)
+async def ops_logout(request: web.Request) -> web.Response:
+    if not _same_origin(request):
+        return await _login_form(request, status=403, error=BAD_FORM)
+    principal = _principal(request)
+    if principal is not None:
+        redis = request.app[redis_key]
+        key = f"ops:refresh:{principal.sid}"
+        refresh_token = await redis.get(key)
+        await redis.delete(key)
+        if refresh_token:
+            token = refresh_token.decode() if isinstance(refresh_token, bytes) else str(refresh_token)
+            with contextlib.suppress(AppError):  # already ended
+                await request.app[auth_key].service.logout(token)
+    resp = _redirect("/ops/login")
+    resp.del_cookie(TOKEN_COOKIE, path=COOKIE_PATH)
+    return resp
+
+
+# --- the dashboard ------------------------------------------------------------
+
+
+def _unavailable(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"unavailable: no answer within {QUERY_TIMEOUT:g}s"
+    return f"unavailable: {type(exc).__name__}: {exc}"[:300]
+
+
+async def _bounded(
+    name: str, fetch: Callable[[web.Application], Awaitable[T]], app: web.Application
+) -> T | str:
+    """The figures of one source, or why they are missing (never an exception)."""
+    try:
+        async with asyncio.timeout(QUERY_TIMEOUT):
+            return await fetch(app)
+    except Exception as exc:
+        logger.warning("ops dashboard: {} {}", name, _unavailable(exc))
+        return _unavailable(exc)
+
+
+def _now(name: str, read: Callable[[web.Application], T], app: web.Application) -> T | str:
+    try:
+        return read(app)
+    except Exception as exc:  # e.g. a part that did not start
+        logger.warning("ops dashboard: {} {}", name, _unavailable(exc))
+        return _unavailable(exc)
+
+
+def _process(app: web.Application) -> dict[str, Any]:
+    uptime = int(time.monotonic() - app[ops_started_key])
+    days, rest = divmod(uptime, 86_400)
+    return {
+        "instance": app.get(instance_id_key, "?"),
+        "version": __version__,
+        "env": app[settings_key].app_env,
+        "uptime": f"{days}d {rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}",
+    }
+
+
+def _pool(app: web.Application) -> dict[str, int]:
+    return app[db_key].pool_stats()
+
+
+def _actors(app: web.Application) -> SystemSnapshot:
+    return app[actor_system_key].snapshot()
+
+
+def _vendors(app: web.Application) -> list[dict[str, Any]]:
+    rows = []
+    for name, s in sorted(app[vendors_key].stats().items()):
+        last = s.get("last_error") or {}
+        rows.append(
+            {
+                "name": name,
+                "kind": s["kind"],
+                "in_flight": s["in_flight"],
+                "concurrency": s["concurrency"],
+                "queue_depth": s["queue_depth"],
+                "breaker": s["breaker"]["state"],
+                "calls": s["calls"],
+                "errors": ", ".join(f"{k}: {v}" for k, v in sorted(s["errors"].items())) or "none",
+                "last_error": f"{last.get('kind')}: {last.get('message')}" if last else "",
+            }
+        )
+    return rows
+
+
+def _local_tasks(app: web.Application) -> dict[str, int]:
+    manager = app[tasks_key]
+    return {
+        "running": manager.scheduler.active_count,
+        "pending": manager.scheduler.pending_count,
+        "jobs": len(manager.jobs),
+    }
+
+
+async def _redis_info(app: web.Application) -> dict[str, Any]:
+    info = await app[redis_key].info()
+    keys = ("redis_version", "used_memory_human", "connected_clients", "uptime_in_seconds")
+    return {k: info.get(k, "?") for k in keys}
+
+
+async def _status_counts(app: web.Application) -> dict[str, int]:
+    rows = await app[db_key].fetchall("SELECT status, COUNT(*) AS n FROM tasks GROUP BY status")
+    return {str(r["status"]): int(r["n"]) for r in sorted(rows, key=lambda r: str(r["status"]))}
+
+
+async def _recent_tasks(app: web.Application) -> list[dict[str, Any]]:
+    # Task ids start with their creation time in ms, so the primary key gives the order.
+    return await app[db_key].fetchall(
+        "SELECT id, user_id, feature, status, progress, created_at, error_code "
+        "FROM tasks ORDER BY id DESC LIMIT %s",
+        RECENT_TASKS,
+    )
+
+
+async def _reservations(app: web.Application) -> dict[str, int]:
+    row = await app[db_key].fetchone(
+        "SELECT COUNT(*) AS n, COALESCE(SUM(amount), 0) AS total "
+        "FROM quota_transactions WHERE phase = 'reserved'"
+    )
+    return {"count": int(row["n"]) if row else 0, "sum": int(row["total"]) if row else 0}
+
+
+@routes.get("/ops", include_in_schema=False)
+async def ops_dashboard(request: web.Request) -> web.Response:
+    principal = _principal(request)
+    if principal is None:
+        return _redirect("/ops/login")
+    if not principal.is_admin:
+        return await _login_form(request, status=403, error=ADMIN_ONLY)
+    app = request.app
+    redis, counts, recent, credits = await asyncio.gather(
+        _bounded("redis", _redis_info, app),
+        _bounded("task counts", _status_counts, app),
+        _bounded("recent tasks", _recent_tasks, app),
+        _bounded("reservations", _reservations, app),
+    )
+    context = {
+        "process": _now("process", _process, app),
+        "db": _now("db pool", _pool, app),
+        "redis": redis,
+        "actors": _now("actors", _actors, app),
+        "vendors": _now("vendors", _vendors, app),
+        "local_tasks": _now("tasks", _local_tasks, app),
+        "task_counts": counts,
+        "recent_tasks": recent,
+        "credits": credits,
+        "user_id": principal.user_id,
+    }
+    return _page(request, "dashboard.html", context)
+
+
+async def _started(app: web.Application) -> None:
+    app[ops_started_key] = time.monotonic()
+
+
+def setup(app: web.Application) -> None:
+    """Called by setup_routes: remember when this process started serving, for the uptime."""
+    app.on_startup.append(_started)

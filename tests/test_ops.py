@@ -1,0 +1,211 @@
+"""The ops dashboard: its own cookie login, the admin check, and the page's figures."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from handlers import ops
+from server.assets import new_id
+from server.config import Settings
+from server.keys import db_key, redis_key
+from tests.auth_support import PASSWORD, auth_settings, register
+
+ADMIN_PHONE = "13900000001"
+ADMIN_PASSWORD = "admin-pass-1"
+_CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return auth_settings(
+        make_settings,
+        cron_enabled=False,
+        admin_phone=ADMIN_PHONE,
+        admin_password=ADMIN_PASSWORD,
+        db_pool_max=7,
+    )
+
+
+async def login_form(client: Any) -> str:
+    resp = await client.get("/ops/login")
+    assert resp.status == 200
+    assert resp.content_type == "text/html"
+    match = _CSRF.search(await resp.text())
+    assert match is not None
+    return match.group(1)
+
+
+async def post_login(client: Any, phone: str, password: str, csrf: str | None = None) -> Any:
+    token = csrf if csrf is not None else await login_form(client)
+    data = {"phone": phone, "password": password, "csrf": token}
+    return await client.post("/ops/login", data=data, allow_redirects=False)
+
+
+async def admin_login(client: Any) -> None:
+    resp = await post_login(client, ADMIN_PHONE, ADMIN_PASSWORD)
+    assert resp.status == 303, await resp.text()
+    assert resp.headers["Location"] == "/ops"
+    cookie = resp.cookies["ops_token"]
+    assert cookie["httponly"] and cookie["samesite"] == "Strict" and cookie["path"] == "/ops"
+
+
+async def seed_tasks(
+    app: web.Application, feature: str, statuses: list[str], error: str | None = None
+) -> None:
+    for i, status in enumerate(statuses):
+        await app[db_key].execute(
+            "INSERT INTO tasks (id, user_id, feature, feature_version, status, progress, cost, inputs, "
+            "idempotency_key, request_hash, error_code) VALUES (%s, 1, %s, 1, %s, 0.5, 10, '{}', %s, %s, %s)",
+            new_id(),
+            feature,
+            status,
+            f"{feature}-{status}-{i}",
+            "0" * 64,
+            error,
+        )
+
+
+async def test_an_admin_sees_every_section_with_its_figures(client: Any, app: web.Application) -> None:
+    await seed_tasks(app, "tryon-preview", ["succeeded", "succeeded", "succeeded", "queued"])
+    await seed_tasks(app, "tryon-preview", ["failed"], error="<b>VENDOR_FAILED</b>")
+    await app[db_key].execute(
+        "INSERT INTO quota_transactions (task_id, user_id, amount, phase, expires_at) "
+        "VALUES ('t-open-1', 1, 30, 'reserved', UTC_TIMESTAMP(6) + INTERVAL 1 HOUR), "
+        "('t-open-2', 1, 12, 'reserved', UTC_TIMESTAMP(6) + INTERVAL 1 HOUR), "
+        "('t-done', 1, 99, 'confirmed', UTC_TIMESTAMP(6))"
+    )
+    await admin_login(client)
+
+    resp = await client.get("/ops", allow_redirects=False)
+    assert resp.status == 200
+    assert resp.content_type == "text/html"
+    assert resp.headers["Content-Security-Policy"].startswith(
+        "default-src 'self'; style-src 'self' 'unsafe-inline'"
+    )
+    html = await resp.text()
+    for section in ("process", "mysql", "redis", "credits", "tasks", "actors", "vendors"):
+        assert f'<section id="{section}">' in html
+    assert '<meta http-equiv="refresh" content="10">' in html
+    assert 'href="/metrics"' in html and 'href="/api/docs"' in html
+    assert "<dt>Size / max</dt><dd>" in html and " / 7</dd>" in html
+    assert 'data-status="succeeded">3<' in html
+    assert 'data-status="queued">1<' in html
+    assert 'data-status="failed">1<' in html
+    assert "<dt>Open reservations</dt><dd>2</dd>" in html
+    assert "<dt>Credits reserved</dt><dd>42</dd>" in html
+    assert html.count("<td>tryon-preview</td>") == 5
+    assert "&lt;b&gt;VENDOR_FAILED&lt;/b&gt;" in html  # autoescaped
+    assert "<b>VENDOR_FAILED" not in html
+    assert "<td>VendorActor[local]</td>" in html
+    assert "<td>local</td>" in html
+    assert "unavailable:" not in html
+
+
+async def test_a_source_that_fails_or_hangs_shows_as_unavailable(
+    client: Any, app: web.Application, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await admin_login(client)
+    db, redis = app[db_key], app[redis_key]
+
+    async def broken(*args: Any) -> Any:
+        raise RuntimeError("MySQL went away")
+
+    async def hangs(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(5)
+
+    monkeypatch.setattr(ops, "QUERY_TIMEOUT", 0.1)
+    monkeypatch.setattr(db, "fetchall", broken)
+    monkeypatch.setattr(redis, "info", hangs)
+    resp = await client.get("/ops")
+    assert resp.status == 200
+    html = await resp.text()
+    assert "unavailable: RuntimeError: MySQL went away" in html
+    assert "unavailable: no answer within 0.1s" in html
+    assert "<dt>Open reservations</dt><dd>0</dd>" in html  # the other sources still show
+
+
+async def test_without_a_valid_cookie_the_dashboard_redirects_to_login(client: Any) -> None:
+    resp = await client.get("/ops", allow_redirects=False)
+    assert resp.status == 303
+    assert resp.headers["Location"] == "/ops/login"
+    resp = await client.get("/ops", headers={"Cookie": "ops_token=not-a-token"}, allow_redirects=False)
+    assert resp.status == 303
+
+
+async def test_a_user_who_is_not_an_admin_gets_403(client: Any) -> None:
+    me = await register(client)
+    resp = await post_login(client, me["phone"], PASSWORD)
+    assert resp.status == 403
+    assert "Admin only" in await resp.text()
+    assert "ops_token" not in resp.cookies
+
+    headers = {"Cookie": f"ops_token={me['access_token']}"}
+    resp = await client.get("/ops", headers=headers, allow_redirects=False)
+    assert resp.status == 403
+    assert resp.content_type == "text/html"
+    assert "Admin only" in await resp.text()
+
+
+async def test_a_login_without_the_form_s_csrf_token_is_refused(client: Any) -> None:
+    await login_form(client)
+    resp = await post_login(client, ADMIN_PHONE, ADMIN_PASSWORD, csrf="forged")
+    assert resp.status == 403
+    assert "ops_token" not in resp.cookies
+
+    token = await login_form(client)
+    client.session.cookie_jar.clear()  # the form token without its cookie
+    resp = await post_login(client, ADMIN_PHONE, ADMIN_PASSWORD, csrf=token)
+    assert resp.status == 403
+
+
+async def test_a_csrf_token_works_once(client: Any) -> None:
+    token = await login_form(client)
+    resp = await post_login(client, ADMIN_PHONE, "wrong-pass-1", csrf=token)
+    assert resp.status == 401
+    client.session.cookie_jar.update_cookies({"ops_csrf": token})
+    resp = await post_login(client, ADMIN_PHONE, ADMIN_PASSWORD, csrf=token)
+    assert resp.status == 403
+
+
+async def test_a_cross_site_post_is_refused(client: Any) -> None:
+    token = await login_form(client)
+    resp = await client.post(
+        "/ops/login",
+        data={"phone": ADMIN_PHONE, "password": ADMIN_PASSWORD, "csrf": token},
+        headers={"Origin": "https://evil.example"},
+        allow_redirects=False,
+    )
+    assert resp.status == 403
+
+
+async def test_a_wrong_password_shows_the_form_again_with_401(client: Any) -> None:
+    resp = await post_login(client, ADMIN_PHONE, "wrong-pass-1")
+    assert resp.status == 401
+    html = await resp.text()
+    assert "Wrong phone number or password" in html
+    assert f'value="{ADMIN_PHONE}"' in html
+    assert _CSRF.search(html) is not None  # a fresh form to try again
+    resp = await post_login(client, "not-a-phone", "whatever")
+    assert resp.status == 401
+
+
+async def test_logout_clears_the_cookie_and_ends_the_session(client: Any, app: web.Application) -> None:
+    await admin_login(client)
+    assert (await client.get("/ops", allow_redirects=False)).status == 200
+    keys = [k async for k in app[redis_key].scan_iter("ops:refresh:*")]
+    assert len(keys) == 1
+
+    resp = await client.post("/ops/logout", allow_redirects=False)
+    assert resp.status == 303
+    assert resp.headers["Location"] == "/ops/login"
+    assert [k async for k in app[redis_key].scan_iter("ops:refresh:*")] == []
+    revoked = await app[db_key].fetchval("SELECT COUNT(*) FROM auth_sessions WHERE revoke_reason = 'logout'")
+    assert revoked == 1
+    resp = await client.get("/ops", allow_redirects=False)
+    assert resp.status == 303
