@@ -27,8 +27,9 @@ from server.errors import AppError, ErrorCode, NotFound
 from server.paging import decode_cursor, page_of
 
 LOCK_MS = 3000
-# A process that finds another one loading waits this long at most (seconds, in steps).
-WAIT_STEPS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.3)
+# A process that finds another one loading polls the cache from this step, doubling to the max.
+WAIT_FIRST_STEP = 0.005
+WAIT_MAX_STEP = 0.05
 
 # KEYS: profile, lock. ARGV: lock token, value, ttl.
 _SET_IF_LOCKED = """
@@ -120,8 +121,13 @@ class Profiles:
             else:
                 await self.redis.delete(lock)
             return record
-        for step in WAIT_STEPS:  # another process is loading it: let it finish
+        # Another process is loading it: wait while its lock lives (a slow MySQL is when
+        # the stampede protection matters most), polling at most every 50 ms.
+        deadline = asyncio.get_running_loop().time() + LOCK_MS / 1000
+        step = WAIT_FIRST_STEP
+        while asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(step)
+            step = min(step * 2, WAIT_MAX_STEP)
             raw = await self.redis.get(key)
             if raw is not None:
                 return dict(json.loads(raw))
