@@ -5,7 +5,8 @@ WS_ALLOWED_ORIGINS (else 403 FORBIDDEN, the usual error envelope); a request
 without `Origin` (mini-program, native app) passes. After it: the per-process cap
 (4429), then authentication by `?token=` or a first frame `{"type":"auth","token"}`
 within WS_AUTH_TIMEOUT (4408), a bad or expired token (4401), the per-user cap
-(4429); then `ready`, and events until either side closes.
+(4429); then `ready`, and events until either side closes. `after_seq` (in the
+auth frame or the query) resumes from there with no race against live events.
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ async def _serve(
     settings: Settings,
 ) -> None:
     token: Any = request.query.get("token")
+    after: Any = request.query.get("after_seq")
+    if after is not None:
+        after = int(after) if after.isdigit() else -1
     if token is None:
         try:
             first = await ws.receive(timeout=settings.ws_auth_timeout)
@@ -113,6 +117,10 @@ async def _serve(
             session.close(UNAUTHENTICATED, "the first frame must be auth")
             return
         token = frame.get("token")
+        after = frame.get("after_seq")
+    if after is not None and _seq_field({"after_seq": after}, "after_seq") is None:
+        session.close(UNAUTHENTICATED, "after_seq must be a non-negative integer")
+        return
     try:
         principal, expires_at = check_token(request, token)
     except AppError as exc:
@@ -129,7 +137,7 @@ async def _serve(
         session.close(UNAVAILABLE, "events unavailable, reconnect")
         return
     session.send({"type": "ready", "user_id": str(principal.user_id), "last_seq": last_seq})
-    session.go_live(last_seq)
+    session.go_live(last_seq, after)
     async for msg in ws:
         if session.close_code is not None:
             break

@@ -85,14 +85,18 @@ async def closed_with(ws: aiohttp.ClientWebSocketResponse, within: float = 10) -
 
 
 async def connect(
-    client: Client, token: str, *, in_url: bool = False, **kw: Any
+    client: Client, token: str, *, in_url: bool = False, after_seq: int | None = None, **kw: Any
 ) -> tuple[aiohttp.ClientWebSocketResponse, dict[str, Any]]:
-    """Open a socket, authenticate, and read `ready`."""
+    """Open a socket, authenticate (resuming after `after_seq`), and read `ready`."""
     if in_url:
-        ws = await client.ws_connect(f"{WS}?token={token}", **kw)
+        query = f"?token={token}" + ("" if after_seq is None else f"&after_seq={after_seq}")
+        ws = await client.ws_connect(WS + query, **kw)
     else:
         ws = await client.ws_connect(WS, **kw)
-        await ws.send_json({"type": "auth", "token": token})
+        auth: dict[str, Any] = {"type": "auth", "token": token}
+        if after_seq is not None:
+            auth["after_seq"] = after_seq
+        await ws.send_json(auth)
     ready = await recv(ws)
     assert ready["type"] == "ready", ready
     return ws, ready
@@ -152,6 +156,37 @@ async def test_concurrent_publishers_on_two_instances_number_without_gaps(
         await ws.close()
 
 
+async def test_an_instance_subscribes_a_user_while_it_has_a_socket_of_that_user(
+    client: Client, client_b: Client
+) -> None:
+    uid, token = await account(client)
+    live = hub(client_b).live
+    channel = hub(client_b).streams.channel(uid)
+    first, _ = await connect(client_b, token)
+    second, _ = await connect(client_b, token)
+    assert live.wanted == {channel}
+    await first.close()
+    await publish(client, uid, "task.updated", {"n": 1})
+    await expect_events(second, range(1, 2))
+    await second.close()
+    async with asyncio.timeout(5):
+        while live.wanted:  # the handler finishes just after the close handshake  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    assert hub(client_b).by_user == {}
+
+
+async def test_publish_many_numbers_each_users_events_in_order(client: Client, client_b: Client) -> None:
+    (u1, t1), (u2, _) = await account(client), await account(client)
+    ws, _ = await connect(client_b, t1)
+    events = [(u, "task.progress", {"i": i}) for i in range(150) for u in (u1, u2)]
+    seqs = await hub(client).publish_many(events)
+    assert seqs == [i + 1 for i in range(150) for _ in (u1, u2)]
+    frames = await expect_events(ws, range(1, 151))
+    assert [f["data"]["i"] for f in frames] == list(range(150))
+    await nothing_more(ws)
+    await ws.close()
+
+
 async def test_quota_changed_from_the_user_actor_arrives_on_the_socket(
     client: Client, client_b: Client
 ) -> None:
@@ -184,9 +219,8 @@ async def test_a_client_away_while_30_events_were_published_resumes_with_all_30_
 
     for i in range(5, 35):
         await publish(client, uid, "task.progress", {"i": i})
-    ws, ready = await connect(client_b, token)
+    ws, ready = await connect(client_b, token, after_seq=5)
     assert ready["last_seq"] == 35
-    await ws.send_json({"type": "resume", "after_seq": 5})
     frames = await expect_events(ws, range(6, 36))
     assert [f["data"]["i"] for f in frames] == list(range(5, 35))
     await publish(client, uid, "task.progress", {"i": 35})
@@ -195,14 +229,12 @@ async def test_a_client_away_while_30_events_were_published_resumes_with_all_30_
     await ws.close()
 
 
-async def test_resume_while_events_keep_coming_has_no_gap_and_no_duplicate(
+async def test_reconnecting_after_a_seq_while_events_keep_coming_has_no_gap_and_no_duplicate(
     client: Client, client_b: Client
 ) -> None:
     uid, token = await account(client)
     for i in range(300):
         await publish(client, uid, "task.progress", {"i": i})
-    ws, ready = await connect(client_b, token)
-    assert ready["last_seq"] == 300
 
     async def keep_publishing() -> None:
         for i in range(300, 400):
@@ -210,10 +242,28 @@ async def test_resume_while_events_keep_coming_has_no_gap_and_no_duplicate(
             await asyncio.sleep(0)
 
     publisher = asyncio.create_task(keep_publishing())
-    await ws.send_json({"type": "resume", "after_seq": 0})
-    frames = await expect_events(ws, range(1, 401))
-    await publisher
+    from_frame, ready = await connect(client_b, token, after_seq=0)
+    from_query, _ = await connect(client, token, in_url=True, after_seq=250)
+    assert ready["last_seq"] >= 300
+    frames = await expect_events(from_frame, range(1, 401))
     assert [f["data"]["i"] for f in frames] == list(range(400))
+    await expect_events(from_query, range(251, 401))
+    await publisher
+    for ws in (from_frame, from_query):
+        await nothing_more(ws)
+        await ws.close()
+
+
+async def test_a_resume_frame_replays_from_the_given_seq_then_goes_on_live(client: Client) -> None:
+    uid, token = await account(client)
+    ws, _ = await connect(client, token)
+    for i in range(5):
+        await publish(client, uid, "task.progress", {"i": i})
+    await expect_events(ws, range(1, 6))
+    await ws.send_json({"type": "resume", "after_seq": 2})  # e.g. the client lost its state
+    await expect_events(ws, range(3, 6))
+    await publish(client, uid, "task.progress", {"i": 5})
+    await expect_events(ws, range(6, 7))
     await nothing_more(ws)
     await ws.close()
 
@@ -306,12 +356,13 @@ async def test_a_socket_that_never_authenticates_is_closed_4408(client: Client) 
 
 
 async def test_bad_tokens_are_closed_4401(client: Client) -> None:
-    uid, _token = await account(client)
+    uid, token = await account(client)
     expired = client.app[auth_key].tokens.issue_access(uid, "user", "s" * 32, now=time.time() - 3600)  # type: ignore[index]
     for first in (
         {"type": "auth", "token": "not-a-jwt"},
         {"type": "auth", "token": expired},
         {"type": "auth"},
+        {"type": "auth", "token": token, "after_seq": -1},
         {"type": "ping"},
     ):
         ws = await client.ws_connect(WS)
@@ -391,6 +442,13 @@ async def test_malformed_and_unknown_frames_get_error_frames_and_the_socket_live
     await ws.send_json({"type": "ack", "seq": 0})
     await nothing_more(ws)
     await ws.close()
+
+
+async def test_a_client_frame_over_the_size_limit_closes_the_socket_1009(client: Client) -> None:
+    _, token = await account(client)
+    ws, _ = await connect(client, token)
+    await ws.send_str(json.dumps({"type": "ping", "pad": "x" * 20_000}))
+    assert await closed_with(ws) == 1009
 
 
 async def test_a_token_about_to_expire_is_warned_refreshed_by_an_auth_frame_or_closed_4401(

@@ -31,7 +31,7 @@ from redis.asyncio import Redis
 from server.config import Settings
 from server.hub.pubsub import LiveChannels
 from server.hub.session import HubStats, Session
-from server.hub.stream import EventStreams
+from server.hub.stream import FRAME_PREFIX, EventStreams
 
 TICK = 0.5
 
@@ -182,16 +182,19 @@ class RedisEventHub:
 
     # --- the dispatcher and housekeeping --------------------------------------------
 
-    def _dispatch(self, channel: bytes, payload: bytes) -> None:
+    def _dispatch(self, channel: bytes, frame: bytes) -> None:
+        """A message of the pub/sub connection: the frame to each of the user's sessions."""
         try:
             peers = self.by_user.get(int(channel[self._prefix_len :]))
             if not peers:
                 return
-            cut = payload.index(b"\n")
-            seq = int(payload[:cut])
-            frame = payload[cut + 1 :]
-            for session in tuple(peers):  # an offer may close its session, leaving `peers`
-                session.offer(seq, frame)
+            start = len(FRAME_PREFIX)
+            seq = int(frame[start : frame.index(b",", start)])
+            if len(peers) == 1:
+                next(iter(peers)).offer(seq, frame)
+            else:
+                for session in tuple(peers):  # an offer may close its session, leaving `peers`
+                    session.offer(seq, frame)
         except Exception:
             logger.opt(exception=True).error("cannot dispatch a message on {!r}", channel)
 

@@ -3,7 +3,7 @@
 Every socket's live events arrive here, so it is the hot path of the hub: an
 `asyncio.Protocol` parses whatever bytes arrived in one go and hands each message to
 the hub synchronously; no task switch and no dict per message (redis-py's PubSub
-costs ~50 µs a message, this ~5 µs). The hub subscribes a user's channel while that
+costs ~50 µs a message, this ~2–3 µs). The hub subscribes a user's channel while that
 user has a socket on this process and unsubscribes it after the last one closes.
 
 The connection is re-opened with backoff when it breaks; the channels wanted are

@@ -15,8 +15,8 @@ closes the socket with 4429: the dispatcher never waits for one client.
 Frames are written to the transport here, not through `ws.send_frame`: a server's
 text frame without compression is a 2–10 byte header and the payload (RFC 6455
 §5.2), and writing it in the dispatcher when nothing is queued and the socket is
-not backed up saves a task switch per event (a third of the hub's cost per event;
-bench/ws.py). Only when the transport's buffer is past its high-water mark do
+not backed up saves a task switch per event (about a third of the hub's CPU per
+event in bench/ws.py). Only when the transport's buffer is past its high-water mark do
 frames wait in the queue, for the writer task, which awaits the drain. aiohttp
 still writes its own frames (ping, pong, close) whole, between ours.
 """
@@ -117,6 +117,7 @@ class Session:
         self._warning = settings.ws_expiry_warning
         self._warned = False
         self._live = False
+        self._started = False  # go_live() ran: `cursor` means something
         self._target = 0
         self._check_last = False
         self._room: asyncio.Event | None = None
@@ -149,7 +150,7 @@ class Session:
 
     def catch_up(self) -> None:
         """The pub/sub connection came back: read whatever was published meanwhile."""
-        if self.user_id is not None and self.close_code is None:
+        if self._started and self.close_code is None:  # (attaching ones read last_seq after)
             self._check_last = True
             self._start_catch_up()
 
@@ -191,8 +192,16 @@ class Session:
         self.expires_at = expires_at
         self._warned = False
 
-    def go_live(self, last_seq: int) -> None:
-        """After `ready`: deliver every event after `last_seq`."""
+    def go_live(self, last_seq: int, after_seq: int | None = None) -> None:
+        """After `ready`: deliver every event after `after_seq` (replayed first) or, without
+        one, after `last_seq`."""
+        self._started = True
+        if after_seq is not None:
+            self._target = max(self._target, last_seq)
+            self.cursor = after_seq
+            self._check_last = after_seq > last_seq  # a seq Redis never gave: reset
+            self._start_catch_up()
+            return
         self.cursor = last_seq
         if self._target > last_seq:
             self._start_catch_up()
@@ -230,7 +239,7 @@ class Session:
     async def finish(self) -> None:
         """The handler is done: stop the tasks, close the socket if still open."""
         if self.close_code is None:
-            self.close(int(self.ws.close_code or 1000), "")
+            self.close(int(self.ws.close_code or 1006), "")  # the peer closed or vanished
         await self.wait_closed()
 
     def wait_closed(self) -> Awaitable[Any]:
@@ -354,6 +363,10 @@ class Session:
         except TimeoutError:
             if transport is not None:
                 transport.abort()  # the peer takes nothing: do not keep its buffer
+        except Exception:
+            logger.opt(exception=True).warning("closing user {}'s socket failed", self.user_id)
+            if transport is not None:
+                transport.abort()
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:

@@ -33,20 +33,23 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 # KEYS: seq, stream, marks of each event's user, three per event, in order.
-# ARGV: now_ms, bucket_ms, retention_ms, keep_min, max_len, then channel, event (JSON
-# string), data (JSON) per event. Returns the seqs. One call may carry many events
-# (publish_many) so Redis parses one command, not one per event.
+# ARGV: now_ms, bucket_ms, retention_ms, keep_min, max_len, channel prefix, then per
+# event: user id, event (a JSON string), data (JSON); event and data "" mean "the same
+# as the previous event's" (fan-out sends one payload once). Returns the seqs. One call
+# may carry many events (publish_many), so Redis parses one command, not one per event.
 _PUBLISH = """
 local now, width = tonumber(ARGV[1]), tonumber(ARGV[2])
 local bucket = math.floor(now / width)
 local oldest = math.floor((now - tonumber(ARGV[3])) / width)
-local keep_min, max_len = tonumber(ARGV[4]), ARGV[5]
-local seqs = {}
+local keep_min, max_len, prefix = tonumber(ARGV[4]), ARGV[5], ARGV[6]
+local seqs, tail = {}, nil
 for e = 0, #KEYS / 3 - 1 do
   local seq_key, stream, marks = KEYS[e * 3 + 1], KEYS[e * 3 + 2], KEYS[e * 3 + 3]
+  if ARGV[e * 3 + 8] ~= '' or tail == nil then
+    tail = ',"event":' .. ARGV[e * 3 + 8] .. ',"data":' .. ARGV[e * 3 + 9] .. '}'
+  end
   local seq = redis.call('INCR', seq_key)
-  local frame = '{"type":"event","seq":' .. seq .. ',"event":' .. ARGV[e * 3 + 7]
-    .. ',"data":' .. ARGV[e * 3 + 8] .. '}'
+  local frame = '{"type":"event","seq":' .. seq .. tail
   redis.call('XADD', stream, 'MAXLEN', '~', max_len, seq .. '-0', 'f', frame)
   if redis.call('HSETNX', marks, bucket, seq) == 1 then
     -- the user's first event in this time bucket: drop what left the window
@@ -64,11 +67,13 @@ for e = 0, #KEYS / 3 - 1 do
       redis.call('XTRIM', stream, 'MINID', keep_from .. '-0')
     end
   end
-  redis.call('PUBLISH', ARGV[e * 3 + 6], seq .. '\\n' .. frame)
+  redis.call('PUBLISH', prefix .. ARGV[e * 3 + 7], frame)
   seqs[#seqs + 1] = seq
 end
 return seqs
 """
+# Every frame starts so: the dispatcher reads the seq right after it (no other parsing).
+FRAME_PREFIX = b'{"type":"event","seq":'
 BATCH = 100  # events per script call in publish_many: keeps each call well under a millisecond
 
 _Entries = list[tuple[bytes, dict[bytes, bytes]]]  # XRANGE, decode_responses=False
@@ -139,13 +144,16 @@ class EventStreams:
             self.retention_ms,
             self.keep_min,
             self.max_per_user,
+            self.channel_prefix,
         ]
-        last: tuple[str, dict[str, Any], str, str] | None = None
+        last: tuple[str, dict[str, Any]] | None = None
         for user_id, event, data in events:
-            if last is None or last[0] is not event or last[1] is not data:  # fan-out: encode once
-                last = (event, data, _dumps(event), _dumps(data))
             keys += self.keys(user_id)
-            args += (self.channel(user_id), last[2], last[3])
+            if last is not None and last[0] is event and last[1] is data:  # fan-out: sent once
+                args += (user_id, "", "")
+            else:
+                last = (event, data)
+                args += (user_id, _dumps(event), _dumps(data))
         return keys, args
 
     async def last_seq(self, user_id: int) -> int:
