@@ -447,6 +447,16 @@
     if ((moved || shown) && RANK[t.status] === 2) finished(id);
   }
 
+  // After a reset the missed events are gone: read the task itself.
+  async function refetchTask(id) {
+    try {
+      const { data: task } = await api("GET", `/tasks/${encodeURIComponent(id)}`);
+      setTask(id, { status: task.status, progress: task.progress }, true);
+    } catch (e) {
+      showError(e.message);
+    }
+  }
+
   async function finished(id) {
     try {
       const { data: task } = await api("GET", `/tasks/${encodeURIComponent(id)}`);
@@ -555,6 +565,16 @@
         break;
       case "error":
         log("err", `error ${frame.code}: ${frame.message}`);
+        break;
+      case "reset":
+        // The server no longer keeps the events after our seq: take its position and
+        // read the current state over REST instead of replaying.
+        log("ctl", `reset (${frame.reason}): continuing after seq ${frame.last_seq}; refetching state`);
+        state.lastSeq = frame.last_seq;
+        state.resumedFrom = frame.last_seq;
+        showSeq();
+        loadQuota();
+        if (state.taskId) refetchTask(state.taskId);
         break;
       case "pong":
         break;
