@@ -389,3 +389,28 @@ async def test_a_cancel_through_another_instance_stops_the_run_where_it_is(
             await asyncio.sleep(0.02)
     fake.hold.set()
     assert await user.quota() == QuotaState(2, 0)
+
+
+async def test_a_socket_sees_every_status_of_a_task_in_seq_order(user: User, client: Any) -> None:
+    await user.grant(2)
+    photo = await user.upload(image_bytes("coral"))
+    ws = await client.ws_connect("/api/v1/ws")
+    await ws.send_json({"type": "auth", "token": user.headers["Authorization"].removeprefix("Bearer ")})
+    assert (await ws.receive_json(timeout=10))["type"] == "ready"
+    task_id = (await (await user.create("bg-remove", {"image": photo["id"]}, "watched")).json())["id"]
+    seqs, statuses, progress = [], [], []
+    async with asyncio.timeout(20):
+        while "succeeded" not in statuses:
+            frame = await ws.receive_json()
+            if frame["type"] != "event":
+                continue
+            seqs.append(frame["seq"])
+            data = frame["data"]
+            if frame["event"] == "task.updated" and data["task_id"] == task_id:
+                statuses.append(data["status"])
+            elif frame["event"] == "task.progress" and data["task_id"] == task_id:
+                progress.append(data["progress"])
+    await ws.close()
+    assert statuses == ["queued", "running", "succeeded"]
+    assert progress[-1] == 1
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # no gap

@@ -10,6 +10,7 @@ confirm on success, cancel on failure — and only then the task's final status.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import random
 import time
@@ -18,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 from loguru import logger
+from PIL import Image
 
 from actors.user import UserActor
 from server import assets, leases
@@ -296,10 +298,7 @@ async def run_task(app: web.Application, task: Mapping[str, Any], call: VendorCa
 
 
 def _size(data: bytes) -> tuple[int, int]:
-    import io
-
-    from PIL import Image
-
+    """Width and height from the image header (no pixel decoding)."""
     with Image.open(io.BytesIO(data)) as im:
         return im.size
 

@@ -24,6 +24,7 @@ from server.keys import (
     actor_system_key,
     db_key,
     features_key,
+    hub_key,
     instance_id_key,
     redis_key,
     settings_key,
@@ -159,6 +160,7 @@ async def create_task(
             if found is not None:
                 return found, False
         raise
+    await app[hub_key].publish(user_id, "task.updated", {"task_id": task_id, "status": "queued"})
     return await get_task(app, user_id, task_id), True
 
 
@@ -255,7 +257,8 @@ async def cancel_task(app: web.Application, user_id: int, task_id: str) -> dict[
         if exc.code == ErrorCode.CONFLICT:  # the credits were confirmed first: it succeeded
             raise Conflict(f"Task {task_id} has already finished") from None
         raise
-    await mark_finished(app, task_id, "cancelled", None)
+    if await mark_finished(app, task_id, "cancelled", None):
+        await app[hub_key].publish(user_id, "task.updated", {"task_id": task_id, "status": "cancelled"})
     # The instance running it stops at its next lease renewal; this one stops it now.
     await app[redis_key].set(cancel_key(task_id), b"1", ex=3600)
     app[tasks_key].cancel_local(task_id)
