@@ -115,7 +115,7 @@ def test_login_upload_run_and_watch_live_events_then_resume_after_a_reconnect(
         assert seqs == list(range(first_seq + 1, first_seq + 1 + len(seqs))), seqs  # increasing, no gaps
         mine = [(event, data) for _, event, data in events if data.get("task_id") == task_id]
         statuses = [d["status"] for e, d in mine if e == "task.updated"]
-        assert statuses == ["running", "succeeded"], mine
+        assert statuses == ["queued", "running", "succeeded"], mine
         progress = [d["progress"] for e, d in mine if e == "task.progress"]
         assert progress and progress == sorted(progress) and progress[-1] == 1, mine
         order = [(e, d.get("status")) for e, d in mine]
@@ -148,7 +148,7 @@ def test_login_upload_run_and_watch_live_events_then_resume_after_a_reconnect(
         seqs = [seq for seq, _, _ in events]
         assert seqs == list(range(first_seq + 1, first_seq + 1 + len(seqs))), seqs
         replayed = [(e, d) for seq, e, d in events if seq > seq_before]
-        assert [d["status"] for e, d in replayed if e == "task.updated"] == ["running", "succeeded"]
+        assert [d["status"] for e, d in replayed if e == "task.updated"] == ["queued", "running", "succeeded"]
         assert all(d.get("task_id") in (None, second_id) for _, d in replayed)
         expect(page.locator("#credits")).to_have_text(str(SIGNUP_CREDITS - 2 * BG_REMOVE_COST))
 
