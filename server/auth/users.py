@@ -128,10 +128,13 @@ class Profiles:
         while asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(step)
             step = min(step * 2, WAIT_MAX_STEP)
-            raw = await self.redis.get(key)
+            # One atomic read of both keys: the loader sets the record and drops the lock in one
+            # script, so reading them apart could see neither and load MySQL a second time.
+            async with self.redis.pipeline(transaction=True) as pipe:
+                raw, locked = await pipe.get(key).exists(lock).execute()
             if raw is not None:
                 return dict(json.loads(raw))
-            if not await self.redis.exists(lock):
+            if not locked:
                 break
         logger.debug("profile {} not filled by its loader in time; reading MySQL", user_id)
         return await self.load(user_id)
