@@ -131,7 +131,9 @@ class Profiles:
             # One atomic read of both keys: the loader sets the record and drops the lock in one
             # script, so reading them apart could see neither and load MySQL a second time.
             async with self.redis.pipeline(transaction=True) as pipe:
-                raw, locked = await pipe.get(key).exists(lock).execute()
+                pipe.get(key)
+                pipe.exists(lock)
+                raw, locked = await pipe.execute()
             if raw is not None:
                 return dict(json.loads(raw))
             if not locked:
