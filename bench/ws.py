@@ -199,14 +199,13 @@ def _round_and_time(payload: bytes) -> tuple[int, float]:
 
 async def publisher() -> None:
     """Reads `r t` lines on stdin and publishes round r: one event per user, one pipeline."""
-    from redis.asyncio import Redis
-
     from server.config import load_settings
     from server.hub import RedisEventHub
+    from server.redis import connect_redis
 
     clients = int(sys.argv[sys.argv.index("--clients") + 1])
     settings = load_settings()
-    redis = Redis.from_url(settings.redis_url or "", max_connections=64)
+    redis = connect_redis(settings.redis_url or "", settings)  # as the app connects
     hub = RedisEventHub(redis, settings)  # publishing only: its sockets side never starts
     user_ids = range(1, clients + 1)
     busy = asyncio.Semaphore(4)  # rounds encoded or in Redis at once; later ones wait their turn

@@ -16,7 +16,7 @@ from actors import Actor, ActorRef
 from server.app import create_app
 from server.config import ConfigError, Settings
 from server.errors import ErrorCode
-from server.keys import actor_system_key, db_key
+from server.keys import actor_system_key, db_key, redis_key
 from server.routing import RouteTable, add_routes
 
 
@@ -177,6 +177,30 @@ async def test_readyz_is_200_when_db_redis_and_migrations_are_current(client: An
     resp = await client.get("/readyz")
     assert resp.status == 200
     assert await resp.json() == {"status": "ok", "checks": {"db": "ok", "redis": "ok", "migrations": "ok"}}
+
+
+async def test_the_redis_client_packs_with_hiredis_as_redis_py_would(
+    app: web.Application, client: Any
+) -> None:
+    from redis.asyncio.connection import Connection
+    from redis.exceptions import DataError
+
+    redis = app[redis_key]
+    conn = redis.connection_pool.make_connection()
+    assert type(conn).__name__.startswith("Hiredis")
+    python = Connection()
+    for args in [
+        ("SET", "k", "值", "EX", 60),
+        ("SCRIPT EXISTS", b"a" * 40),
+        (b"EVALSHA", "b" * 40, 1, "ev:{1}:seq", 1.5, 10**20, -3, b"\x00\xff"),
+        ("SET", "k", bytearray(b"ab")),  # hiredis refuses it: redis-py's serializer converts it
+    ]:
+        assert b"".join(conn.pack_command(*args)) == b"".join(python.pack_command(*args))
+    with pytest.raises(DataError):
+        conn.pack_command("SET", "k", True)
+    await redis.set("pack:test", bytearray(b"\x00value"), ex=60)
+    assert await redis.get("pack:test") == b"\x00value"
+    await conn.disconnect()
 
 
 async def test_readyz_is_503_naming_pending_migrations(

@@ -36,11 +36,12 @@ def settings(make_settings: Callable[..., Settings]) -> Settings:
 
 
 @pytest.fixture(autouse=True)
-def no_errors_logged() -> Iterator[None]:
-    """The hub logs what it survives (a broken dispatch, a failed write) at ERROR: none here."""
+def no_errors_logged() -> Iterator[list[str]]:
+    """The hub logs what it survives (a broken dispatch, a failed write) at ERROR: none here,
+    unless a test takes the list and checks (and clears) what it expected."""
     errors: list[str] = []
     sink = logger.add(lambda m: errors.append(str(m)), level="ERROR", format="{message}\n{exception}")
-    yield
+    yield errors
     logger.remove(sink)
     assert not errors, errors
 
@@ -183,6 +184,9 @@ async def test_publish_many_numbers_each_users_events_in_order(client: Client, c
     assert seqs == [i + 1 for i in range(150) for _ in (u1, u2)]
     frames = await expect_events(ws, range(1, 151))
     assert [f["data"]["i"] for f in frames] == list(range(150))
+    same = {"fan": "out"}  # one script call, no pipeline; the payload is sent once
+    assert await hub(client).publish_many([(u2, "notice", same), (u1, "notice", same)]) == [151, 151]
+    assert [f["data"] for f in await expect_events(ws, range(151, 152))] == [same]
     await nothing_more(ws)
     await ws.close()
 
@@ -268,14 +272,24 @@ async def test_a_resume_frame_replays_from_the_given_seq_then_goes_on_live(clien
     await ws.close()
 
 
+@pytest.mark.parametrize("breaks", ["aborted", "garbage"])
 async def test_a_lost_pubsub_connection_is_caught_up_from_the_stream(
-    client: Client, client_b: Client
+    client: Client, client_b: Client, breaks: str, no_errors_logged: list[str]
 ) -> None:
     uid, token = await account(client)
     ws, _ = await connect(client_b, token)
     live = hub(client_b).live
     reconnects = live.reconnects
-    live._proto.abort()  # type: ignore[union-attr]  # the connection breaks
+    proto = live._proto
+    assert proto is not None
+    if breaks == "aborted":
+        proto.abort()
+    else:  # bytes that are no RESP: the reader refuses them and the connection is dropped
+        proto.data_received(b"?not resp\r\n")
+        assert [e.split("\n")[0] for e in no_errors_logged] == [
+            "bad data on the Redis pub/sub connection; reconnecting"
+        ]
+        assert "ProtocolError" in no_errors_logged.pop()
     for i in range(10):
         await publish(client, uid, "task.progress", {"i": i})
     await expect_events(ws, range(1, 11))

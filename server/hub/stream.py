@@ -128,6 +128,9 @@ class EventStreams:
 
         One call touches several users' keys, which Redis Cluster refuses (cross-slot);
         on a cluster, publish per user instead."""
+        if len(events) <= BATCH:  # one call: no pipeline (its SCRIPT EXISTS costs a round trip)
+            keys, args = self._call(events)
+            return [int(seq) for seq in await self._script(keys=keys, args=args)]
         async with self.redis.pipeline(transaction=False) as pipe:
             for i in range(0, len(events), BATCH):
                 keys, args = self._call(events[i : i + BATCH])
