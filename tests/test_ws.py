@@ -187,6 +187,12 @@ async def test_publish_many_numbers_each_users_events_in_order(client: Client, c
     same = {"fan": "out"}  # one script call, no pipeline; the payload is sent once
     assert await hub(client).publish_many([(u2, "notice", same), (u1, "notice", same)]) == [151, 151]
     assert [f["data"] for f in await expect_events(ws, range(151, 152))] == [same]
+    # The script built the key names itself: they are the ones `publish` and replay use.
+    streams = hub(client).streams
+    assert await streams.last_seq(u2) == 151
+    assert [seq for seq, _ in await streams.read_after(u2, 149, 10)] == [150, 151]
+    assert await publish(client, u1, "task.progress", {"i": 151}) == 152
+    await expect_events(ws, range(152, 153))
     await nothing_more(ws)
     await ws.close()
 
