@@ -1,6 +1,6 @@
 """Live events to 1,000 WebSocket clients: the app against a bare aiohttp broadcast loop.
 
-    .venv/bin/python bench/ws.py [--clients 1000] [--seconds 5] [--window 4] [--runs 2] [--rate 10000]
+    .venv/bin/python bench/ws.py [--clients 1000] [--seconds 5] [--window 4] [--runs 3] [--rate 10000]
 
 Two servers, each one process pinned to CPU 0 (with two or more CPUs):
 
@@ -21,7 +21,7 @@ when its round started; latency is from `t` to the client reading the frame.
 Two phases, each `--seconds` after a 1 s warm-up: "max", rounds back to back with at
 most `--window` in flight (throughput; runs alternate bare/app, best of `--runs`),
 and "paced", one round every clients/`--rate` seconds (latency at a fixed load). The
-CPU each process used meanwhile is printed too. About 75 s.
+CPU each process used meanwhile is printed too. About 80 s.
 """
 
 from __future__ import annotations
@@ -516,7 +516,7 @@ if __name__ == "__main__":
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--window", type=int, default=4)
-    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rate", type=float, default=10_000)
     parser.add_argument("--targets", default="bare,app", help=argparse.SUPPRESS)  # for profiling one
     parser.add_argument("--port", type=int)
