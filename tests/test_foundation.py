@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ from pydantic import BaseModel, Field
 from actors import Actor, ActorRef
 from server.app import create_app
 from server.config import ConfigError, Settings
-from server.errors import ErrorCode
+from server.errors import Busy, ErrorCode
 from server.keys import actor_system_key, db_key, redis_key
 from server.routing import RouteTable, add_routes
 
@@ -177,6 +178,50 @@ async def test_readyz_is_200_when_db_redis_and_migrations_are_current(client: An
     resp = await client.get("/readyz")
     assert resp.status == 200
     assert await resp.json() == {"status": "ok", "checks": {"db": "ok", "redis": "ok", "migrations": "ok"}}
+
+
+@probe.get("/api/v1/_probe/redis")
+async def use_redis(request: web.Request) -> dict[str, str]:
+    await request.app[redis_key].ping()
+    return {"redis": "ok"}
+
+
+class _Watched(deque[Any]):
+    """The pool's waiter queue, telling when a caller starts waiting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.added = asyncio.Event()
+
+    def append(self, item: Any) -> None:
+        super().append(item)
+        self.added.set()
+
+
+async def test_an_exhausted_redis_pool_answers_503_busy_with_retry_after(
+    aiohttp_client: Any, make_settings: Callable[..., Settings]
+) -> None:
+    app = create_app(make_settings(redis_max_connections=3, redis_timeout=0.3))
+    add_routes(app, [probe])
+    client = await aiohttp_client(app)
+    pool = app[redis_key].connection_pool
+    held = []
+    with pytest.raises(Busy):  # take every connection: the next one waits 0.3 s, then Busy
+        while True:
+            held.append(await pool.get_connection())
+    resp = await client.get("/api/v1/_probe/redis")
+    assert resp.status == 503
+    assert resp.headers["Retry-After"] == "1"
+    assert (await resp.json())["error"]["code"] == "BUSY"
+    # A call that finds the pool full waits for a release instead of failing.
+    pool._waiters = watched = _Watched()  # type: ignore[attr-defined]
+    waiting = asyncio.create_task(client.get("/api/v1/_probe/redis"))
+    await asyncio.wait_for(watched.added.wait(), 5)
+    await pool.release(held.pop())
+    assert (await waiting).status == 200
+    for conn in held:
+        await pool.release(conn)
+    assert (await client.get("/api/v1/_probe/redis")).status == 200
 
 
 async def test_the_redis_client_packs_with_hiredis_as_redis_py_would(
