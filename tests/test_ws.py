@@ -524,6 +524,9 @@ def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98]
 
 
+ROUNDS = 150
+
+
 async def test_a_client_that_stops_reading_is_closed_4429_without_slowing_the_others(
     aiohttp_client: Any, make_settings: Callable[..., Settings]
 ) -> None:
@@ -548,16 +551,18 @@ async def test_a_client_that_stops_reading_is_closed_4429_without_slowing_the_ot
             out.append(time.perf_counter() - frame["data"]["t"])
         return out
 
-    baseline = [lat for _ in range(40) for lat in await round_trip(slow=False)]
+    # 150 rounds of 8 sockets: p99 is the 12th-worst of 1,200 latencies, so one stalled
+    # round (a GC pause, the VM stealing a core: 8 latencies at once) cannot decide it.
+    baseline = [lat for _ in range(ROUNDS) for lat in await round_trip(slow=False)]
 
     slow_ws, _ = await connect(client_b, slow_token)  # then never reads until the end
     closed = hub(client_b).stats.closed
     with_slow: list[float] = []
     rounds = 0
-    while closed.get(4429, 0) == 0 or rounds < 40:
+    while closed.get(4429, 0) == 0 or rounds < ROUNDS:
         with_slow += await round_trip(slow=closed.get(4429, 0) == 0)
         rounds += 1
-        assert rounds < 400, "the slow client was never cut off"
+        assert rounds < ROUNDS + 400, "the slow client was never cut off"
 
     assert p99(with_slow) <= max(2 * p99(baseline), 0.05), (p99(baseline), p99(with_slow))
     received = 0
