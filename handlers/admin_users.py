@@ -9,10 +9,10 @@ from pydantic import BaseModel, Field
 
 from server.auth.middleware import principal_of
 from server.auth.schemas import RoleName, User
-from server.errors import ErrorCode, NotFound
+from server.errors import ErrorCode
 from server.keys import auth_key
 from server.paging import Page, PageQuery
-from server.routing import RouteTable
+from server.routing import RouteTable, path_id
 
 routes = RouteTable(tags=["admin"], auth="admin")
 
@@ -60,10 +60,7 @@ class RoleIn(BaseModel):
 
 
 def _user_id(request: web.Request) -> int:
-    raw = request.match_info["user_id"]
-    if not raw.isdigit() or len(raw) > 19:
-        raise NotFound("No such user")
-    return int(raw)
+    return path_id(request, "user_id", "user")
 
 
 @routes.get("/api/v1/admin/users", query=UserSearch, response=AdminUserPage)

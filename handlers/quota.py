@@ -10,11 +10,11 @@ from pydantic import BaseModel, Field, field_validator
 
 from actors.user import UserActor
 from server.auth.middleware import principal_of
-from server.errors import ErrorCode, NotFound
-from server.keys import actor_system_key, db_key
+from server.errors import ErrorCode
+from server.keys import actor_system_key, auth_key, db_key
 from server.paging import Page, PageQuery, decode_cursor, page_of
 from server.quota import Grant, QuotaState, Snapshot
-from server.routing import RouteTable
+from server.routing import RouteTable, path_id
 
 routes = RouteTable(tags=["quota"], auth="user")
 admin_routes = RouteTable(tags=["admin"], auth="admin")
@@ -123,12 +123,9 @@ async def my_ledger(request: web.Request, query: PageQuery) -> LedgerPage:
 )
 async def adjust_quota(request: web.Request, body: QuotaAdjust) -> Quota:
     """Add or remove credits with a reason (ledger kind `adjust`); never below zero available."""
-    raw = request.match_info["user_id"]
-    if not raw.isdigit() or not await request.app[db_key].fetchval(
-        "SELECT 1 FROM users WHERE id = %s", int(raw)
-    ):
-        raise NotFound(f"No user {raw}")
+    user_id = path_id(request, "user_id", "user")
+    await request.app[auth_key].admin.get(user_id)  # NotFound for an unknown user
     admin = principal_of(request).user_id
     grant = Grant(body.amount, "adjust", reason=f"{body.reason} (by admin {admin})"[:200])
-    state = await request.app[actor_system_key].ref(UserActor, int(raw)).ask(grant)
+    state = await request.app[actor_system_key].ref(UserActor, user_id).ask(grant)
     return Quota.of(state)

@@ -26,7 +26,7 @@ from server.errors import AppError, ErrorCode
 from server.hub import RedisEventHub, Session
 from server.hub.session import AUTH_TIMEOUT, TOO_MANY, UNAUTHENTICATED, UNAVAILABLE, rfc3339
 from server.keys import live_hub_key, settings_key
-from server.routing import RouteTable
+from server.routing import RouteTable, parse_uint
 
 routes = RouteTable(tags=["events"], auth="public")
 
@@ -103,7 +103,8 @@ async def _serve(
     token: Any = request.query.get("token")
     after: Any = request.query.get("after_seq")
     if after is not None:
-        after = int(after) if after.isdigit() else -1
+        parsed = parse_uint(after)
+        after = -1 if parsed is None else parsed
     if token is None:
         try:
             first = await ws.receive(timeout=settings.ws_auth_timeout)

@@ -90,6 +90,24 @@ async def read_json(request: web.Request, max_bytes: int) -> Any:
         raise AppError(ErrorCode.MALFORMED_REQUEST, f"The body is not valid JSON: {exc}") from None
 
 
+def parse_uint(raw: str | None, max_digits: int = 19) -> int | None:
+    """`raw` as a non-negative int when it is 1..max_digits ASCII digits, else None.
+
+    `str.isdigit` alone also accepts "²" and "１２", which `int` refuses (a 500), and
+    `int` of thousands of digits raises too."""
+    if raw is None or not (0 < len(raw) <= max_digits and raw.isascii() and raw.isdigit()):
+        return None
+    return int(raw)
+
+
+def path_id(request: web.Request, name: str, what: str) -> int:
+    """A numeric id from the path (BIGINT range), or 404 NOT_FOUND naming `what`."""
+    value = parse_uint(request.match_info[name])
+    if value is None or value >= 2**63:
+        raise AppError(ErrorCode.NOT_FOUND, f"No such {what}")
+    return value
+
+
 def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(
         body=json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode(),

@@ -161,3 +161,25 @@ async def test_the_dev_endpoint_does_not_exist_in_prod(
     assert "/api/v1/auth/login" in doc["paths"]
     assert doc["paths"]["/api/v1/admin/users"]["get"]["security"] == [{"bearerAuth": []}]
     assert doc["paths"]["/api/v1/auth/login"]["post"]["security"] == []
+
+
+@pytest.mark.parametrize("raw", ["²", "１２", "9" * 25, "9" * 5000, "-1", "0x10"])
+async def test_odd_user_ids_in_admin_paths_and_search_are_404_or_empty_never_500(
+    client: Any, admin: dict[str, str], raw: str
+) -> None:
+    from urllib.parse import quote
+
+    for method, path, body in [
+        ("GET", f"/api/v1/admin/users/{quote(raw)}", None),
+        ("POST", f"/api/v1/admin/users/{quote(raw)}/quota", {"amount": 5, "reason": "odd id"}),
+    ]:
+        resp = await client.request(method, path, json=body, headers=admin)
+        assert resp.status == 404, (path, resp.status)
+        assert await error_code(resp) == "NOT_FOUND"
+    found = await client.get(f"/api/v1/admin/users?q={quote(raw)}", headers=admin)
+    if len(raw) > 100:
+        assert found.status == 422  # longer than a search may be
+    elif raw in ("²", "１２"):  # digits to str.isdigit, not to int(): a nickname search
+        assert found.status == 200 and (await found.json())["items"] == []
+    else:
+        assert found.status == 200

@@ -54,7 +54,7 @@ class UserAdmin:
         q = (q or "").strip()
         if q:
             digits = re.sub(r"[\s-]", "", q).removeprefix("+86")
-            if digits.isdigit():
+            if digits.isascii() and digits.isdigit():
                 where.append("(id = %s OR phone LIKE %s)")
                 args += [int(digits) if len(digits) <= 18 else 0, _like_escape(digits) + "%"]
             else:

@@ -27,6 +27,7 @@ from PIL import Image
 
 from server.errors import AppError, ErrorCode
 from server.images import CONTENT_TYPES, sniff_format
+from server.routing import parse_uint
 from server.vendors import OperationSpec
 from server.vendors import local as local_vendor
 
@@ -170,8 +171,9 @@ def status_error(status: int, body: str, *, retry_after: str | None = None, code
     text = f"HTTP {status} {detail}{body[:300]}".strip()
     if status == 429:
         hint = None
-        if retry_after and retry_after.isdigit():
-            hint = float(retry_after)
+        seconds = parse_uint(retry_after, max_digits=6)
+        if seconds is not None:
+            hint = float(seconds)
         return VendorError(
             "rate_limited", f"The vendor is rate limiting us ({text})", status=status, wait_hint=hint
         )
