@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 import time
-import uuid
 from typing import Any
 
 from aiohttp import web
@@ -17,6 +17,7 @@ from loguru import logger
 
 from server.errors import CODE_FOR_STATUS, AppError, ErrorCode
 from server.keys import metrics_key, request_id_key
+from server.logging import REQUEST_ID
 from server.routing import json_response
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -29,7 +30,7 @@ def request_id_for(request: web.Request) -> str:
     if rid is not None:
         return rid
     sent = request.headers.get(REQUEST_ID_HEADER, "")
-    rid = sent if _REQUEST_ID_OK.match(sent) else uuid.uuid4().hex
+    rid = sent if _REQUEST_ID_OK.match(sent) else secrets.token_hex(16)
     request[request_id_key] = rid
     return rid
 
@@ -87,38 +88,39 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
     rid = request_id_for(request)
     started = time.perf_counter()
     status = 500
-    with logger.contextualize(request_id=rid):
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except AppError as exc:
-            response = error_response(
-                request, exc.code, exc.message, details=exc.details, retry_after=exc.retry_after
-            )
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            response = _from_http_exception(request, exc)
-            status = response.status
-            return response
-        except asyncio.CancelledError:
-            status = 499  # the client went away
-            raise
-        except Exception:
-            logger.opt(exception=True).error("unhandled error in {} {}", request.method, request.path)
-            response = error_response(request, ErrorCode.INTERNAL, "Internal server error")
-            status = 500
-            return response
-        finally:
-            elapsed = time.perf_counter() - started
-            route = route_template(request)
-            metrics = request.app[metrics_key]
-            metrics.http_requests.labels(request.method, route, str(status)).inc()
-            metrics.http_duration.labels(request.method, route).observe(elapsed)
-            logger.info(
-                "{} {} {} {:.1f}ms", request.method, route, status, elapsed * 1000, route=route, status=status
-            )
+    rid_token = REQUEST_ID.set(rid)
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except AppError as exc:
+        response = error_response(
+            request, exc.code, exc.message, details=exc.details, retry_after=exc.retry_after
+        )
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        response = _from_http_exception(request, exc)
+        status = response.status
+        return response
+    except asyncio.CancelledError:
+        status = 499  # the client went away
+        raise
+    except Exception:
+        logger.opt(exception=True).error("unhandled error in {} {}", request.method, request.path)
+        response = error_response(request, ErrorCode.INTERNAL, "Internal server error")
+        status = 500
+        return response
+    finally:
+        elapsed = time.perf_counter() - started
+        route = route_template(request)
+        metrics = request.app[metrics_key]
+        metrics.http_requests.labels(request.method, route, str(status)).inc()
+        metrics.http_duration.labels(request.method, route).observe(elapsed)
+        logger.info(
+            "{} {} {} {:.1f}ms", request.method, route, status, elapsed * 1000, route=route, status=status
+        )
+        REQUEST_ID.reset(rid_token)
 
 
 async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:

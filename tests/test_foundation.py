@@ -339,3 +339,24 @@ def test_parse_uint_takes_only_ascii_digits_of_bounded_length() -> None:
     for raw in (None, "", "²", "１２", "-1", "+1", " 1", "1.0", "0x1", "9" * 20, "9" * 5000):
         assert parse_uint(raw) is None, raw
     assert parse_uint("123456", max_digits=5) is None
+
+
+async def test_every_log_line_of_a_request_carries_its_request_id(client: Any) -> None:
+    from loguru import logger
+
+    from server.logging import _with_request_id
+
+    lines: list[str] = []
+    logger.configure(patcher=_with_request_id)  # as setup_logging does
+    sink = logger.add(lambda m: lines.append(f"{m.record['extra'].get('request_id')} {m.record['message']}"))
+    try:
+        await client.get("/api/v1/_probe/boom", headers={"X-Request-ID": "trace-42"})
+        await client.get("/healthz", headers={"X-Request-ID": "trace-43"})
+        logger.info("outside any request")
+    finally:
+        logger.remove(sink)
+        logger.configure(patcher=None)
+    assert "trace-42 unhandled error in GET /api/v1/_probe/boom" in lines
+    assert any(line.startswith("trace-42 GET /api/v1/_probe/boom 500") for line in lines)
+    assert any(line.startswith("trace-43 GET /healthz 200") for line in lines)
+    assert "None outside any request" in lines  # a line outside any request has none
