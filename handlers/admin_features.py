@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from server.db import is_duplicate
 from server.errors import Conflict, ErrorCode
@@ -35,6 +35,14 @@ class FeaturePatch(BaseModel):
     inputs: dict[str, Any] | None = None
     pipeline: dict[str, Any] | None = None
     enabled: bool | None = None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        """Leave a field out to keep it; none of them can be set to null."""
+        if value is None:
+            raise ValueError("may be left out, not set to null")
+        return value
 
 
 class AdminFeature(BaseModel):

@@ -6,6 +6,7 @@ import datetime as dt
 from typing import Any, Literal
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, Field
 
 from server import assets
@@ -118,12 +119,15 @@ async def upload_asset(request: web.Request) -> web.Response:
         )
     if request.content_length is not None and request.content_length > MAX_BYTES + 64 * 1024:
         raise AppError(ErrorCode.PAYLOAD_TOO_LARGE, "Images are limited to 10 MiB")
-    reader = await request.multipart()
     data: bytes | None = None
-    async for part in reader:
-        if isinstance(part, BodyPartReader) and part.name == "file":
-            data = await _read_limited(part, MAX_BYTES)
-            break
+    try:
+        reader = await request.multipart()
+        async for part in reader:
+            if isinstance(part, BodyPartReader) and part.name == "file":
+                data = await _read_limited(part, MAX_BYTES)
+                break
+    except (ValueError, HttpProcessingError) as exc:  # no boundary, a broken part: aiohttp's words
+        raise AppError(ErrorCode.MALFORMED_REQUEST, f"Malformed multipart body: {exc}") from None
     if data is None:
         raise AppError(ErrorCode.MALFORMED_REQUEST, "The form has no field `file`")
     user_id = principal_of(request).user_id

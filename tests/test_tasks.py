@@ -283,6 +283,15 @@ async def test_bad_inputs_get_their_codes_and_reserve_nothing(
     )
     resp = await client.post("/api/v1/assets", data=form, headers=user.headers)
     assert resp.status == 413 and await error_code(resp) == "PAYLOAD_TOO_LARGE"
+    for content_type, body in [
+        ("multipart/form-data", b"no boundary given"),
+        ("multipart/form-data; boundary=x", b"--x\r\nno blank line after headers"),
+        ("multipart/form-data; boundary=x", b"not a multipart body at all"),
+    ]:
+        resp = await client.post(
+            "/api/v1/assets", data=body, headers={**user.headers, "Content-Type": content_type}
+        )
+        assert resp.status == 400 and await error_code(resp) == "MALFORMED_REQUEST", (body, resp.status)
 
     poor = User(client, app, await register(client))
     photo = await poor.upload(image_bytes("gray"))
@@ -369,6 +378,19 @@ async def test_a_disabled_feature_disappears_for_every_instance(
     )
     assert resp.status == 200 and (await resp.json())["enabled"] is False
     assert "bg-remove" not in {f["slug"] for f in await (await other.get("/api/v1/features")).json()}
+
+
+async def test_a_feature_patch_with_null_fields_is_refused_and_changes_nothing(client: Any) -> None:
+    before = await (await client.get("/api/v1/features")).json()
+    headers = await admin_headers(client)
+    for field in ("name", "description", "cost", "inputs", "pipeline", "enabled"):
+        resp = await client.patch(
+            "/api/v1/admin/features/bg-remove", json={"cost": 3, field: None}, headers=headers
+        )
+        assert resp.status == 422, (field, resp.status)
+        fields = {f["field"] for f in (await resp.json())["error"]["details"]["fields"]}
+        assert field in fields
+    assert await (await client.get("/api/v1/features")).json() == before
 
 
 async def test_a_cancel_through_another_instance_stops_the_run_where_it_is(
