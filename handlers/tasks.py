@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from server import assets
 from server.auth.middleware import principal_of
-from server.errors import AppError, ErrorCode
+from server.errors import AppError, ErrorCode, UnreadableBody
 from server.images import MAX_BYTES
 from server.keys import db_key, features_key, storage_key, tasks_key
 from server.paging import PageQuery, decode_cursor, encode_cursor
@@ -126,7 +126,9 @@ async def upload_asset(request: web.Request) -> web.Response:
             if isinstance(part, BodyPartReader) and part.name == "file":
                 data = await _read_limited(part, MAX_BYTES)
                 break
-    except (ValueError, HttpProcessingError) as exc:  # no boundary, a broken part: aiohttp's words
+    except web.RequestPayloadError as exc:  # a body that does not decode (Content-Encoding)
+        raise UnreadableBody(exc) from None
+    except (ValueError, HttpProcessingError) as exc:  # no or a bad boundary, a broken part header
         raise AppError(ErrorCode.MALFORMED_REQUEST, f"Malformed multipart body: {exc}") from None
     if data is None:
         raise AppError(ErrorCode.MALFORMED_REQUEST, "The form has no field `file`")

@@ -106,6 +106,15 @@ class AppError(Exception):
         return self.code.status
 
 
+class UnreadableBody(AppError):
+    """400 MALFORMED_REQUEST for a body that could not be read off the connection (e.g.
+    `Content-Encoding: gzip` on bytes that are not gzip). aiohttp closes such a connection
+    after answering, so the answer says `Connection: close`: a client must not reuse it."""
+
+    def __init__(self, reason: object) -> None:
+        super().__init__(ErrorCode.MALFORMED_REQUEST, f"The body cannot be read: {reason}")
+
+
 def validation_failed(fields: list[dict[str, str]], message: str = "Validation failed") -> AppError:
     """A 422 with `details.fields` = [{"field", "message"}]."""
     return AppError(ErrorCode.VALIDATION_FAILED, message, details={"fields": fields})

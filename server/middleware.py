@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from loguru import logger
 
-from server.errors import CODE_FOR_STATUS, AppError, ErrorCode
+from server.errors import CODE_FOR_STATUS, AppError, ErrorCode, UnreadableBody
 from server.keys import metrics_key, request_id_key
 from server.logging import REQUEST_ID
 from server.routing import json_response
@@ -97,6 +97,8 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
         response = error_response(
             request, exc.code, exc.message, details=exc.details, retry_after=exc.retry_after
         )
+        if isinstance(exc, UnreadableBody):
+            response.force_close()
         status = response.status
         return response
     except web.HTTPException as exc:

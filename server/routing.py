@@ -23,7 +23,7 @@ from typing import Any, Literal, cast
 from aiohttp import web
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from server.errors import AppError, ErrorCode, validation_failed
+from server.errors import AppError, ErrorCode, UnreadableBody, validation_failed
 from server.keys import settings_key
 
 Auth = Literal["public", "user", "admin"]
@@ -79,15 +79,25 @@ async def read_json(request: web.Request, max_bytes: int) -> Any:
         request.content_type in JSON_TYPES or request.content_type.endswith("+json")
     ):
         raise AppError(ErrorCode.MALFORMED_REQUEST, "The body must be JSON (Content-Type: application/json)")
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except web.RequestPayloadError as exc:  # e.g. Content-Encoding: gzip on a body that is not
+        raise UnreadableBody(exc) from None
     if len(raw) > max_bytes:
         raise AppError(ErrorCode.PAYLOAD_TOO_LARGE, f"JSON bodies are limited to {max_bytes} bytes")
     if not raw.strip():
         raise AppError(ErrorCode.MALFORMED_REQUEST, "A JSON body is required")
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AppError(ErrorCode.MALFORMED_REQUEST, f"The body is not valid JSON: {exc}") from None
+        return json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        # ValueError: not JSON (JSONDecodeError), not UTF-8, NaN/Infinity, an integer of over
+        # 4,300 digits; RecursionError: arrays or objects nested thousands deep.
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise AppError(ErrorCode.MALFORMED_REQUEST, f"The body is not valid JSON: {reason}") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def parse_uint(raw: str | None, max_digits: int = 19) -> int | None:

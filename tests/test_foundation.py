@@ -108,12 +108,28 @@ async def test_delete_on_healthz_answers_405_envelope(client: Any) -> None:
     assert_envelope(await resp.json(), ErrorCode.METHOD_NOT_ALLOWED, resp.headers["X-Request-ID"])
 
 
-async def test_malformed_json_answers_400_malformed_request(client: Any) -> None:
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        (b'{"name": "x",', {}),
+        (b"[" * 100_000 + b"]" * 100_000, {}),  # nested past Python's recursion limit
+        (b'{"name": "x", "count": ' + b"1" * 5000 + b"}", {}),  # past int()'s 4,300 digits
+        (b'{"name": "x", "count": NaN}', {}),  # Python's json takes it; JSON has no NaN
+        (b'{"name": "\xff"}', {}),  # not UTF-8
+        (b'{"name": "x", "count": 1}', {"Content-Encoding": "gzip"}),  # not gzip
+    ],
+)
+async def test_malformed_json_answers_400_malformed_request(
+    client: Any, body: bytes, headers: dict[str, str]
+) -> None:
     resp = await client.post(
-        "/api/v1/_probe/echo", data=b'{"name": "x",', headers={"Content-Type": "application/json"}
+        "/api/v1/_probe/echo", data=body, headers={"Content-Type": "application/json", **headers}
     )
     assert resp.status == 400
     assert_envelope(await resp.json(), ErrorCode.MALFORMED_REQUEST, resp.headers["X-Request-ID"])
+    if "Content-Encoding" in headers:  # unreadable: this connection is not used again
+        assert resp.headers["Connection"] == "close"
+    assert (await client.get("/healthz")).status == 200
 
 
 async def test_a_body_of_another_content_type_answers_400(client: Any) -> None:

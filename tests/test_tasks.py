@@ -164,6 +164,14 @@ async def test_a_repeated_key_answers_the_same_task_and_another_body_is_a_confli
     assert (await user.quota()).reserved in (0, 2)  # one reservation at most, settled or not
     await user.finished((await first.json())["id"])
     assert await user.quota() == QuotaState(8, 0)
+    # Keys are compared byte for byte: another case or accent is another key.
+    ids = {(await first.json())["id"]}
+    for key in ("SAME-KEY", "sáme-key"):
+        resp = await user.create("bg-remove", {"image": photo["id"]}, key)
+        assert resp.status == 202, key
+        ids.add((await resp.json())["id"])
+        await user.finished((await resp.json())["id"])
+    assert len(ids) == 3
 
 
 async def test_the_seeded_four_style_feature_forks_and_joins_into_one_sheet(user: User) -> None:
@@ -287,11 +295,21 @@ async def test_bad_inputs_get_their_codes_and_reserve_nothing(
         ("multipart/form-data", b"no boundary given"),
         ("multipart/form-data; boundary=x", b"--x\r\nno blank line after headers"),
         ("multipart/form-data; boundary=x", b"not a multipart body at all"),
+        ("multipart/form-data; boundary=" + "b" * 71, b"a boundary longer than RFC 2046 allows"),
+        (
+            "multipart/form-data; boundary=x",
+            b"--x\r\nContent-Disposition: form-data; name=file\r\n"
+            b"Content-Type: multipart/mixed\r\n\r\nno inner boundary\r\n--x--\r\n",
+        ),
+        ("gzip", b"--x\r\nnot gzip"),
     ]:
-        resp = await client.post(
-            "/api/v1/assets", data=body, headers={**user.headers, "Content-Type": content_type}
-        )
+        headers = {**user.headers, "Content-Type": content_type}
+        if content_type == "gzip":
+            headers.update({"Content-Type": "multipart/form-data; boundary=x", "Content-Encoding": "gzip"})
+        resp = await client.post("/api/v1/assets", data=body, headers=headers)
         assert resp.status == 400 and await error_code(resp) == "MALFORMED_REQUEST", (body, resp.status)
+        if content_type == "gzip":  # the connection cannot be used again, and the answer says so
+            assert resp.headers["Connection"] == "close"
 
     poor = User(client, app, await register(client))
     photo = await poor.upload(image_bytes("gray"))
