@@ -151,7 +151,7 @@ async def _serve(
 def _parse(data: str) -> dict[str, Any] | None:
     try:
         frame = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested thousands deep
         return None
     return frame if isinstance(frame, dict) else None
 

@@ -60,7 +60,7 @@ def decode_cursor(cursor: str | None, *types: type[CursorValue]) -> tuple[Any, .
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         values = json.loads(raw)
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError, RecursionError):  # RecursionError: nested thousands deep
         raise _bad_cursor() from None
     if not isinstance(values, list) or len(values) != len(types):
         raise _bad_cursor()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from typing import Any
 
@@ -63,7 +64,8 @@ async def test_the_ledger_lists_every_change_newest_first_in_pages(client: Any, 
 
 async def test_a_bad_cursor_or_limit_answers_422(client: Any) -> None:
     me = await register(client)
-    for query in ("limit=0", "limit=101", "cursor=not-ours"):
+    deep = base64.urlsafe_b64encode(b"[" * 5000).decode().rstrip("=")  # nested past the recursion limit
+    for query in ("limit=0", "limit=101", "cursor=not-ours", f"cursor={deep}"):
         resp = await client.get(f"/api/v1/me/quota/ledger?{query}", headers=bearer(me["access_token"]))
         assert resp.status == 422, query
         assert await error_code(resp) == "VALIDATION_FAILED"

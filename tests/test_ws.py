@@ -450,6 +450,8 @@ async def test_malformed_and_unknown_frames_get_error_frames_and_the_socket_live
     ws, _ = await connect(client, token)
     await ws.send_str("{not json")
     assert (await recv(ws))["code"] == "MALFORMED_REQUEST"
+    await ws.send_str("[" * 5000)  # nested past the recursion limit
+    assert (await recv(ws))["code"] == "MALFORMED_REQUEST"
     await ws.send_json({"type": "subscribe"})
     frame = await recv(ws)
     assert frame["type"] == "error" and frame["code"] == "MALFORMED_REQUEST", frame
