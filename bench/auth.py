@@ -26,7 +26,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench._support import free_port, pin, wait_until_up  # noqa: E402
 
 BARE_USER = {
     "id": "1",
@@ -50,17 +51,6 @@ BARE_USER = {
     "membership": None,
     "created_at": "2026-11-23T08:00:00Z",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pin(cpu: int) -> None:
-    if (os.cpu_count() or 1) >= 2:
-        os.sched_setaffinity(0, {cpu})
 
 
 # ------------------------------------------------------------------ the two servers
@@ -169,19 +159,6 @@ def http(method: str, url: str, body: dict[str, Any] | None = None, token: str |
     with urllib.request.urlopen(req, timeout=10) as resp:
         raw = resp.read()
         return json.loads(raw) if raw else None
-
-
-def wait_until_up(url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"{url} did not answer")
 
 
 def sign_up(base: str) -> str:

@@ -33,11 +33,9 @@ import json
 import os
 import platform
 import resource
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -46,19 +44,10 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._support import free_port, pin, wait_until_up  # noqa: E402
+
 SLICE = 100  # events per publish_many call of the bench's publisher
 DATA = {"task_id": "tsk_3k9f02a7", "step": "tryon", "progress": 0.5, "message": "rendering"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pin(cpu: int) -> None:
-    if (os.cpu_count() or 1) >= 2:
-        os.sched_setaffinity(0, {cpu})
 
 
 def raise_nofile(want: int = 65536) -> None:
@@ -388,21 +377,6 @@ def run_client(
 
 
 # ------------------------------------------------------------------ the run
-
-
-def wait_until_up(url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except urllib.error.HTTPError:
-            return  # it answers
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"{url} did not answer")
 
 
 def main(args: argparse.Namespace) -> None:
