@@ -22,12 +22,11 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.connection import HiredisRespSerializer
 from redis.exceptions import MaxConnectionsError
-from redis.utils import HIREDIS_AVAILABLE
 
 from server.config import Settings
 from server.errors import Busy
 
-_PACKER = HiredisRespSerializer() if HIREDIS_AVAILABLE else None
+_PACKER = HiredisRespSerializer()  # hiredis >= 3.2 is a dependency (setup.cfg)
 _PACKING: dict[type[AbstractConnection], type[AbstractConnection]] = {}
 
 
@@ -39,15 +38,12 @@ def _pack_command(self: AbstractConnection, *args: Any) -> list[bytes]:
     try:
         return [cast(bytes, hiredis.pack_command(args))]
     except TypeError:  # a bytearray (converted there), or a bool or None (DataError there)
-        assert _PACKER is not None
         packed: list[bytes] = _PACKER.pack(*args)
         return packed
 
 
 def _hiredis_packing(base: type[AbstractConnection]) -> type[AbstractConnection]:
     """`base` (TCP, unix or TLS connection) with `pack_command` done by hiredis."""
-    if _PACKER is None:
-        return base
     if base not in _PACKING:
         _PACKING[base] = type(f"Hiredis{base.__name__}", (base,), {"pack_command": _pack_command})
     return _PACKING[base]
