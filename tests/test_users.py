@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -219,6 +220,29 @@ async def test_a_stampede_of_cache_misses_reads_mysql_once(aiohttp_client: Any, 
     answers = await asyncio.gather(*(clients[i % 2].get("/api/v1/me", headers=token) for i in range(60)))
     assert {r.status for r in answers} == {200}
     assert loads == 1
+
+
+async def test_a_miss_that_loses_the_race_to_another_loader_takes_its_record(
+    client: Any, app: web.Application
+) -> None:
+    # The interleaving CI hit: this process misses the key, another one loads MySQL and fills
+    # the key (dropping its lock), and only then does this process try to take the lock.
+    account = await register(client)
+    user_id = int(account["user"]["id"])
+    profiles = app[auth_key].profiles
+    await profiles.invalidate(user_id)
+    assert await app[redis_key].get(f"user:{user_id}:profile") is None  # our miss
+    record = await profiles.load(user_id)
+    assert record is not None
+    record["nickname"] = "filled-by-the-other-process"
+    await app[redis_key].set(f"user:{user_id}:profile", json.dumps(record))  # their fill
+
+    async def must_not_load(uid: int) -> Any:
+        raise AssertionError("loaded MySQL a second time")
+
+    profiles.load = must_not_load  # type: ignore[method-assign]
+    assert (await profiles._fill(user_id) or {})["nickname"] == "filled-by-the-other-process"
+    assert not await app[redis_key].exists(f"user:{user_id}:profile:lock")
 
 
 async def test_the_cache_is_filled_on_read_and_dropped_on_change(client: Any, app: web.Application) -> None:

@@ -31,6 +31,20 @@ LOCK_MS = 3000
 WAIT_FIRST_STEP = 0.005
 WAIT_MAX_STEP = 0.05
 
+# KEYS: profile, lock. ARGV: lock token, lock ms. The record if it is there now, else
+# whether we took the lock: a loader that finished between our miss and this call is
+# seen here, so we never load MySQL a second time for the same change.
+_CLAIM = """
+local value = redis.call('GET', KEYS[1])
+if value then
+  return {1, value}
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {2}
+end
+return {0}
+"""
+
 # KEYS: profile, lock. ARGV: lock token, value, ttl.
 _SET_IF_LOCKED = """
 if redis.call('GET', KEYS[2]) == ARGV[1] then
@@ -53,6 +67,7 @@ class Profiles:
         self.ttl = ttl
         self.near = near
         self._flights: dict[int, asyncio.Future[dict[str, Any] | None]] = {}
+        self._claim = redis.register_script(_CLAIM)
         self._set_if_locked = redis.register_script(_SET_IF_LOCKED)
 
     async def get(self, user_id: int) -> dict[str, Any] | None:
@@ -114,7 +129,10 @@ class Profiles:
     async def _fill(self, user_id: int) -> dict[str, Any] | None:
         key, lock = _keys(user_id)
         token = secrets.token_hex(8)
-        if await self.redis.set(lock, token, nx=True, px=LOCK_MS):
+        claim = await self._claim(keys=[key, lock], args=[token, LOCK_MS])
+        if claim[0] == 1:
+            return dict(json.loads(claim[1]))
+        if claim[0] == 2:
             record = await self.load(user_id)
             if record is not None:
                 await self._set_if_locked(keys=[key, lock], args=[token, json.dumps(record), self.ttl])
