@@ -13,7 +13,7 @@ from server.errors import Conflict, ErrorCode
 from server.features import Feature, parse_inputs
 from server.keys import db_key, features_key
 from server.pipeline import parse_pipeline
-from server.routing import RouteTable
+from server.routing import RouteTable, omittable
 
 routes = RouteTable(tags=["admin"], auth="admin")
 
@@ -29,12 +29,12 @@ class FeatureIn(BaseModel):
 
 
 class FeaturePatch(BaseModel):
-    name: str | None = Field(None, min_length=1, max_length=100)
-    description: str | None = Field(None, max_length=1000)
-    cost: int | None = Field(None, ge=0, le=100_000)
-    inputs: dict[str, Any] | None = None
-    pipeline: dict[str, Any] | None = None
-    enabled: bool | None = None
+    name: str | None = omittable(min_length=1, max_length=100)
+    description: str | None = omittable(max_length=1000)
+    cost: int | None = omittable(ge=0, le=100_000)
+    inputs: dict[str, Any] | None = omittable()
+    pipeline: dict[str, Any] | None = omittable()
+    enabled: bool | None = omittable()
 
     @field_validator("*", mode="before")
     @classmethod

@@ -16,7 +16,7 @@ from server.auth.service import banned
 from server.errors import ErrorCode, NotFound
 from server.keys import auth_key
 from server.paging import Page, PageQuery
-from server.routing import RouteTable, json_response
+from server.routing import RouteTable, json_response, omittable
 
 routes = RouteTable(tags=["users"], auth="user")
 
@@ -29,9 +29,9 @@ OWN_ASSET_PREFIXES = ("/api/v1/assets/", "/files/")
 class ProfileIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    nickname: str | None = Field(None, description="1–20 characters, trimmed, no control characters")
+    nickname: str | None = omittable(description="1–20 characters, trimmed, no control characters")
     avatar_url: str | None = Field(None, description="https URL or one of our asset URLs; null clears it")
-    gender: Gender | None = None
+    gender: Gender | None = omittable()
 
     @field_validator("nickname")
     @classmethod

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 from aiohttp import web
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from server.errors import AppError, ErrorCode, UnreadableBody, validation_failed
 from server.keys import settings_key
@@ -98,6 +98,24 @@ async def read_json(request: web.Request, max_bytes: int) -> Any:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _not_null_in_docs(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+    kinds = [k for k in schema.pop("anyOf", []) if k != {"type": "null"}]
+    if len(kinds) == 1:
+        schema.update(kinds[0])
+    elif kinds:
+        schema["anyOf"] = kinds
+
+
+def omittable(**field_kwargs: Any) -> Any:
+    """A PATCH field that may be left out (it stays as it is) but never set to null.
+
+    Type it `T | None` and reject None in a validator; the OpenAPI schema shows `T` alone,
+    with no null type and no null default. Read the changes with
+    `model_dump(exclude_unset=True)`."""
+    return Field(None, json_schema_extra=_not_null_in_docs, **field_kwargs)
 
 
 def parse_uint(raw: str | None, max_digits: int = 19) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import io
 from collections.abc import Callable
 from typing import Any
@@ -409,6 +410,11 @@ async def test_a_feature_patch_with_null_fields_is_refused_and_changes_nothing(c
         fields = {f["field"] for f in (await resp.json())["error"]["details"]["fields"]}
         assert field in fields
     assert await (await client.get("/api/v1/features")).json() == before
+    # and the docs say so: no field of the PATCH body is nullable or defaults to null
+    doc = await (await client.get("/api/openapi.json")).json()
+    patch = doc["components"]["schemas"]["FeaturePatch"]["properties"]
+    assert set(patch) == {"name", "description", "cost", "inputs", "pipeline", "enabled"}
+    assert "null" not in json.dumps(patch) and "anyOf" not in json.dumps(patch)
 
 
 async def test_a_cancel_through_another_instance_stops_the_run_where_it_is(

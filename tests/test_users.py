@@ -75,6 +75,13 @@ async def test_a_bad_profile_field_answers_422_and_changes_nothing(
     assert me == account["user"]
 
 
+async def test_the_docs_show_only_avatar_url_as_nullable_in_a_profile_patch(client: Any) -> None:
+    doc = await (await client.get("/api/openapi.json")).json()
+    fields = doc["components"]["schemas"]["ProfileIn"]["properties"]
+    nullable = {name for name, schema in fields.items() if "null" in json.dumps(schema)}
+    assert set(fields) == {"nickname", "avatar_url", "gender"} and nullable == {"avatar_url"}
+
+
 @pytest.mark.parametrize("url", ["/api/v1/assets/42/file", "/files/avatars/a.webp", "https://x.cn/p.jpg"])
 async def test_our_asset_paths_and_https_urls_are_accepted_as_avatars(client: Any, url: str) -> None:
     account = await register(client)
