@@ -4,6 +4,7 @@
     python run.py migrate [--status]               apply (or list) database migrations
     python run.py create-admin --phone P --password W
     python run.py check-quota                      verify balances against the ledger
+    python run.py clean-files [--dry-run]          delete storage objects nothing refers to
 
 With no DATABASE_URL / REDIS_URL, private MariaDB and Redis servers are started
 under ./var for the life of the command.
@@ -146,11 +147,34 @@ def cmd_check_quota(settings: Settings, args: argparse.Namespace) -> int:
     return _run_db_command(settings, go)
 
 
+def cmd_clean_files(settings: Settings, args: argparse.Namespace) -> int:
+    """The nightly orphan-file cleanup, now; `--dry-run` lists what it would delete."""
+    from server.orphans import clean_orphans
+    from server.storage import create_storage
+
+    async def go(db: Any) -> int:
+        storage = create_storage(settings)
+        try:
+            report = await clean_orphans(db, storage, settings, dry_run=args.dry_run)
+        finally:
+            await storage.close()
+        for keys in report.orphans.values():
+            for key in keys:
+                print(key)
+        verb = "would delete" if args.dry_run else "deleted"
+        counts = ", ".join(f"{len(keys)} under {prefix}" for prefix, keys in report.orphans.items())
+        print(f"scanned {report.scanned} object(s); {verb} {counts}; {report.unknown} unknown left alone")
+        return 0
+
+    return _run_db_command(settings, go)
+
+
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "serve": cmd_serve,
     "migrate": cmd_migrate,
     "create-admin": cmd_create_admin,
     "check-quota": cmd_check_quota,
+    "clean-files": cmd_clean_files,
 }
 
 
@@ -166,6 +190,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     admin.add_argument("--phone", required=True)
     admin.add_argument("--password", required=True)
     sub.add_parser("check-quota", help="verify every balance against the ledger; exit 1 on a difference")
+    clean = sub.add_parser("clean-files", help="delete storage objects nothing refers to (the 03:00 job)")
+    clean.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["serve", *argv])

@@ -33,6 +33,7 @@ from server.keys import (
 from server.metrics import Metrics
 from server.middleware import add_request_id_header, envelope_middleware
 from server.migrations import Migrator
+from server.orphans import clean_orphan_files
 from server.redis import connect_redis
 from server.storage import storage_ctx
 from server.sweeper import sweep_expired_reservations
@@ -103,6 +104,7 @@ async def actors_ctx(app: web.Application) -> AsyncIterator[None]:
 CRON_JOBS = [
     CronJob("reservation-sweeper", "* * * * *", sweep_expired_reservations),
     CronJob("task-recovery", "* * * * *", recover_tasks),
+    CronJob("orphan-files", "0 3 * * *", clean_orphan_files, lock_ms=3_600_000),
 ]
 
 

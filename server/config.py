@@ -213,6 +213,8 @@ class Settings(BaseSettings):
     # built-in `local` vendor is always there (an entry only tunes its limits).
     vendors: VendorsSetting = Field(default_factory=dict, validate_default=True)
     vendor_input_url_ttl: int = Field(3600, ge=60)  # life of the signed URLs DashScope fetches inputs from
+    # The nightly orphan-file cleanup (server/orphans.py) never deletes an asset file younger than this.
+    orphan_file_min_age: int = Field(86_400, ge=3600)
 
     @field_validator("log_level")
     @classmethod

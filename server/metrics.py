@@ -78,6 +78,12 @@ class Metrics:
             "Expired reservations the sweeper cancelled",
             registry=self.registry,
         )
+        self.orphan_files = Counter(
+            "storage_orphan_files_deleted_total",
+            "Storage objects the nightly cleanup deleted, by prefix (u/: assets, vendor-inputs/)",
+            ["prefix"],
+            registry=self.registry,
+        )
 
     def watch_pool(self, read: Callable[[], dict[str, int]]) -> None:
         self.registry.register(PoolCollector(read))

@@ -4,6 +4,8 @@ checks signatures like the real service."""
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -13,9 +15,12 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from server.app import CRON_JOBS
 from server.config import ConfigError, Settings
+from server.db import Database
 from server.errors import AppError, Busy, ErrorCode, NotFound
-from server.keys import storage_key
+from server.keys import db_key, storage_key
+from server.orphans import clean_orphan_files, clean_orphans
 from server.storage import InvalidKey, Storage, create_storage
 from server.storage.cos import CosStorage
 from server.storage.local import LocalStorage, derive_url_secret, url_secret
@@ -311,3 +316,152 @@ def test_cos_without_credentials_refuses_to_start_and_names_what_is_missing() ->
     settings = Settings(_env_file=None, storage_backend="cos", cos_region="ap-guangzhou")
     with pytest.raises(ConfigError, match="COS_BUCKET, COS_SECRET_ID, COS_SECRET_KEY"):
         create_storage(settings)
+
+
+# --- listing -------------------------------------------------------------------------------
+
+
+async def test_objects_lists_every_key_under_a_prefix_once_in_pages(storage: Storage) -> None:
+    keys = [f"u/{u}/{n}.png" for u in (1, 2, 10) for n in range(3)]
+    for i, key in enumerate(keys):
+        await storage.put(key, b"x" * (i + 1), "image/png")
+    await storage.put("u2/beside.png", b"x", "image/png")
+    await storage.put("vendor-inputs/20261120/a.png", b"x", "image/png")
+    before = time.time() - 60
+    pages = [page async for page in storage.objects("u/", page_size=4)]
+    assert [len(p) for p in pages] == [4, 4, 1]
+    listed = [obj for page in pages for obj in page]
+    assert sorted(obj.key for obj in listed) == sorted(keys)
+    assert {obj.key: obj.size for obj in listed} == {key: i + 1 for i, key in enumerate(keys)}
+    assert all(before < obj.modified <= time.time() + 1 for obj in listed)
+    one = [obj.key async for page in storage.objects("u/1") for obj in page]
+    assert sorted(one) == sorted(k for k in keys if k.startswith("u/1"))  # u/1/… and u/10/…
+    assert [page async for page in storage.objects("nothing/")] == []
+
+
+async def test_local_listing_skips_content_types_and_writes_in_progress(local: LocalStorage) -> None:
+    await local.put("u/1/a.png", b"x", "image/png")
+    (local.root / "u" / "1" / ".tmp-0123-b.png").write_bytes(b"half")
+    assert [obj.key async for page in local.objects("") for obj in page] == ["u/1/a.png"]
+
+
+async def test_cos_listing_follows_the_marker_with_signed_requests(
+    make_cos: Callable[..., CosStorage], fake_cos: FakeCos
+) -> None:
+    storage = make_cos()
+    for n in range(5):
+        await storage.put(f"vendor-inputs/d/{n}.png", b"x", "image/png")
+    fake_cos.calls.clear()
+    listed = [obj.key async for page in storage.objects("vendor-inputs/", page_size=2) for obj in page]
+    assert listed == [f"vendor-inputs/d/{n}.png" for n in range(5)]
+    assert fake_cos.calls == ["GET /"] * 3
+
+
+# --- orphan-file cleanup (server/orphans.py) ------------------------------------------------
+
+DAY = 86_400
+
+
+def _asset_id(age: float) -> str:
+    return f"{int((time.time() - age) * 1000):012x}{os.urandom(6).hex()}"
+
+
+async def _add_row(db: Database, asset_id: str, key: str) -> None:
+    await db.execute(
+        "INSERT INTO assets (id, user_id, kind, storage_key, content_type, width, height, bytes) "
+        "VALUES (%s, 7, 'upload', %s, 'image/png', 1, 1, 1)",
+        asset_id,
+        key,
+    )
+
+
+async def test_the_cleanup_deletes_only_old_files_that_nothing_refers_to(
+    request: pytest.FixtureRequest, storage: Storage, client: TestClient[Any, Any], settings: Settings
+) -> None:
+    fake_cos = request.getfixturevalue("fake_cos") if isinstance(storage, CosStorage) else None
+
+    def age(key: str, seconds: float) -> None:
+        if isinstance(storage, LocalStorage):
+            stamp = time.time() - seconds
+            os.utime(storage.path_for(key), (stamp, stamp))
+        else:
+            assert fake_cos is not None
+            fake_cos.modified[key] -= seconds
+
+    db = client.app[db_key]
+    old_id, young_id, orphan_id, young_orphan_id = (_asset_id(a) for a in (3 * DAY, 0, 3 * DAY, 0))
+    kept = {
+        "old with a row": f"u/7/{old_id}.png",
+        "young with a row": f"u/7/{young_id}.webp",
+        "young without a row": f"u/7/{young_orphan_id}.png",
+        "not an asset's key": "u/7/readme.txt",
+        "young vendor input": "vendor-inputs/20261123/new.png",
+        "outside both prefixes": "avatars/someone.png",
+    }
+    gone = {"old without a row": f"u/7/{orphan_id}.jpg", "old vendor input": "vendor-inputs/20261120/x.png"}
+    for key in [*kept.values(), *gone.values()]:
+        await storage.put(key, PNG, "image/png")
+    for key in (kept["old with a row"], kept["not an asset's key"], kept["outside both prefixes"]):
+        age(key, 3 * DAY)
+    age(kept["young without a row"], 3 * DAY)  # written long ago, but its id says it is new: kept
+    age(gone["old without a row"], 3 * DAY)
+    age(gone["old vendor input"], settings.vendor_input_url_ttl + 3700)
+    await _add_row(db, old_id, kept["old with a row"])
+    await _add_row(db, young_id, kept["young with a row"])
+
+    dry = await clean_orphans(db, storage, settings, dry_run=True)
+    assert sorted(k for keys in dry.orphans.values() for k in keys) == sorted(gone.values())
+    assert dry.unknown == 1 and dry.scanned == 7
+    for key in [*kept.values(), *gone.values()]:
+        assert await storage.exists(key), key
+
+    report = await clean_orphans(db, storage, settings)
+    assert report.orphans == {"u/": [gone["old without a row"]], "vendor-inputs/": [gone["old vendor input"]]}
+    for what, key in kept.items():
+        assert await storage.exists(key), what
+    for what, key in gone.items():
+        assert not await storage.exists(key), what
+    assert (await clean_orphans(db, storage, settings)).found == 0
+
+
+async def test_the_cron_job_counts_what_it_deleted_on_metrics(client: TestClient[Any, Any]) -> None:
+    storage = client.app[storage_key]
+    assert isinstance(storage, LocalStorage)
+    key = f"u/7/{_asset_id(2 * DAY)}.png"
+    await storage.put(key, PNG, "image/png")
+    stamp = time.time() - 2 * DAY
+    os.utime(storage.path_for(key), (stamp, stamp))
+    assert await clean_orphan_files(client.app) == 1
+    assert not await storage.exists(key)
+    text = await (await client.get("/metrics")).text()
+    assert 'storage_orphan_files_deleted_total{prefix="u/"} 1.0' in text
+    assert any(job.name == "orphan-files" and job.spec == "0 3 * * *" for job in CRON_JOBS)
+
+
+async def test_run_py_clean_files_lists_with_dry_run_then_deletes(
+    client: TestClient[Any, Any], settings: Settings, tmp_path: Path
+) -> None:
+    from tests.conftest import ROOT  # `client`: an app started on this database has migrated it
+
+    storage = LocalStorage.from_settings(settings)  # var_dir is tmp_path
+    key = f"u/7/{_asset_id(2 * DAY)}.png"
+    await storage.put(key, PNG, "image/png")
+    stamp = time.time() - 2 * DAY
+    os.utime(storage.path_for(key), (stamp, stamp))
+
+    async def clean(*flags: str) -> str:
+        env = {"DATABASE_URL": str(settings.database_url), "REDIS_URL": str(settings.redis_url)}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "run.py", "clean-files", *flags, cwd=ROOT,
+            env={**env, "VAR_DIR": str(tmp_path), "PATH": ""},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await proc.communicate()
+        assert proc.returncode == 0, out.decode()
+        return out.decode()
+
+    out = await clean("--dry-run")
+    assert key in out and "would delete 1 under u/, 0 under vendor-inputs/" in out
+    assert await storage.exists(key)
+    assert "deleted 1 under u/" in await clean()
+    assert not await storage.exists(key)

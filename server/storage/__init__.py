@@ -6,7 +6,7 @@
   whose blocking calls run in a bounded thread pool owned by the storage object.
 
 `STORAGE_BACKEND` picks one; `storage_ctx` (a cleanup_ctx) creates it and closes it.
-Keys are relative paths chosen by the server, e.g. `assets/u42/0f3c….png`; both
+Keys are relative paths chosen by the server, e.g. `u/42/<asset id>.png`; both
 backends accept only keys that `validate_key` accepts.
 
 Errors: a missing object is NotFound (404); a backend that fails or is too slow is
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 from typing import Final, Protocol, runtime_checkable
 
 from aiohttp import web
@@ -26,6 +27,7 @@ from server.config import ConfigError, Settings
 from server.keys import settings_key, storage_key
 
 MAX_KEY_LENGTH: Final = 512
+LIST_PAGE: Final = 1000  # objects per page of `objects()` (COS's maximum per listing request)
 # Segments start with a letter, digit or underscore, so no `.`/`..`, no hidden files,
 # no empty segments and no leading `/`; only URL-safe characters, so keys need no quoting.
 _KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(?:/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
@@ -47,6 +49,13 @@ def validate_key(key: str) -> str:
             "that do not start with '.'"
         )
     return key
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    key: str
+    size: int
+    modified: float  # unix seconds of the last write
 
 
 @runtime_checkable
@@ -71,6 +80,13 @@ class Storage(Protocol):
 
     def url(self, key: str, expires_in: int) -> str:
         """A signed URL that lets anyone GET the object for `expires_in` seconds (no I/O)."""
+        ...
+
+    def objects(self, prefix: str, page_size: int = LIST_PAGE) -> AsyncIterator[list[StoredObject]]:
+        """Every object whose key starts with `prefix`, in pages of at most `page_size`.
+
+        Each object comes once; the order is the backend's. Objects written or deleted
+        during the walk may or may not be seen."""
         ...
 
     async def close(self) -> None: ...

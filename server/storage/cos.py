@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import hashlib
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any, Final, TypeVar
@@ -33,7 +34,7 @@ from qcloud_cos.cos_exception import CosClientError, CosServiceError
 
 from server.config import ConfigError, Settings
 from server.errors import AppError, Busy, ErrorCode, NotFound
-from server.storage import validate_key
+from server.storage import LIST_PAGE, StoredObject, validate_key
 
 DELETE_BATCH: Final = 1000  # COS's limit per multi-delete request
 CLOSE_TIMEOUT: Final = 5.0
@@ -183,6 +184,37 @@ class CosStorage:
                     f"e.g. {first.get('Key')}: {first.get('Code')} {first.get('Message')}",
                     details={"failed_keys": [e.get("Key") for e in failed][:20]},
                 )
+
+    async def objects(self, prefix: str, page_size: int = LIST_PAGE) -> AsyncIterator[list[StoredObject]]:
+        """GET Bucket (list_objects) page by page, each request starting after the last key."""
+        marker = ""
+        while True:
+            call = partial(
+                self._client.list_objects,
+                Bucket=self.bucket,
+                Prefix=prefix,
+                Marker=marker,
+                MaxKeys=min(page_size, LIST_PAGE),
+            )
+            result: dict[str, Any] = await self._call(f"list of {prefix!r}", call)
+            page = [
+                StoredObject(
+                    str(c["Key"]),
+                    int(c.get("Size") or 0),
+                    datetime.datetime.fromisoformat(str(c["LastModified"])).timestamp(),
+                )
+                for c in result.get("Contents") or []
+            ]
+            if page:
+                yield page
+            if str(result.get("IsTruncated", "false")).lower() != "true":
+                return
+            following = str(result.get("NextMarker") or (page[-1].key if page else ""))
+            if not following or following <= marker:
+                raise AppError(
+                    ErrorCode.UPSTREAM_FAILED, f"Object storage listing of {prefix!r} did not advance"
+                )
+            marker = following
 
     def url(self, key: str, expires_in: int) -> str:
         if expires_in <= 0:

@@ -22,7 +22,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Final, TypeVar
 
@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from server.config import Settings
 from server.errors import AppError, ErrorCode, NotFound
-from server.storage import validate_key
+from server.storage import LIST_PAGE, StoredObject, validate_key
 
 TYPES_DIR: Final = ".types"
 DEFAULT_CONTENT_TYPE: Final = "application/octet-stream"
@@ -136,6 +136,45 @@ class LocalStorage:
             raise ValueError("expires_in must be positive")
         exp = int(time.time()) + int(expires_in)
         return f"{self._prefix}{validate_key(key)}?exp={exp}&sig={self.sign(key, exp)}"
+
+    async def objects(self, prefix: str, page_size: int = LIST_PAGE) -> AsyncIterator[list[StoredObject]]:
+        pages = self._walk(prefix, page_size)
+        while (page := await self._io(lambda: next(pages, None))) is not None:
+            yield page
+
+    def _walk(self, prefix: str, page_size: int) -> Iterator[list[StoredObject]]:
+        """Pages of the objects under `prefix`, walking only the directories it can match;
+        hidden entries (`.types`, temporary files of writes in progress) are not objects."""
+        head = prefix.rpartition("/")[0]
+        root = str(self.root)
+        stack = [str(self.root / validate_key(head)) if head else root]
+        page: list[StoredObject] = []
+        while stack:
+            try:
+                with os.scandir(stack.pop()) as it:
+                    entries = list(it)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                key = entry.path[len(root) + 1 :].replace(os.sep, "/")
+                if entry.is_dir(follow_symlinks=False):
+                    if (key + "/").startswith(prefix) or prefix.startswith(key + "/"):
+                        stack.append(entry.path)
+                    continue
+                if not key.startswith(prefix) or not entry.is_file(follow_symlinks=False):
+                    continue
+                try:
+                    stat = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # deleted while we walked
+                page.append(StoredObject(key, stat.st_size, stat.st_mtime))
+                if len(page) >= page_size:
+                    yield page
+                    page = []
+        if page:
+            yield page
 
     async def close(self) -> None:
         return None

@@ -1,7 +1,8 @@
 """An in-process fake of Tencent Cloud COS: one bucket, objects in memory.
 
 It speaks the part of the XML API our storage uses (PUT/GET/HEAD/DELETE object,
-POST /?delete) and checks every request's `q-sign-algorithm=sha1` signature, from the
+POST /?delete, GET Bucket listing with prefix/marker/max-keys/encoding-type) and
+checks every request's `q-sign-algorithm=sha1` signature, from the
 Authorization header or from a presigned URL's query, the way COS does:
 
     SignKey      = HMAC-SHA1(SecretKey, q-key-time)
@@ -44,6 +45,7 @@ class FakeCos:
     secret_id: str
     secret_key: str
     objects: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    modified: dict[str, float] = field(default_factory=dict)  # key → unix time of its PUT
     calls: list[str] = field(default_factory=list)  # "METHOD /path" of every authorised request
     now: Callable[[], float] = time.time
     # When `hold` is set to an Event, authorised requests set `held` and wait for `hold`.
@@ -121,13 +123,17 @@ class FakeCos:
                 return self.error(request, 400, "InvalidDigest", "The Content-MD5 you specified is invalid")
         if request.method == "POST" and not key and "delete" in request.query:
             return self.multi_delete(body)
+        if request.method == "GET" and not key:
+            return self.list_objects(request)
         if not key:
             return self.error(request, 405, "MethodNotAllowed", "Only object operations are faked")
         if request.method == "PUT":
             self.objects[key] = (body, request.headers.get("Content-Type", "application/octet-stream"))
+            self.modified[key] = self.now()
             return web.Response(headers={"ETag": f'"{hashlib.md5(body).hexdigest()}"'})
         if request.method == "DELETE":
             self.objects.pop(key, None)
+            self.modified.pop(key, None)
             return web.Response(status=204)
         if request.method in ("GET", "HEAD"):
             if key not in self.objects:
@@ -143,6 +149,38 @@ class FakeCos:
         for obj in root.iter("Object"):
             key = obj.findtext("Key") or ""
             self.objects.pop(key, None)
+            self.modified.pop(key, None)
             deleted.append(f"<Deleted><Key>{escape(key)}</Key></Deleted>")
         inner = "" if quiet else "".join(deleted)
         return web.Response(text=f"<DeleteResult>{inner}</DeleteResult>", content_type="application/xml")
+
+    def list_objects(self, request: web.Request) -> web.Response:
+        """GET Bucket: keys in byte order after `marker`, at most `max-keys` (≤ 1000)."""
+        prefix, marker = request.query.get("prefix", ""), request.query.get("marker", "")
+        try:
+            max_keys = int(request.query.get("max-keys", "1000"))
+        except ValueError:
+            return self.error(request, 400, "InvalidArgument", "max-keys must be an integer")
+        if not 0 <= max_keys <= 1000:
+            return self.error(request, 400, "InvalidArgument", "max-keys must be 0..1000")
+        url_encoded = request.query.get("encoding-type") == "url"
+        encode = (lambda k: quote(k, safe="/")) if url_encoded else str
+        keys = sorted(k for k in self.objects if k.startswith(prefix) and k.encode() > marker.encode())
+        page, truncated = keys[:max_keys], len(keys) > max_keys
+        contents = "".join(
+            f"<Contents><Key>{escape(encode(k))}</Key>"
+            f"<LastModified>{time.strftime('%Y-%m-%dT%H:%M:%S.000Z', time.gmtime(self.modified.get(k, 0)))}"
+            f'</LastModified><ETag>"{hashlib.md5(self.objects[k][0]).hexdigest()}"</ETag>'
+            f"<Size>{len(self.objects[k][0])}</Size><StorageClass>STANDARD</StorageClass></Contents>"
+            for k in page
+        )
+        following = f"<NextMarker>{escape(encode(page[-1]))}</NextMarker>" if truncated and page else ""
+        body = (
+            "<?xml version='1.0' encoding='utf-8' ?>\n<ListBucketResult>"
+            f"<Name>{escape(request.host.split('.')[0])}</Name>"
+            f"{'<EncodingType>url</EncodingType>' if url_encoded else ''}"
+            f"<Prefix>{escape(encode(prefix))}</Prefix><Marker>{escape(encode(marker))}</Marker>"
+            f"<MaxKeys>{max_keys}</MaxKeys><IsTruncated>{str(truncated).lower()}</IsTruncated>"
+            f"{following}{contents}</ListBucketResult>"
+        )
+        return web.Response(text=body, content_type="application/xml")
