@@ -74,10 +74,12 @@ class ResetIn(PhoneIn):
     body=SmsCodeIn,
     response=SmsCodeOut,
     status=202,
-    errors=[E.RATE_LIMITED, E.UPSTREAM_FAILED],
+    errors=[E.RATE_LIMITED, E.UPSTREAM_FAILED, E.NOT_FOUND],
 )
 async def send_sms_code(request: web.Request, body: SmsCodeIn) -> SmsCodeOut:
-    """Send a 6-digit code (one per phone per 60 s, a daily cap per phone, a cap per IP)."""
+    """Send a 6-digit code (one per phone per 60 s, a daily cap per phone, a cap per IP).
+
+    404 NOT_FOUND when the server sends no SMS (SMS_PROVIDER=disabled)."""
     codes = request.app[auth_key].codes
     wait = await codes.request(body.phone, body.purpose, client_of(request).ip)
     return SmsCodeOut(retry_after=wait)

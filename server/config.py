@@ -122,7 +122,7 @@ class Settings(BaseSettings):
     argon2_parallelism: int = Field(1, ge=1)
     auth_hash_threads: int = Field(2, ge=1)
     # SMS codes: life, wrong tries, and the send limits.
-    sms_provider: Literal["console", "tencent"] = "console"
+    sms_provider: Literal["console", "tencent", "disabled"] = "console"
     sms_code_ttl: int = Field(300, ge=30)
     sms_code_max_tries: int = Field(5, ge=1)
     sms_resend_interval: int = Field(60, ge=0)
@@ -277,6 +277,11 @@ class Settings(BaseSettings):
             return [str(exc)]
         if self.jwt_keys.get_secret_value() and any(len(k.secret) < 32 for k in keys):
             problems.append("every JWT_KEYS secret must be at least 32 characters")
+        if self.sms_provider == "console":
+            problems.append(
+                "SMS_PROVIDER=console writes codes to the log instead of sending them: "
+                "set SMS_PROVIDER=tencent, or disabled when users log in with WeChat only"
+            )
         if self.sms_provider == "tencent" and not (
             self.tencent_secret_id
             and self.tencent_secret_key

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from server.config import Settings
-from server.keys import auth_key
+from server.keys import auth_key, redis_key
 from tests.auth_support import (
     PASSWORD,
     auth_settings,
@@ -54,6 +54,22 @@ async def test_asking_for_an_sms_code_answers_202_and_the_dev_endpoint_shows_it(
     assert await resp.json() == {"retry_after": 0}
     sent = await (await client.get("/api/v1/dev/sms/13800138000")).json()
     assert sent["purpose"] == "login" and re.fullmatch(r"\d{6}", sent["code"])
+
+
+async def test_with_sms_disabled_a_code_request_is_404_and_counts_against_no_limit(
+    aiohttp_client: Any, settings: Settings
+) -> None:
+    from server.app import create_app
+
+    app = create_app(settings.model_copy(update={"sms_provider": "disabled", "sms_ip_limit": 1}))
+    client = await aiohttp_client(app)
+    for _ in range(3):  # past the per-IP limit of 1 and the 60 s resend interval: never 429
+        resp = await client.post("/api/v1/auth/sms-codes", json={"phone": "13800138000", "purpose": "login"})
+        assert resp.status == 404
+        assert await error_code(resp) == "NOT_FOUND"
+    assert await app[redis_key].keys("auth:sms:*") == []
+    resp = await client.post("/api/v1/auth/login", json={"phone": "13800138000", "sms_code": "000000"})
+    assert resp.status == 401 and await error_code(resp) == "INVALID_CREDENTIALS"
 
 
 async def test_the_dev_endpoint_answers_404_for_a_phone_that_got_no_code(client: Any) -> None:

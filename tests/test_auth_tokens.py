@@ -197,7 +197,10 @@ def test_prod_refuses_short_jwt_keys_and_an_unconfigured_tencent_provider() -> N
     tencent = Settings(_env_file=None, jwt_keys=NEW_KEY, sms_provider="tencent", **base)  # type: ignore[call-arg]
     with pytest.raises(ConfigError, match="TENCENT_SECRET_ID"):
         tencent.check_for_start()
-    Settings(_env_file=None, jwt_keys=NEW_KEY, **base).check_for_start()  # type: ignore[call-arg]
+    console = Settings(_env_file=None, jwt_keys=NEW_KEY, **base)  # type: ignore[call-arg]
+    with pytest.raises(ConfigError, match="SMS_PROVIDER=console"):
+        console.check_for_start()
+    Settings(_env_file=None, jwt_keys=NEW_KEY, sms_provider="disabled", **base).check_for_start()  # type: ignore[call-arg]
 
 
 async def test_role_checks_read_the_token_so_a_promotion_shows_after_refresh(client: Any) -> None:

@@ -319,6 +319,7 @@ def test_prod_refuses_a_default_secret_and_embedded_servers() -> None:
         _env_file=None,
         app_env="prod",
         jwt_secret="x" * 40,
+        sms_provider="disabled",
         database_url="mysql://u:p@db:3306/w",
         redis_url="redis://r:6379/0",
     )

@@ -7,8 +7,10 @@ after SMS_CODE_MAX_TRIES wrong tries (5). It is kept in Redis as
 the allowed number of comparisons; the comparison itself is hmac.compare_digest.
 
 Providers: `console` (dev/test: logs the code and keeps the last one for
-GET /api/v1/dev/sms/{phone}) and `tencent` (tencentcloud-sdk-python-sms, whose
-blocking client runs on a small thread pool).
+GET /api/v1/dev/sms/{phone}; APP_ENV=prod refuses to start with it), `tencent`
+(tencentcloud-sdk-python-sms, whose blocking client runs on a small thread pool) and
+`disabled` (no SMS at all: asking for a code is 404 NOT_FOUND, so accounts come from
+WeChat login only).
 """
 
 from __future__ import annotations
@@ -85,6 +87,22 @@ class ConsoleSms:
         pass
 
 
+class DisabledSms:
+    """SMS_PROVIDER=disabled: this server sends no codes."""
+
+    name = "disabled"
+
+    async def send(self, phone: str, code: str, purpose: Purpose, ttl: int) -> None:
+        raise sms_disabled()
+
+    def close(self) -> None:
+        pass
+
+
+def sms_disabled() -> AppError:
+    return AppError(ErrorCode.NOT_FOUND, "This server does not send SMS codes; log in with WeChat")
+
+
 class TencentSms:
     """Tencent Cloud SMS (API 2021-01-11 SendSms), template parameters [code, minutes]."""
 
@@ -150,6 +168,8 @@ class TencentSms:
 def make_provider(settings: Settings, redis: Redis) -> SmsProvider:
     if settings.sms_provider == "tencent":
         return TencentSms(settings)
+    if settings.sms_provider == "disabled":
+        return DisabledSms()
     if settings.is_prod:
         logger.warning("SMS_PROVIDER=console in prod: codes go to the log, not to phones")
     return ConsoleSms(redis)
@@ -172,6 +192,8 @@ class SmsCodes:
 
     async def request(self, phone: str, purpose: Purpose, ip: str) -> int:
         """Send a code if the limits allow; returns the seconds before the next may be asked."""
+        if isinstance(self.provider, DisabledSms):
+            raise sms_disabled()
         await self.limits.take_sms_send(phone, ip)
         try:
             await self.issue(phone, purpose)
