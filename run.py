@@ -55,13 +55,21 @@ def embedded_services(settings: Settings) -> Iterator[Settings]:
             server.stop()
 
 
-def _run_db_command(settings: Settings, fn: Callable[[Any], Awaitable[int]]) -> int:
+def _run_db_command(
+    settings: Settings, fn: Callable[[Any], Awaitable[int]], *, migrated: bool = False
+) -> int:
+    """Run `fn(db)`; with `migrated`, first refuse a database that has migrations pending."""
     from server.db import Database
     from server.metrics import Metrics
+    from server.migrations import Migrator
 
     async def main() -> int:
         db = await Database.connect(settings.db(), settings, Metrics())
         try:
+            if migrated and (pending := await Migrator(db).pending()):
+                raise MigrationError(
+                    f"the database has {len(pending)} migration(s) pending; run `python run.py migrate` first"
+                )
             return await fn(db)
         finally:
             await db.close()
@@ -144,7 +152,7 @@ def cmd_check_quota(settings: Settings, args: argparse.Namespace) -> int:
         print(f"checked {checked} account(s): {len(problems)} difference(s)")
         return 1 if problems else 0
 
-    return _run_db_command(settings, go)
+    return _run_db_command(settings, go, migrated=True)
 
 
 def cmd_clean_files(settings: Settings, args: argparse.Namespace) -> int:
@@ -166,7 +174,7 @@ def cmd_clean_files(settings: Settings, args: argparse.Namespace) -> int:
         print(f"scanned {report.scanned} object(s); {verb} {counts}; {report.unknown} unknown left alone")
         return 0
 
-    return _run_db_command(settings, go)
+    return _run_db_command(settings, go, migrated=True)
 
 
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {

@@ -398,3 +398,23 @@ async def test_check_quota_reports_a_tampered_balance_and_exits_non_zero(
     code, out = await check()
     assert code == 1
     assert f"user {uid}: balance vs ledger: recorded 26, expected 25" in out
+
+
+@pytest.mark.parametrize("command", ["check-quota", "clean-files"])
+async def test_maintenance_commands_on_an_unmigrated_database_say_to_migrate(
+    settings: Settings, command: str
+) -> None:
+    import sys
+
+    from tests.conftest import ROOT
+
+    # No app was started on this test's database, so it has no tables yet.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "run.py", command, cwd=ROOT,
+        env={"DATABASE_URL": str(settings.database_url), "REDIS_URL": str(settings.redis_url), "PATH": ""},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    assert proc.returncode == 2, out.decode()
+    assert out.decode().strip().endswith("pending; run `python run.py migrate` first")
+    assert "Traceback" not in out.decode()
