@@ -37,7 +37,7 @@ def vendor_settings(fake: FakeVendor, **limits: Any) -> dict[str, Any]:
         "kind": "http",
         "base_url": f"{fake.base_url}/http",
         "api_key": fake.api_key,
-        "operations": {"enhance": ["image"]},
+        "operations": {"enhance": ["image"], "merge": ["images[]"]},
         "concurrency": 5,
         "retries": 0,
         "breaker_threshold": 0,
@@ -226,6 +226,44 @@ async def test_cancel_stops_the_vendor_call_and_returns_the_credits(
     again = await client.post(f"/api/v1/tasks/{task_id}/cancel", headers=user.headers)
     assert again.status == 409 and await error_code(again) == "CONFLICT"
     assert (await user.task(task_id))["status"] == "cancelled"
+
+
+async def test_a_cancel_during_a_join_records_the_combiner_step_as_cancelled(
+    user: User, client: Any, fake: FakeVendor
+) -> None:
+    def style(step_id: str) -> dict[str, Any]:
+        return {"id": step_id, "type": "call", "vendor": "local", "operation": "style",
+                "inputs": {"image": "$input.image"}, "params": {"filter": "mono"}}  # fmt: skip
+
+    pipeline = {
+        "steps": [
+            {"id": "fan", "type": "fork", "branches": [style("a"), style("b")]},
+            {
+                "id": "merge",
+                "type": "join",
+                "fork": "fan",
+                "combiner": {"vendor": "fake", "operation": "merge", "input": "images"},
+            },
+        ],
+        "output": "merge",
+    }
+    await add_feature(client, "fake-merge", pipeline, cost=1)
+    await user.grant(1)
+    photo = await user.upload(image_bytes("olive", (64, 64)))
+    fake.hold = asyncio.Event()  # only the combiner goes to the fake
+    task_id = (await (await user.create("fake-merge", {"image": photo["id"]}, "merge")).json())["id"]
+    await fake.until(lambda: fake.in_flight == 1)
+    resp = await client.post(f"/api/v1/tasks/{task_id}/cancel", headers=user.headers)
+    assert (await resp.json())["status"] == "cancelled"
+
+    async def steps() -> dict[str, str]:
+        return {s["id"]: s["status"] for s in (await user.task(task_id))["steps"]}
+
+    async with asyncio.timeout(5):  # the run stops at its next await
+        while (await steps())["merge"] == "running":  # noqa: ASYNC110 - the API, not an event
+            await asyncio.sleep(0.02)
+    assert await steps() == {"a": "succeeded", "b": "succeeded", "fan": "succeeded", "merge": "cancelled"}
+    fake.hold.set()
 
 
 async def test_20_tasks_forking_10_branches_never_exceed_the_vendors_limit_of_5(

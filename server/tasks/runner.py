@@ -122,27 +122,42 @@ class PipelineRun:
                 await asyncio.sleep(0.05 * 2**attempt * (0.5 + random.random()))
         raise AssertionError("unreachable")
 
+    async def _vendor_step(
+        self,
+        step_id: str,
+        vendor: str,
+        operation: str,
+        inputs: Callable[[], Mapping[str, Any]],
+        params: Mapping[str, Any],
+        parent: str | None,
+    ) -> VendorResult:
+        """One vendor call as a step: running, then succeeded (with progress), failed or cancelled.
+        `inputs` is resolved inside, so a step whose inputs cannot be built is recorded as failed."""
+        await self._step(step_id, "running", parent=parent, vendor=vendor, operation=operation)
+        try:
+            out = await self._vendor(vendor, operation, inputs(), params)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._step(step_id, "cancelled"))
+            raise
+        except Exception as exc:
+            await self._step(step_id, "failed", error=_describe(exc))
+            raise
+        await self._step(step_id, "succeeded")
+        await self._progress()
+        return out
+
     async def _call(
         self, step: CallStep, outputs: dict[str, VendorResult], parent: str | None = None
     ) -> VendorResult:
-        await self._step(step.id, "running", parent=parent, vendor=step.vendor, operation=step.operation)
-        try:
-            inputs = {
+        def inputs() -> dict[str, Any]:
+            return {
                 name: self._resolve(v, outputs)
                 if isinstance(v, str)
                 else [self._resolve(r, outputs) for r in v]
                 for name, v in step.inputs.items()
             }
-            out = await self._vendor(step.vendor, step.operation, inputs, step.params)
-        except asyncio.CancelledError:
-            await asyncio.shield(self._step(step.id, "cancelled"))
-            raise
-        except Exception as exc:
-            await self._step(step.id, "failed", error=_describe(exc))
-            raise
-        await self._step(step.id, "succeeded")
-        await self._progress()
-        return out
+
+        return await self._vendor_step(step.id, step.vendor, step.operation, inputs, step.params, parent)
 
     async def _fork(self, step: ForkStep, outputs: dict[str, VendorResult]) -> list[VendorResult]:
         """Run the branches; what counts as done depends on the join's mode."""
@@ -185,17 +200,14 @@ class PipelineRun:
         c: Combiner | None = step.combiner
         if c is None:
             return branch_outputs[0]
-        await self._step(step.id, "running", parent=step.fork, vendor=c.vendor, operation=c.operation)
-        try:
-            out = await self._vendor(
-                c.vendor, c.operation, {c.input: [o.data for o in branch_outputs]}, c.params
-            )
-        except Exception as exc:
-            await self._step(step.id, "failed", error=_describe(exc))
-            raise
-        await self._step(step.id, "succeeded")
-        await self._progress()
-        return out
+        return await self._vendor_step(
+            step.id,
+            c.vendor,
+            c.operation,
+            lambda: {c.input: [o.data for o in branch_outputs]},
+            c.params,
+            step.fork,
+        )
 
     async def execute(self) -> VendorResult:
         outputs: dict[str, VendorResult] = {}
