@@ -35,6 +35,7 @@ from server.storage import Storage, StoredObject
 from server.vendors.setup import INPUT_PREFIX
 
 ASSET_PREFIX = "u/"
+VENDOR_INPUT_PREFIX = f"{INPUT_PREFIX}/"
 VENDOR_INPUT_MARGIN_S = 3600
 _ASSET_KEY = re.compile(r"u/[0-9]+/([0-9a-f]{24})\.[a-z0-9]+")
 
@@ -43,7 +44,7 @@ _ASSET_KEY = re.compile(r"u/[0-9]+/([0-9a-f]{24})\.[a-z0-9]+")
 class OrphanReport:
     scanned: int = 0
     unknown: int = 0  # keys under u/ that are not an asset's; left alone
-    orphans: dict[str, list[str]] = field(default_factory=lambda: {ASSET_PREFIX: [], f"{INPUT_PREFIX}/": []})
+    orphans: dict[str, list[str]] = field(default_factory=dict)  # prefix → keys, every prefix listed
 
     @property
     def found(self) -> int:
@@ -87,9 +88,10 @@ async def clean_orphans(
     report = OrphanReport()
     bars = {
         ASSET_PREFIX: now - settings.orphan_file_min_age,
-        f"{INPUT_PREFIX}/": now - settings.vendor_input_url_ttl - VENDOR_INPUT_MARGIN_S,
+        VENDOR_INPUT_PREFIX: now - settings.vendor_input_url_ttl - VENDOR_INPUT_MARGIN_S,
     }
     for prefix, before in bars.items():
+        found = report.orphans[prefix] = []
         async for page in storage.objects(prefix):
             report.scanned += len(page)
             if prefix == ASSET_PREFIX:
@@ -101,7 +103,7 @@ async def clean_orphans(
                 await storage.delete(orphans)
                 if on_delete is not None:
                     on_delete(prefix, len(orphans))
-            report.orphans[prefix].extend(orphans)
+            found.extend(orphans)
     return report
 
 
