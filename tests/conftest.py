@@ -3,8 +3,10 @@ uses (server/embedded.py); each test gets its own database and Redis db."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -22,6 +24,24 @@ from server.embedded import EmbeddedMariaDB, EmbeddedRedis
 from tests.fakes.vendor import FakeVendor
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+async def run_command(settings: Settings, *args: str, **env: str) -> tuple[int, str]:
+    """`python run.py *args` on this test's database and Redis (plus `env`): exit code, output."""
+    database = {"DATABASE_URL": str(settings.database_url), "REDIS_URL": str(settings.redis_url)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "run.py",
+        *args,
+        cwd=ROOT,
+        env={**database, "PATH": "", **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode()
+
+
 _redis_db = itertools.count(1)
 
 

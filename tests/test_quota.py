@@ -23,7 +23,7 @@ from server.errors import AppError, ErrorCode
 from server.keys import actor_system_key, cron_key, db_key, redis_key
 from server.quota import Cancel, Confirm, Grant, QuotaState, Reservation, Reserve, Snapshot, check_all
 from server.sweeper import EXPIRED_REASON
-from tests.conftest import Services
+from tests.conftest import Services, run_command
 
 _user_ids = itertools.count(1000)
 
@@ -367,35 +367,14 @@ async def test_a_process_killed_between_reserve_and_confirm_leaves_a_reservation
 async def test_check_quota_reports_a_tampered_balance_and_exits_non_zero(
     client: Any, app: web.Application, settings: Settings, services: Services, database: str
 ) -> None:
-    import sys
-
-    from tests.conftest import ROOT
-
     uid = next(_user_ids)
     await user(app, uid).ask(Grant(25, "grant"))
 
-    async def check() -> tuple[int, str]:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "run.py",
-            "check-quota",
-            cwd=ROOT,
-            env={
-                "DATABASE_URL": str(settings.database_url),
-                "REDIS_URL": str(settings.redis_url),
-                "PATH": "",
-            },
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        out, _ = await proc.communicate()
-        return proc.returncode or 0, out.decode()
-
-    code, out = await check()
+    code, out = await run_command(settings, "check-quota")
     assert code == 0, out
     assert "0 difference(s)" in out
     services.query(database, "UPDATE quota_accounts SET balance = balance + 1 WHERE user_id = %s", uid)
-    code, out = await check()
+    code, out = await run_command(settings, "check-quota")
     assert code == 1
     assert f"user {uid}: balance vs ledger: recorded 26, expected 25" in out
 
@@ -404,17 +383,8 @@ async def test_check_quota_reports_a_tampered_balance_and_exits_non_zero(
 async def test_maintenance_commands_on_an_unmigrated_database_say_to_migrate(
     settings: Settings, command: str
 ) -> None:
-    import sys
-
-    from tests.conftest import ROOT
-
     # No app was started on this test's database, so it has no tables yet.
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "run.py", command, cwd=ROOT,
-        env={"DATABASE_URL": str(settings.database_url), "REDIS_URL": str(settings.redis_url), "PATH": ""},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await proc.communicate()
-    assert proc.returncode == 2, out.decode()
-    assert out.decode().strip().endswith("pending; run `python run.py migrate` first")
-    assert "Traceback" not in out.decode()
+    code, out = await run_command(settings, command)
+    assert code == 2, out
+    assert out.strip().endswith("pending; run `python run.py migrate` first")
+    assert "Traceback" not in out

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ from server.orphans import clean_orphan_files, clean_orphans
 from server.storage import InvalidKey, Storage, create_storage
 from server.storage.cos import CosStorage
 from server.storage.local import LocalStorage, derive_url_secret, url_secret
+from tests.conftest import run_command
 from tests.fakes.cos import FakeCos
 
 SECRET_ID = "AKIDfakeWardrobe0001"
@@ -362,6 +362,12 @@ async def test_cos_listing_follows_the_marker_with_signed_requests(
 DAY = 86_400
 
 
+def _backdate(storage: LocalStorage, key: str, seconds: float) -> None:
+    """Make the file of `key` look written `seconds` ago."""
+    stamp = time.time() - seconds
+    os.utime(storage.path_for(key), (stamp, stamp))
+
+
 def _asset_id(age: float) -> str:
     return f"{int((time.time() - age) * 1000):012x}{os.urandom(6).hex()}"
 
@@ -382,8 +388,7 @@ async def test_the_cleanup_deletes_only_old_files_that_nothing_refers_to(
 
     def age(key: str, seconds: float) -> None:
         if isinstance(storage, LocalStorage):
-            stamp = time.time() - seconds
-            os.utime(storage.path_for(key), (stamp, stamp))
+            _backdate(storage, key, seconds)
         else:
             assert fake_cos is not None
             fake_cos.modified[key] -= seconds
@@ -429,8 +434,7 @@ async def test_the_cron_job_counts_what_it_deleted_on_metrics(client: TestClient
     assert isinstance(storage, LocalStorage)
     key = f"u/7/{_asset_id(2 * DAY)}.png"
     await storage.put(key, PNG, "image/png")
-    stamp = time.time() - 2 * DAY
-    os.utime(storage.path_for(key), (stamp, stamp))
+    _backdate(storage, key, 2 * DAY)
     assert await clean_orphan_files(client.app) == 1
     assert not await storage.exists(key)
     text = await (await client.get("/metrics")).text()
@@ -441,27 +445,16 @@ async def test_the_cron_job_counts_what_it_deleted_on_metrics(client: TestClient
 async def test_run_py_clean_files_lists_with_dry_run_then_deletes(
     client: TestClient[Any, Any], settings: Settings, tmp_path: Path
 ) -> None:
-    from tests.conftest import ROOT  # `client`: an app started on this database has migrated it
-
+    # `client`: an app started on this database has migrated it
     storage = LocalStorage.from_settings(settings)  # var_dir is tmp_path
     key = f"u/7/{_asset_id(2 * DAY)}.png"
     await storage.put(key, PNG, "image/png")
-    stamp = time.time() - 2 * DAY
-    os.utime(storage.path_for(key), (stamp, stamp))
+    _backdate(storage, key, 2 * DAY)
 
-    async def clean(*flags: str) -> str:
-        env = {"DATABASE_URL": str(settings.database_url), "REDIS_URL": str(settings.redis_url)}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "run.py", "clean-files", *flags, cwd=ROOT,
-            env={**env, "VAR_DIR": str(tmp_path), "PATH": ""},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        out, _ = await proc.communicate()
-        assert proc.returncode == 0, out.decode()
-        return out.decode()
-
-    out = await clean("--dry-run")
+    code, out = await run_command(settings, "clean-files", "--dry-run", VAR_DIR=str(tmp_path))
+    assert code == 0, out
     assert key in out and "would delete 1 under u/, 0 under vendor-inputs/" in out
     assert await storage.exists(key)
-    assert "deleted 1 under u/" in await clean()
+    code, out = await run_command(settings, "clean-files", VAR_DIR=str(tmp_path))
+    assert code == 0 and "deleted 1 under u/" in out, out
     assert not await storage.exists(key)
