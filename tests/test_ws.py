@@ -306,9 +306,11 @@ async def test_a_lost_pubsub_connection_is_caught_up_from_the_stream(
     await ws.close()
 
 
-async def test_events_are_kept_for_the_retention_time_even_beyond_keep_min(
-    aiohttp_client: Any, make_settings: Callable[..., Settings]
-) -> None:
+async def twenty_events_then_one(
+    aiohttp_client: Any, make_settings: Callable[..., Settings], later: float
+) -> tuple[Client, int, str]:
+    """An app keeping ≥ 5 events and 1 h of them; a user with 20 events published now and
+    the 21st `later` seconds on (the stream's clock is pinned, then moved)."""
     client = await aiohttp_client(
         create_app(ws_settings(make_settings, events_keep_min=5, events_retention_hours=1))
     )
@@ -318,8 +320,16 @@ async def test_events_are_kept_for_the_retention_time_even_beyond_keep_min(
     streams.clock = lambda: now
     for i in range(20):
         await publish(client, uid, "e", {"i": i})
-    streams.clock = lambda: now + 1800  # half an hour later: all 20 still in the window
+    streams.clock = lambda: now + later
     await publish(client, uid, "e", {"i": 20})
+    return client, uid, token
+
+
+async def test_events_are_kept_for_the_retention_time_even_beyond_keep_min(
+    aiohttp_client: Any, make_settings: Callable[..., Settings]
+) -> None:
+    # half an hour later: all 20 still in the window
+    client, _, token = await twenty_events_then_one(aiohttp_client, make_settings, later=1800)
     ws, _ = await connect(client, token)
     await ws.send_json({"type": "resume", "after_seq": 0})
     await expect_events(ws, range(1, 22))
@@ -330,18 +340,9 @@ async def test_events_are_kept_for_the_retention_time_even_beyond_keep_min(
 async def test_a_resume_older_than_what_is_kept_gets_a_reset_then_live_events(
     aiohttp_client: Any, make_settings: Callable[..., Settings]
 ) -> None:
-    client = await aiohttp_client(
-        create_app(ws_settings(make_settings, events_keep_min=5, events_retention_hours=1))
-    )
-    uid, token = await account(client)
-    streams = hub(client).streams
-    now = time.time()
-    streams.clock = lambda: now
-    for i in range(20):
-        await publish(client, uid, "e", {"i": i})
-    streams.clock = lambda: now + 2 * 3600  # two hours later: only the last 5 are kept
-    await publish(client, uid, "e", {"i": 20})
-    assert await streams.first_kept(uid) == 17
+    # two hours later: only the last 5 are kept
+    client, uid, token = await twenty_events_then_one(aiohttp_client, make_settings, later=2 * 3600)
+    assert await hub(client).streams.first_kept(uid) == 17
 
     ws, _ = await connect(client, token)
     await ws.send_json({"type": "resume", "after_seq": 3})
