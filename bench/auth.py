@@ -36,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._support import free_port, pin, wait_until_up  # noqa: E402
+from bench._support import free_port, pin, services, wait_until_up  # noqa: E402
 
 BARE_USER = {
     "id": "1",
@@ -172,30 +172,9 @@ def sign_up(base: str) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    from server.embedded import EmbeddedMariaDB, EmbeddedRedis, ensure_database
-
-    var = ROOT / "var" / "bench"
-    mariadb, redis = EmbeddedMariaDB(var, fast=True), EmbeddedRedis(var, persist=False)
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        mariadb.start()
-        redis.start()
-        ensure_database(mariadb, "bench_auth")
-        mariadb_conn = __import__("pymysql").connect(unix_socket=str(mariadb.socket), user="root")
-        with mariadb_conn.cursor() as cur:  # a fresh database each run
-            cur.execute("DROP DATABASE bench_auth")
-            cur.execute("CREATE DATABASE bench_auth CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
-        mariadb_conn.close()
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "ADMIN_"))},
-            "APP_ENV": "test",
-            "DATABASE_URL": mariadb.url("bench_auth"),
-            "REDIS_URL": redis.url(15),
-            "LOG_LEVEL": "WARNING",
-            "CRON_ENABLED": "false",
-            "SMS_RESEND_INTERVAL": "0",
-        }
-        __import__("redis").Redis(unix_socket_path=str(redis.socket), db=15).flushdb()
+    with services("bench_auth", redis_db=15) as ready:
+        env = {**ready.env, "SMS_RESEND_INTERVAL": "0"}
+        procs = ready.procs
         app_port, bare_port, redis_only_port = free_port(), free_port(), free_port()
         for mode, port, extra in (
             ("--serve-app", app_port, {}),
@@ -228,12 +207,6 @@ def main(args: argparse.Namespace) -> None:
                 best[name] = max(best[name], got["rps"])
                 errors += got["errors"]
         report(best, errors, args)
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(10)
-        redis.stop()
-        mariadb.stop()
 
 
 ROWS = (

@@ -44,7 +44,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._support import free_port, pin, wait_until_up  # noqa: E402
+from bench._support import free_port, pin, services, wait_until_up  # noqa: E402
 
 SLICE = 100  # events per publish_many call of the bench's publisher
 DATA = {"task_id": "tsk_3k9f02a7", "step": "tryon", "progress": 0.5, "message": "rendering"}
@@ -380,34 +380,10 @@ def run_client(
 
 
 def main(args: argparse.Namespace) -> None:
-    import pymysql
-    import redis as redis_sync
-
-    from server.embedded import EmbeddedMariaDB, EmbeddedRedis, ensure_database
-
     raise_nofile()
-    var = ROOT / "var" / "bench"
-    mariadb, redis = EmbeddedMariaDB(var, fast=True), EmbeddedRedis(var, persist=False)
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        mariadb.start()
-        redis.start()
-        ensure_database(mariadb, "bench_ws")
-        conn = pymysql.connect(unix_socket=str(mariadb.socket), user="root")
-        with conn.cursor() as cur:  # a fresh database each run
-            cur.execute("DROP DATABASE bench_ws")
-            cur.execute("CREATE DATABASE bench_ws CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
-        conn.close()
-        redis_sync.Redis(unix_socket_path=str(redis.socket), db=14).flushdb()
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "ADMIN_"))},
-            "APP_ENV": "test",
-            "DATABASE_URL": mariadb.url("bench_ws"),
-            "REDIS_URL": redis.url(14),
-            "LOG_LEVEL": "WARNING",
-            "CRON_ENABLED": "false",
-            "JWT_SECRET": "bench-ws-secret-0123456789abcdef0123456789",
-        }
+    with services("bench_ws", redis_db=14) as ready:
+        env = {**ready.env, "JWT_SECRET": "bench-ws-secret-0123456789abcdef0123456789"}
+        procs, redis = ready.procs, ready.redis
         app_port, bare_port = free_port(), free_port()
         for mode, port in (("--serve-app", app_port), ("--serve-bare", bare_port)):
             procs.append(subprocess.Popen([sys.executable, __file__, mode, "--port", str(port)], env=env))
@@ -437,12 +413,6 @@ def main(args: argparse.Namespace) -> None:
                     best[target] = got
         if len(targets) == 2:
             report(best, paced, args)
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(10)
-        redis.stop()
-        mariadb.stop()
 
 
 ROWS = (("bare", "bare aiohttp broadcast loop"), ("app", "app: publish → Redis → hub → socket"))
