@@ -20,13 +20,17 @@ from redis.asyncio import Redis
 from server.config import Settings
 from server.errors import AppError, ErrorCode
 
-# KEYS: gap, day, ip. ARGV: gap seconds, daily cap, day window, ip cap, ip window.
-_SMS_SEND = """
+# Milliseconds until key k expires (1000 when it has no expiry): the Retry-After of a refusal.
+_LEFT = """
 local function left(k)
   local t = redis.call('PTTL', k)
   if t < 0 then return 1000 end
   return t
 end
+"""
+
+# KEYS: gap, day, ip. ARGV: gap seconds, daily cap, day window, ip cap, ip window.
+_SMS_SEND = _LEFT + """
 if tonumber(ARGV[1]) > 0 and redis.call('EXISTS', KEYS[1]) == 1 then return {1, left(KEYS[1])} end
 if tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(ARGV[2]) then return {2, left(KEYS[2])} end
 if tonumber(redis.call('GET', KEYS[3]) or '0') >= tonumber(ARGV[4]) then return {3, left(KEYS[3])} end
@@ -37,12 +41,7 @@ return {0, 0}
 """
 
 # KEYS: phone, ip. ARGV: phone max, ip max, window.
-_LOGIN_TAKE = """
-local function left(k)
-  local t = redis.call('PTTL', k)
-  if t < 0 then return 1000 end
-  return t
-end
+_LOGIN_TAKE = _LEFT + """
 if tonumber(redis.call('GET', KEYS[1]) or '0') >= tonumber(ARGV[1]) then return {1, left(KEYS[1])} end
 if tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(ARGV[2]) then return {2, left(KEYS[2])} end
 for i = 1, 2 do
