@@ -20,7 +20,8 @@ from redis.asyncio import Redis
 from server.config import Settings
 from server.errors import AppError, ErrorCode
 
-# Milliseconds until key k expires (1000 when it has no expiry): the Retry-After of a refusal.
+# Prepended to the scripts that refuse: milliseconds until key k expires (1000 when it has
+# no expiry), the Retry-After of a refusal.
 _LEFT = """
 local function left(k)
   local t = redis.call('PTTL', k)
@@ -30,7 +31,7 @@ end
 """
 
 # KEYS: gap, day, ip. ARGV: gap seconds, daily cap, day window, ip cap, ip window.
-_SMS_SEND = _LEFT + """
+_SMS_SEND = """
 if tonumber(ARGV[1]) > 0 and redis.call('EXISTS', KEYS[1]) == 1 then return {1, left(KEYS[1])} end
 if tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(ARGV[2]) then return {2, left(KEYS[2])} end
 if tonumber(redis.call('GET', KEYS[3]) or '0') >= tonumber(ARGV[4]) then return {3, left(KEYS[3])} end
@@ -41,7 +42,7 @@ return {0, 0}
 """
 
 # KEYS: phone, ip. ARGV: phone max, ip max, window.
-_LOGIN_TAKE = _LEFT + """
+_LOGIN_TAKE = """
 if tonumber(redis.call('GET', KEYS[1]) or '0') >= tonumber(ARGV[1]) then return {1, left(KEYS[1])} end
 if tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(ARGV[2]) then return {2, left(KEYS[2])} end
 for i = 1, 2 do
@@ -78,8 +79,8 @@ class Limits:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
-        self._sms_send = redis.register_script(_SMS_SEND)
-        self._login_take = redis.register_script(_LOGIN_TAKE)
+        self._sms_send = redis.register_script(_LEFT + _SMS_SEND)
+        self._login_take = redis.register_script(_LEFT + _LOGIN_TAKE)
         self._login_give_back = redis.register_script(_LOGIN_GIVE_BACK)
 
     async def take_sms_send(self, phone: str, ip: str) -> None:
