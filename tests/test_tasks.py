@@ -124,6 +124,25 @@ def enhance(step_id: str, ref: str = "$input.image") -> dict[str, Any]:
     return {"id": step_id, "type": "call", "vendor": "fake", "operation": "enhance", "inputs": {"image": ref}}
 
 
+async def held_task(user: User, client: Any, fake: FakeVendor, slug: str, cost: int) -> str:
+    """A one-step task on the fake vendor, its call in flight and held there; its id."""
+    await add_feature(client, slug, {"steps": [enhance("e")], "output": "e"}, cost=cost)
+    await user.grant(cost)
+    photo = await user.upload(image_bytes("purple"))
+    fake.hold = asyncio.Event()
+    task_id = str((await (await user.create(slug, {"image": photo["id"]}, slug)).json())["id"])
+    await fake.until(lambda: fake.in_flight == 1)
+    return task_id
+
+
+async def until_vendor_idle(app: web.Application) -> None:
+    """Until the fake vendor's actor has no call in flight (the runner stopped it), ≤ 5 s."""
+    vendor = app[vendors_key].actor("fake")
+    async with asyncio.timeout(5):
+        while vendor.in_flight:  # noqa: ASYNC110 - a counter, not an event
+            await asyncio.sleep(0.01)
+
+
 async def test_a_try_on_runs_end_to_end_serves_its_output_and_charges_once(
     user: User, services: Services, database: str
 ) -> None:
@@ -208,20 +227,12 @@ async def test_a_vendor_answering_500_fails_the_task_and_returns_the_credits(
 async def test_cancel_stops_the_vendor_call_and_returns_the_credits(
     user: User, client: Any, app: web.Application, fake: FakeVendor
 ) -> None:
-    await add_feature(client, "fake-slow", {"steps": [enhance("e")], "output": "e"}, cost=4)
-    await user.grant(4)
-    photo = await user.upload(image_bytes("purple"))
-    fake.hold = asyncio.Event()
-    task_id = (await (await user.create("fake-slow", {"image": photo["id"]}, "to-cancel")).json())["id"]
-    await fake.until(lambda: fake.in_flight == 1)
+    task_id = await held_task(user, client, fake, "fake-slow", cost=4)
     resp = await client.post(f"/api/v1/tasks/{task_id}/cancel", headers=user.headers)
     assert resp.status == 200, await resp.text()
     assert (await resp.json())["status"] == "cancelled"
     assert await user.quota() == QuotaState(4, 0)
-    vendor = app[vendors_key].actor("fake")
-    async with asyncio.timeout(5):  # the runner stopped its in-flight call and freed the slot
-        while vendor.in_flight:  # noqa: ASYNC110 - a counter, not an event
-            await asyncio.sleep(0.01)
+    await until_vendor_idle(app)  # the runner stopped its in-flight call and freed the slot
     fake.hold.set()  # the fake's handler itself is not cancelled by aiohttp when we hang up
     again = await client.post(f"/api/v1/tasks/{task_id}/cancel", headers=user.headers)
     assert again.status == 409 and await error_code(again) == "CONFLICT"
@@ -459,18 +470,10 @@ async def test_a_cancel_through_another_instance_stops_the_run_where_it_is(
     user: User, client: Any, app: web.Application, aiohttp_client: Any, settings: Settings, fake: FakeVendor
 ) -> None:
     other = await aiohttp_client(create_app(settings))
-    await add_feature(client, "fake-held", {"steps": [enhance("e")], "output": "e"}, cost=2)
-    await user.grant(2)
-    photo = await user.upload(image_bytes("gold"))
-    fake.hold = asyncio.Event()
-    task_id = (await (await user.create("fake-held", {"image": photo["id"]}, "elsewhere")).json())["id"]
-    await fake.until(lambda: fake.in_flight == 1)
+    task_id = await held_task(user, client, fake, "fake-held", cost=2)
     resp = await other.post(f"/api/v1/tasks/{task_id}/cancel", headers=user.headers)
     assert resp.status == 200 and (await resp.json())["status"] == "cancelled"
-    vendor = app[vendors_key].actor("fake")
-    async with asyncio.timeout(5):  # within one lease renewal (≤ 2 s)
-        while vendor.in_flight:  # noqa: ASYNC110 - a counter, not an event
-            await asyncio.sleep(0.02)
+    await until_vendor_idle(app)  # within one lease renewal (≤ 2 s)
     fake.hold.set()
     assert await user.quota() == QuotaState(2, 0)
 
