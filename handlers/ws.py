@@ -25,7 +25,7 @@ from server.config import Settings
 from server.errors import AppError, ErrorCode
 from server.hub import RedisEventHub, Session
 from server.hub.session import AUTH_TIMEOUT, TOO_MANY, UNAUTHENTICATED, UNAVAILABLE, rfc3339
-from server.keys import live_hub_key, settings_key
+from server.keys import hub_key, settings_key
 from server.routing import RouteTable, parse_uint
 
 routes = RouteTable(tags=["events"], auth="public")
@@ -69,7 +69,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     Frames and close codes: docs/websocket.md. Browsers must come from this host or an
     origin in WS_ALLOWED_ORIGINS (403 otherwise); clients without Origin are allowed."""
     settings = request.app[settings_key]
-    hub = request.app[live_hub_key]
+    hub = request.app[hub_key]
     if not origin_allowed(request, settings):
         raise AppError(ErrorCode.FORBIDDEN, "This Origin may not open the WebSocket")
     ws = web.WebSocketResponse(
@@ -80,8 +80,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     )
     if not ws.can_prepare(request).ok:
         raise AppError(ErrorCode.MALFORMED_REQUEST, "This endpoint speaks WebSocket only")
-    stream = await ws.prepare(request)
-    session = hub.open_session(ws, request, stream)
+    await ws.prepare(request)
+    session = hub.open_session(ws, request)
     try:
         session.start()
         if len(hub.sessions) > settings.ws_max_connections:

@@ -1,8 +1,9 @@
 """The event hub interface: `publish(user_id, event, data)`.
 
 Actors and services publish per-user events (`quota.changed`, `task.updated`, …)
-through this interface; the WebSocket issue replaces `NullHub` with a hub that
-numbers events per user across instances and streams them to sockets.
+through this interface. The app's hub is `server.hub.RedisEventHub` (`app[hub_key]`):
+it numbers events per user across instances and streams them to sockets. `NullHub`
+drops them, for code run without the app's hub.
 """
 
 from __future__ import annotations
@@ -19,17 +20,7 @@ class EventHub(Protocol):
 
 
 class NullHub:
-    """Drops events (logged at DEBUG) until a real hub is configured."""
+    """Drops events (logged at DEBUG): for code run without the app's hub (bench/quota.py)."""
 
     async def publish(self, user_id: int, event: str, data: dict[str, Any]) -> None:
         logger.debug("event {} for user {}: {}", event, user_id, data)
-
-
-class RecordingHub:
-    """Keeps every event in memory, in order; for tests and the dashboard's debug view."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[int, str, dict[str, Any]]] = []
-
-    async def publish(self, user_id: int, event: str, data: dict[str, Any]) -> None:
-        self.events.append((user_id, event, data))

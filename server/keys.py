@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     from server.config import Settings
     from server.cron import CronRunner
     from server.db import Database
-    from server.events import EventHub
     from server.features import FeatureStore
     from server.hub import RedisEventHub
     from server.metrics import Metrics
@@ -32,7 +31,7 @@ redis_key: web.AppKey[Redis] = web.AppKey("redis")
 migrator_key: web.AppKey[Migrator] = web.AppKey("migrator")
 route_specs_key: web.AppKey[list[RouteSpec]] = web.AppKey("route_specs")
 actor_system_key: web.AppKey[ActorSystem] = web.AppKey("actor_system")
-hub_key: web.AppKey[EventHub] = web.AppKey("event_hub")
+hub_key: web.AppKey[RedisEventHub] = web.AppKey("event_hub")  # publish, and the sockets' side
 cron_key: web.AppKey[CronRunner] = web.AppKey("cron")
 instance_id_key: web.AppKey[str] = web.AppKey("instance_id")
 features_key: web.AppKey[FeatureStore] = web.AppKey("features")
@@ -48,9 +47,6 @@ principal_key: web.RequestKey[Principal] = web.RequestKey("principal")
 
 # Storage (issue 6): the backend STORAGE_BACKEND picks (server/storage).
 storage_key: web.AppKey[Storage] = web.AppKey("storage")
-
-# Live events (issue 7): the hub's socket side (hub_key above is its publishing side).
-live_hub_key: web.AppKey[RedisEventHub] = web.AppKey("live_hub")
 
 # Vendors (issue 6): one VendorActor per configured AI vendor (server/vendors/setup.py).
 vendors_key: web.AppKey[Vendors] = web.AppKey("vendors")

@@ -3,11 +3,7 @@
 At most REDIS_MAX_CONNECTIONS connections per process; a call that finds them all busy
 waits up to REDIS_TIMEOUT for one, then fails with `Busy` (503 BUSY, Retry-After).
 
-With hiredis installed (a dependency), redis-py parses replies in C on its own; its
-asyncio connections still pack commands in Python (~1.4 µs an argument, growing with
-the command). `connect_redis` has them pack with hiredis too (~0.25 µs an argument;
-redis-py's own `HiredisRespSerializer` takes the odd argument hiredis refuses): event
-publishing sends hundreds of arguments per call (server/hub/stream.py).
+With hiredis installed (a dependency), redis-py parses replies with it on its own.
 """
 
 from __future__ import annotations
@@ -17,36 +13,12 @@ import contextlib
 from collections import deque
 from typing import Any, cast
 
-import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
-from redis.connection import HiredisRespSerializer
 from redis.exceptions import MaxConnectionsError
 
 from server.config import Settings
 from server.errors import Busy
-
-_PACKER = HiredisRespSerializer()  # hiredis >= 3.2 is a dependency (setup.cfg)
-_PACKING: dict[type[AbstractConnection], type[AbstractConnection]] = {}
-
-
-def _pack_command(self: AbstractConnection, *args: Any) -> list[bytes]:
-    if isinstance(args[0], str):  # "SCRIPT EXISTS" and the like go as separate words
-        args = (*args[0].encode().split(), *args[1:])
-    elif b" " in args[0]:
-        args = (*args[0].split(), *args[1:])
-    try:
-        return [cast(bytes, hiredis.pack_command(args))]
-    except TypeError:  # a bytearray (converted there), or a bool or None (DataError there)
-        packed: list[bytes] = _PACKER.pack(*args)
-        return packed
-
-
-def _hiredis_packing(base: type[AbstractConnection]) -> type[AbstractConnection]:
-    """`base` (TCP, unix or TLS connection) with `pack_command` done by hiredis."""
-    if base not in _PACKING:
-        _PACKING[base] = type(f"Hiredis{base.__name__}", (base,), {"pack_command": _pack_command})
-    return _PACKING[base]
 
 
 class _Pool(ConnectionPool):
@@ -107,7 +79,6 @@ def connect_redis(url: str, settings: Settings) -> Redis:
         health_check_interval=30,
         decode_responses=False,
     )
-    pool.connection_class = _hiredis_packing(pool.connection_class)
     return Redis.from_pool(pool)
 
 

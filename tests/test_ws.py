@@ -22,7 +22,7 @@ from server.app import create_app
 from server.auth.tokens import TokenIssuer
 from server.config import Settings
 from server.hub import RedisEventHub
-from server.keys import actor_system_key, auth_key, hub_key, live_hub_key
+from server.keys import actor_system_key, auth_key, hub_key
 from server.quota import Grant
 from tests.auth_support import auth_settings, register
 
@@ -59,11 +59,11 @@ async def client_b(aiohttp_client: Any, client: Client, settings: Settings) -> C
 
 
 def hub(client: Client) -> RedisEventHub:
-    return client.app[live_hub_key]  # type: ignore[index]
+    return client.app[hub_key]  # type: ignore[index]
 
 
 async def publish(client: Client, user_id: int, event: str, data: dict[str, Any]) -> int:
-    seq = await client.app[hub_key].publish(user_id, event, data)  # type: ignore[index]
+    seq = await hub(client).publish(user_id, event, data)
     assert seq is not None
     return seq
 
@@ -176,23 +176,22 @@ async def test_an_instance_subscribes_a_user_while_it_has_a_socket_of_that_user(
     assert hub(client_b).by_user == {}
 
 
-async def test_publish_many_numbers_each_users_events_in_order(client: Client, client_b: Client) -> None:
+async def test_interleaved_events_of_two_users_are_numbered_per_user_and_kept_under_its_keys(
+    client: Client, client_b: Client
+) -> None:
     (u1, t1), (u2, _) = await account(client), await account(client)
     ws, _ = await connect(client_b, t1)
-    events = [(u, "task.progress", {"i": i}) for i in range(150) for u in (u1, u2)]
-    seqs = await hub(client).publish_many(events)
-    assert seqs == [i + 1 for i in range(150) for _ in (u1, u2)]
+    seqs = await asyncio.gather(
+        *(publish(client, u, "task.progress", {"i": i}) for i in range(150) for u in (u1, u2))
+    )
+    assert sorted(seqs) == sorted([i + 1 for i in range(150) for _ in (u1, u2)])
     frames = await expect_events(ws, range(1, 151))
-    assert [f["data"]["i"] for f in frames] == list(range(150))
-    same = {"fan": "out"}  # one script call, no pipeline; the payload is sent once
-    assert await hub(client).publish_many([(u2, "notice", same), (u1, "notice", same)]) == [151, 151]
-    assert [f["data"] for f in await expect_events(ws, range(151, 152))] == [same]
-    # The script built the key names itself: they are the ones `publish` and replay use.
+    assert sorted(f["data"]["i"] for f in frames) == list(range(150))
     streams = hub(client).streams
-    assert await streams.last_seq(u2) == 151
-    assert [seq for seq, _ in await streams.read_after(u2, 149, 10)] == [150, 151]
-    assert await publish(client, u1, "task.progress", {"i": 151}) == 152
-    await expect_events(ws, range(152, 153))
+    assert await streams.last_seq(u2) == 150
+    assert [seq for seq, _ in await streams.read_after(u2, 148, 10)] == [149, 150]
+    assert await publish(client, u1, "task.progress", {"i": 150}) == 151
+    await expect_events(ws, range(151, 152))
     await nothing_more(ws)
     await ws.close()
 
@@ -278,32 +277,84 @@ async def test_a_resume_frame_replays_from_the_given_seq_then_goes_on_live(clien
     await ws.close()
 
 
+class RedisProxy:
+    """A TCP proxy in front of the test Redis that knows which of its connections is an
+    event hub's pub/sub connection (it names itself `wardrobe-events`), so a test can cut
+    that one or send bytes down it that are no RESP."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.target = redis_url.removeprefix("unix://").split("?", 1)[0]
+        self.db = redis_url.split("db=", 1)[1] if "db=" in redis_url else "0"
+        self.pubsub: list[asyncio.StreamWriter] = []  # toward the app, one per hub connection
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}/{self.db}"
+
+    async def _link(self, app_r: asyncio.StreamReader, app_w: asyncio.StreamWriter) -> None:
+        redis_r, redis_w = await asyncio.open_unix_connection(self.target)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, watch: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if watch and b"wardrobe-events" in data:
+                        self.pubsub.append(app_w)
+                    dst.write(data)
+                    await dst.drain()
+            except ConnectionError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(app_r, redis_w, True), pipe(redis_r, app_w, False))
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for writer in self.pubsub:
+                writer.transport.abort()
+            await self.server.wait_closed()
+
+
 @pytest.mark.parametrize("breaks", ["aborted", "garbage"])
 async def test_a_lost_pubsub_connection_is_caught_up_from_the_stream(
-    client: Client, client_b: Client, breaks: str, no_errors_logged: list[str]
+    aiohttp_client: Any, client: Client, settings: Settings, breaks: str, no_errors_logged: list[str]
 ) -> None:
-    uid, token = await account(client)
-    ws, _ = await connect(client_b, token)
-    live = hub(client_b).live
-    reconnects = live.reconnects
-    proto = live._proto
-    assert proto is not None
-    if breaks == "aborted":
-        proto.abort()
-    else:  # bytes that are no RESP: the reader refuses them and the connection is dropped
-        proto.data_received(b"?not resp\r\n")
-        assert [e.split("\n")[0] for e in no_errors_logged] == [
-            "bad data on the Redis pub/sub connection; reconnecting"
-        ]
-        assert "ProtocolError" in no_errors_logged.pop()
-    for i in range(10):
-        await publish(client, uid, "task.progress", {"i": i})
-    await expect_events(ws, range(1, 11))
-    assert live.reconnects == reconnects + 1
-    await publish(client, uid, "task.progress", {"i": 10})
-    await expect_events(ws, range(11, 12))
-    await nothing_more(ws)
-    await ws.close()
+    """Instance B reaches Redis through a proxy that breaks B's pub/sub connection."""
+    proxy = RedisProxy(str(settings.redis_url))
+    proxied = settings.model_copy(update={"redis_url": await proxy.start()})
+    try:
+        client_b = await aiohttp_client(create_app(proxied))
+        uid, token = await account(client)
+        ws, _ = await connect(client_b, token)
+        live = hub(client_b).live
+        reconnects = live.reconnects
+        assert live.connected and len(proxy.pubsub) == 1
+        link = proxy.pubsub[0]
+        if breaks == "aborted":
+            link.transport.abort()
+        else:  # bytes that are no RESP: the parser refuses them and the connection is dropped
+            link.write(b"?not resp\r\n")
+            async with asyncio.timeout(5):
+                while not no_errors_logged:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            assert [e.split("\n")[0] for e in no_errors_logged] == [
+                "bad data on the Redis pub/sub connection; reconnecting"
+            ]
+            assert "InvalidResponse" in no_errors_logged.pop()
+        for i in range(10):  # published while B is (perhaps) still reconnecting
+            await publish(client, uid, "task.progress", {"i": i})
+        await expect_events(ws, range(1, 11))
+        assert live.reconnects == reconnects + 1
+        assert len(proxy.pubsub) == 2  # a new connection, subscribed again
+        await publish(client, uid, "task.progress", {"i": 10})
+        await expect_events(ws, range(11, 12))
+        await nothing_more(ws)
+        await ws.close()
+    finally:
+        await proxy.stop()
 
 
 async def twenty_events_then_one(
@@ -342,7 +393,7 @@ async def test_a_resume_older_than_what_is_kept_gets_a_reset_then_live_events(
 ) -> None:
     # two hours later: only the last 5 are kept
     client, uid, token = await twenty_events_then_one(aiohttp_client, make_settings, later=2 * 3600)
-    assert await hub(client).streams.first_kept(uid) == 17
+    assert [seq for seq, _ in await hub(client).streams.read_after(uid, 0, 1)] == [17]  # the oldest kept
 
     ws, _ = await connect(client, token)
     await ws.send_json({"type": "resume", "after_seq": 3})

@@ -1,7 +1,7 @@
 """The event hub (issue 7): per-user numbered events over Redis, live to WebSocket sessions.
 
     stream.py   the Lua script, retention, replay reads
-    pubsub.py   the process's one pub/sub connection
+    pubsub.py   the process's one pub/sub connection (redis-py's PubSub)
     session.py  one socket's cursor, catch-up and bounded queue
     hub.py      RedisEventHub: publish, the dispatcher, attach/detach, housekeeping
 
@@ -16,7 +16,7 @@ from aiohttp import web
 
 from server.hub.hub import RedisEventHub
 from server.hub.session import GOING_AWAY, Session
-from server.keys import hub_key, live_hub_key, metrics_key, redis_key, settings_key
+from server.keys import hub_key, metrics_key, redis_key, settings_key
 
 __all__ = ["RedisEventHub", "Session", "close_websockets", "hub_ctx"]
 
@@ -26,7 +26,6 @@ async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     hub = RedisEventHub(app[redis_key], app[settings_key], app[metrics_key].registry)
     await hub.start()
     app[hub_key] = hub
-    app[live_hub_key] = hub
     try:
         yield
     finally:
@@ -35,6 +34,6 @@ async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def close_websockets(app: web.Application) -> None:
     """on_shutdown: every socket gets GOING_AWAY (1001) before handlers are waited for."""
-    hub = app.get(live_hub_key)
+    hub = app.get(hub_key)
     if hub is not None:
         await hub.close_all(GOING_AWAY, "server shutdown")

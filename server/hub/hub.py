@@ -2,9 +2,9 @@
 
 `publish(user_id, event, data)` runs one Lua script (server/hub/stream.py) that gives
 the event the user's next seq, appends it to the user's stream and PUBLISHes it on
-the user's channel. Every process holds one pub/sub connection (server/hub/pubsub.py)
-subscribed to the users that have sockets on it; the dispatcher hands each message
-to those sockets' sessions (server/hub/session.py), which never wait.
+the user's channel. Every process holds one pub/sub connection (server/hub/pubsub.py,
+redis-py's PubSub) subscribed to the users that have sockets on it; the dispatcher
+hands each message to those sockets' sessions (server/hub/session.py), which never wait.
 
 Live delivery is best-effort: `publish` is bounded by REDIS_TIMEOUT and never raises
 into business code (credits and tasks are already committed in MySQL); a failure is
@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
 from loguru import logger
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -86,22 +85,6 @@ class RedisEventHub:
         self.stats.published += 1
         return seq
 
-    async def publish_many(self, events: list[tuple[int, str, dict[str, Any]]]) -> list[int] | None:
-        """Many `(user_id, event, data)` in one Redis round trip (fan-out); their seqs.
-
-        Same rules as `publish`; on failure None, and any of them may have been published."""
-        try:
-            async with asyncio.timeout(self.timeout):
-                seqs = await self.streams.publish_many(events)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self.stats.publish_failures += len(events)
-            logger.warning("{} events not published: {!r}", len(events), exc)
-            return None
-        self.stats.published += len(seqs)
-        return seqs
-
     # --- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -129,11 +112,9 @@ class RedisEventHub:
 
     # --- sockets --------------------------------------------------------------------
 
-    def open_session(
-        self, ws: web.WebSocketResponse, request: web.Request, stream: AbstractStreamWriter
-    ) -> Session:
-        """A socket just upgraded (`stream` is what `ws.prepare` returned)."""
-        session = Session(ws, request, stream, self.streams, self.stats, self.settings, self._closed)
+    def open_session(self, ws: web.WebSocketResponse, request: web.Request) -> Session:
+        """A socket just upgraded (`ws.prepare` has run)."""
+        session = Session(ws, request, self.streams, self.stats, self.settings, self._closed)
         self.sessions.add(session)
         return session
 

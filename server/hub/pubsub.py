@@ -1,140 +1,46 @@
-"""The process's one Redis pub/sub connection, read through hiredis.
+"""The process's one Redis pub/sub connection, through redis-py's asyncio `PubSub`.
 
-Every socket's live events arrive here, so it is the hot path of the hub: an
-`asyncio.Protocol` feeds whatever bytes arrived to a `hiredis.Reader` and hands each
-message to the hub synchronously; no task switch and no dict per message (redis-py's
-PubSub costs ~50 µs a message, this ~1 µs). The hub subscribes a user's channel while that
-user has a socket on this process and unsubscribes it after the last one closes.
+Every socket's live events arrive here. A reader task takes each message from
+`PubSub.get_message` (redis-py parses it with hiredis, a dependency) and hands it to
+the hub synchronously. The hub subscribes a user's channel while that user has a socket
+on this process and unsubscribes it after the last one closes; `subscribe` returns once
+Redis has confirmed the channel (its `subscribe` message came back).
 
-The connection is re-opened with backoff when it breaks; the channels wanted are
-subscribed again and `on_reconnect` runs, so each socket reads what it missed from
-the stream. A PING goes out every PING_INTERVAL; a connection silent for three of
-them is dropped and re-opened.
+The connection comes from a pool of its own, built from the app's connection settings
+with three changes: the client name `wardrobe-events`, no retry inside redis-py (its
+retry would reconnect and re-subscribe unseen, and the events published meanwhile would
+be missed without anyone catching up), and no health check on commands (redis-py's
+check reads the PING's reply itself, which would race the reader task). Instead, when
+the connection breaks the reader ends, a new `PubSub` is opened with backoff, the
+wanted channels are subscribed again (confirmed) and `on_reconnect` runs, so each socket
+reads what it missed from the stream. A PING goes out every PING_INTERVAL of silence; a
+connection silent for three of them is dropped and re-opened.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
-import hiredis
 from loguru import logger
-from redis.asyncio import Redis
-from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.client import PubSub
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 PING_INTERVAL = 10.0
 RECONNECT_DELAYS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
+SUBSCRIBE_BATCH = 500  # channels per SUBSCRIBE when a connection is (re)opened
+CLIENT_NAME = "wardrobe-events"
 
 OnMessage = Callable[[bytes, bytes], None]
-
-
-def command(*args: bytes | str) -> bytes:
-    return cast(bytes, hiredis.pack_command(args))  # type: ignore[arg-type]  # (its stub says 1-tuple)
-
-
-class RedisReplyError(Exception):
-    pass
-
-
-class _Protocol(asyncio.Protocol):
-    def __init__(self, on_message: OnMessage, on_lost: Callable[[_Protocol], None]) -> None:
-        self._on_message = on_message
-        self._on_lost = on_lost
-        # hiredis parses in C whatever arrived (~0.5 µs a message); error replies come
-        # back as RedisReplyError values, broken data raises hiredis.ProtocolError.
-        self._reader = hiredis.Reader(replyError=RedisReplyError)
-        self._replies: deque[asyncio.Future[Any]] = deque()
-        self._confirms: dict[bytes, deque[asyncio.Future[None]]] = {}
-        self.transport: asyncio.Transport | None = None
-        loop = asyncio.get_running_loop()
-        self.lost: asyncio.Future[None] = loop.create_future()
-        self.last_rx = loop.time()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        error = ConnectionError(f"Redis pub/sub connection lost: {exc or 'closed'}")
-        for fut in self._replies:
-            if not fut.done():
-                fut.set_exception(error)
-        for waiting in self._confirms.values():
-            for fut in waiting:
-                if not fut.done():
-                    fut.set_exception(error)
-        self._replies.clear()
-        self._confirms.clear()
-        if not self.lost.done():
-            self.lost.set_result(None)
-        self._on_lost(self)
-
-    def data_received(self, data: bytes) -> None:
-        self.last_rx = asyncio.get_running_loop().time()
-        reader = self._reader
-        reader.feed(data)
-        try:
-            while (value := reader.gets()) is not False:
-                if type(value) is list and len(value) == 3 and value[0] == b"message":
-                    self._on_message(value[1], value[2])  # the hot path: one published event
-                else:
-                    self._on_reply(value)
-        except Exception:
-            logger.opt(exception=True).error("bad data on the Redis pub/sub connection; reconnecting")
-            self.abort()
-
-    def _on_reply(self, value: Any) -> None:
-        if isinstance(value, list) and value and isinstance(value[0], bytes):
-            kind = value[0]
-            if kind == b"subscribe" and len(value) > 1:
-                waiting = self._confirms.get(value[1])
-                if waiting:
-                    fut = waiting.popleft()
-                    if not waiting:
-                        del self._confirms[value[1]]
-                    if not fut.done():
-                        fut.set_result(None)
-            return  # unsubscribe confirmations and pongs: last_rx is all they tell
-        if self._replies:
-            fut = self._replies.popleft()
-            if fut.done():
-                return
-            if isinstance(value, RedisReplyError):
-                fut.set_exception(value)
-            else:
-                fut.set_result(value)
-        elif isinstance(value, RedisReplyError):
-            logger.warning("Redis pub/sub connection: {}", value)
-
-    def send(self, data: bytes) -> None:
-        if self.transport is None or self.transport.is_closing():
-            raise ConnectionError("Redis pub/sub connection is closed")
-        self.transport.write(data)
-
-    def call(self, *args: bytes | str) -> asyncio.Future[Any]:
-        """Send a plain command (before any SUBSCRIBE: AUTH); the future gets its reply."""
-        self.send(command(*args))
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._replies.append(fut)
-        return fut
-
-    def subscribe(self, channels: list[bytes]) -> list[asyncio.Future[None]]:
-        self.send(command(b"SUBSCRIBE", *channels))
-        loop = asyncio.get_running_loop()
-        futures = []
-        for channel in channels:
-            fut: asyncio.Future[None] = loop.create_future()
-            self._confirms.setdefault(channel, deque()).append(fut)
-            futures.append(fut)
-        return futures
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
+# A broken connection, as asyncio or redis-py reports it (redis-py's are not OSErrors).
+LOST = (ConnectionError, TimeoutError, RedisConnectionError, RedisTimeoutError)
 
 
 class LiveChannels:
@@ -147,15 +53,28 @@ class LiveChannels:
         on_reconnect: Callable[[], Awaitable[None]],
         timeout: float,
     ) -> None:
-        self._redis = redis
+        base = redis.connection_pool
+        kwargs: dict[str, Any] = {
+            **base.connection_kwargs,
+            "client_name": CLIENT_NAME,
+            "retry": Retry(NoBackoff(), 0, supported_errors=()),
+            "health_check_interval": 0,
+        }
+        self._pool = ConnectionPool(connection_class=base.connection_class, max_connections=2, **kwargs)
+        self._client = Redis(connection_pool=self._pool)
         self._on_message = on_message
         self._on_reconnect = on_reconnect
         self.timeout = timeout
         self.wanted: set[bytes] = set()
         self.reconnects = 0
-        self._proto: _Protocol | None = None
+        self.last_rx = 0.0
+        self._pubsub: PubSub | None = None
+        self._confirms: dict[bytes, deque[asyncio.Future[None]]] = {}
         self._connected = asyncio.Event()
+        self._lost: asyncio.Future[None] | None = None  # set when the current connection ends
         self._task: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._commands: set[asyncio.Task[Any]] = set()  # unsubscribes, pings in flight
         self._last_ping = 0.0
 
     @property
@@ -176,9 +95,12 @@ class LiveChannels:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if self._proto is not None:
-            self._proto.abort()
-            self._proto = None
+        for task in list(self._commands):
+            task.cancel()
+        if self._commands:
+            await asyncio.wait(self._commands)
+        await self._client.aclose()
+        await self._pool.aclose()
 
     async def subscribe(self, channel: bytes) -> None:
         """Subscribe `channel`; returns once Redis confirmed it (bounded by the Redis timeout)."""
@@ -187,104 +109,171 @@ class LiveChannels:
             while True:
                 if channel not in self.wanted:
                     return  # unsubscribed meanwhile (its last socket left)
-                proto = self._proto
-                if proto is None or not self._connected.is_set():
+                pubsub, lost = self._pubsub, self._lost
+                if pubsub is None or lost is None or not self._connected.is_set():
                     await self._connected.wait()
                     continue
+                confirmed = self._expect(channel)
                 try:
-                    await proto.subscribe([channel])[0]
+                    await pubsub.subscribe(channel)
+                    await confirmed
                     return
-                except ConnectionError:
-                    # `connection_lost` is coming (or came) and clears `_connected`.
-                    await asyncio.wait([proto.lost])
+                except LOST:  # the connection broke: the next one subscribes `wanted`
+                    await asyncio.wait([lost])
 
     def unsubscribe(self, channel: bytes) -> None:
         self.wanted.discard(channel)
-        proto = self._proto
-        if proto is not None and self._connected.is_set():
-            with contextlib.suppress(ConnectionError):  # gone with the connection anyway
-                proto.send(command(b"UNSUBSCRIBE", channel))
+        if self._pubsub is not None and self._connected.is_set():
+            self._command(lambda pubsub: pubsub.unsubscribe(channel))
 
     def check(self, now: float) -> None:
-        """Housekeeping tick: ping, and drop a connection that went silent."""
-        proto = self._proto
-        if proto is None or not self._connected.is_set():
+        """Housekeeping tick: ping a silent connection, and drop one that stays silent."""
+        reader = self._reader
+        pubsub = self._pubsub
+        if reader is None or pubsub is None or not self._connected.is_set():
             return
-        if now - proto.last_rx > 3 * PING_INTERVAL:
-            logger.warning("events pub/sub silent for {:.0f}s; reconnecting", now - proto.last_rx)
-            proto.abort()
-        elif now - self._last_ping >= PING_INTERVAL:
+        if now - self.last_rx > 3 * PING_INTERVAL:
+            logger.warning("events pub/sub silent for {:.0f}s; reconnecting", now - self.last_rx)
+            reader.cancel()
+        elif now - self.last_rx >= PING_INTERVAL and now - self._last_ping >= PING_INTERVAL:
             self._last_ping = now
-            with contextlib.suppress(ConnectionError):
-                proto.send(command(b"PING"))
+            self._command(lambda pubsub: pubsub.ping())
 
-    async def _connect(self) -> _Protocol:
+    # --- the connection ---------------------------------------------------------------
+
+    def _command(self, command: Callable[[PubSub], Awaitable[Any]]) -> None:
+        """Send `command` on the current connection, in a task of its own (owned here)."""
+        pubsub = self._pubsub
+
+        async def run() -> None:
+            if pubsub is None or self._pubsub is not pubsub:
+                return  # that connection is gone, and with it what the command was for
+            with contextlib.suppress(*LOST):
+                async with asyncio.timeout(self.timeout):
+                    await command(pubsub)
+
+        task = asyncio.create_task(run())
+        self._commands.add(task)
+        task.add_done_callback(self._commands.discard)
+
+    def _expect(self, channel: bytes) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._confirms.setdefault(channel, deque()).append(fut)
+        return fut
+
+    def _confirm(self, channel: bytes) -> None:
+        waiting = self._confirms.get(channel)
+        if waiting:
+            fut = waiting.popleft()
+            if not waiting:
+                del self._confirms[channel]
+            if not fut.done():
+                fut.set_result(None)
+
+    def _fail_confirms(self) -> None:
+        error = ConnectionError("Redis pub/sub connection lost")
+        for waiting in self._confirms.values():
+            for fut in waiting:
+                if not fut.done():
+                    fut.set_exception(error)
+                    fut.exception()  # a waiter that already left does not log it as never retrieved
+        self._confirms.clear()
+
+    async def _read(self, pubsub: PubSub) -> None:
+        """Every message of the connection, until it breaks (then raises)."""
         loop = asyncio.get_running_loop()
-        pool = self._redis.connection_pool
-        kw = pool.connection_kwargs
+        on_message = self._on_message
+        while True:
+            message = await pubsub.get_message(timeout=None)
+            self.last_rx = loop.time()
+            if message is None:
+                continue
+            kind = message["type"]
+            if kind == "message":
+                on_message(message["channel"], message["data"])  # the hot path: one published event
+            elif kind == "subscribe":
+                self._confirm(message["channel"])
+            # unsubscribe confirmations and pongs: last_rx is all they tell
 
-        def factory() -> _Protocol:
-            return _Protocol(self._on_message, self._lost)
-
-        async with asyncio.timeout(self.timeout):
-            if issubclass(pool.connection_class, UnixDomainSocketConnection):
-                _, proto = await loop.create_unix_connection(factory, kw["path"])
-            else:
-                tls = _tls_context(kw) if issubclass(pool.connection_class, SSLConnection) else None
-                _, proto = await loop.create_connection(
-                    factory, kw.get("host", "localhost"), kw.get("port", 6379), ssl=tls
-                )
-            try:
-                if kw.get("password"):
-                    user = kw.get("username")
-                    auth = ("AUTH", user, kw["password"]) if user else ("AUTH", kw["password"])
-                    await proto.call(*auth)
-                await proto.call("CLIENT", "SETNAME", "wardrobe-events")
+    async def _open(self) -> tuple[PubSub, asyncio.Task[None]]:
+        """A connected PubSub, its reader running, every wanted channel confirmed."""
+        pubsub = self._client.pubsub()
+        reader: asyncio.Task[None] | None = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                await pubsub.connect()  # type: ignore[no-untyped-call]  # (redis-py leaves it unannotated)
+                self.last_rx = asyncio.get_running_loop().time()
+                reader = asyncio.create_task(self._read(pubsub), name="events-pubsub-reader")
                 wanted = sorted(self.wanted)
-                for i in range(0, len(wanted), 500):
-                    await asyncio.gather(*proto.subscribe(wanted[i : i + 500]))
-            except BaseException:
-                proto.abort()
-                raise
-        return proto
+                for i in range(0, len(wanted), SUBSCRIBE_BATCH):
+                    batch = wanted[i : i + SUBSCRIBE_BATCH]
+                    confirmed = [self._expect(channel) for channel in batch]
+                    await pubsub.subscribe(*batch)
+                    await _first_of(asyncio.gather(*confirmed), reader)
+        except BaseException:
+            await self._close(pubsub, reader)
+            raise
+        return pubsub, reader
 
-    def _lost(self, proto: _Protocol) -> None:
-        if self._proto is proto:
-            self._connected.clear()
-            self._proto = None
+    async def _close(self, pubsub: PubSub, reader: asyncio.Task[None] | None) -> None:
+        self._connected.clear()
+        self._pubsub = None
+        self._reader = None
+        self._fail_confirms()
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
+        if reader is not None:
+            reader.cancel()
+            await asyncio.wait([reader])
+        with contextlib.suppress(Exception):
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _run(self) -> None:
         attempt = 0
         while True:
+            self._lost = asyncio.get_running_loop().create_future()
             try:
-                proto = await self._connect()
+                pubsub, reader = await self._open()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 delay = RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)]
                 attempt += 1
-                logger.warning("events pub/sub cannot connect ({}); retrying in {}s", exc, delay)
+                logger.warning("events pub/sub cannot connect ({!r}); retrying in {}s", exc, delay)
                 await asyncio.sleep(delay)
                 continue
-            self._proto = proto
+            self._pubsub, self._reader = pubsub, reader
             self._connected.set()
-            if attempt or self.reconnects:
-                logger.info("events pub/sub connected again; {} channel(s)", len(self.wanted))
             resumed = attempt > 0 or self.reconnects > 0
-            attempt = 0
             if resumed:
-                try:
-                    await self._on_reconnect()
-                except Exception:
-                    logger.opt(exception=True).error("catching sockets up after a reconnect failed")
-            await proto.lost
+                logger.info("events pub/sub connected again; {} channel(s)", len(self.wanted))
+            attempt = 0
+            try:
+                if resumed:
+                    try:
+                        await self._on_reconnect()
+                    except Exception:
+                        logger.opt(exception=True).error("catching sockets up after a reconnect failed")
+                await asyncio.wait([reader])
+            finally:
+                await self._close(pubsub, reader)
             self.reconnects += 1
-            logger.warning("events pub/sub connection lost; reconnecting")
+            if reader.cancelled():
+                logger.warning("events pub/sub connection dropped; reconnecting")
+            elif isinstance(reader.exception(), LOST):
+                logger.warning("events pub/sub connection lost ({!r}); reconnecting", reader.exception())
+            else:
+                logger.opt(exception=reader.exception()).error(
+                    "bad data on the Redis pub/sub connection; reconnecting"
+                )
 
 
-def _tls_context(kw: dict[str, Any]) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=kw.get("ssl_ca_certs"))
-    if kw.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
+async def _first_of(work: Awaitable[Any], reader: asyncio.Task[None]) -> None:
+    """`work`, unless the reader ends first (the connection broke): then its error."""
+    task = asyncio.ensure_future(work)
+    await asyncio.wait([task, reader], return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():
+        task.cancel()
+        await asyncio.wait([task])
+        raise ConnectionError("Redis pub/sub connection lost while subscribing")
+    task.result()

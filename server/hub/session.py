@@ -12,13 +12,11 @@ Events may take WS_QUEUE_SIZE slots of the queue; CONTROL_SLOTS more are kept fo
 control frames (pong, errors, auth.expiring). A live event that finds no slot
 closes the socket with 4429: the dispatcher never waits for one client.
 
-Frames are written to the transport here, not through `ws.send_frame`: a server's
-text frame without compression is a 2–10 byte header and the payload (RFC 6455
-§5.2), and writing it in the dispatcher when nothing is queued and the socket is
-not backed up saves a task switch per event (about a third of the hub's CPU per
-event in bench/ws.py). Only when the transport's buffer is past its high-water mark do
-frames wait in the queue, for the writer task, which awaits the drain. aiohttp
-still writes its own frames (ping, pong, close) whole, between ours.
+One writer task per socket sends what is queued through aiohttp's
+`WebSocketResponse.send_frame` (the frames are the UTF-8 bytes Redis holds, sent as
+text frames: no decode and re-encode). aiohttp waits for the transport to drain when
+its buffer is past the high-water mark; a send that has not returned after
+WS_SEND_TIMEOUT also closes the socket with 4429.
 """
 
 from __future__ import annotations
@@ -26,13 +24,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
+from aiohttp import WSMsgType, web
 from loguru import logger
 
 from server.config import Settings
@@ -43,7 +39,6 @@ REPLAY_BATCH = 256
 
 # Close codes (docs/websocket.md).
 UNAUTHENTICATED = 4401
-FORBIDDEN = 4403
 AUTH_TIMEOUT = 4408
 TOO_MANY = 4429
 UNAVAILABLE = 1011
@@ -70,16 +65,6 @@ def rfc3339(epoch: float) -> str:
     return dt.datetime.fromtimestamp(int(epoch), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def text_frame(payload: bytes) -> bytes:
-    """The header of an unmasked, unfragmented, uncompressed text frame, and the payload."""
-    size = len(payload)
-    if size < 126:
-        return bytes((0x81, size)) + payload
-    if size < 65536:
-        return struct.pack("!BBH", 0x81, 126, size) + payload
-    return struct.pack("!BBQ", 0x81, 127, size) + payload
-
-
 def encode(frame: dict[str, Any]) -> bytes:
     return json.dumps(frame, ensure_ascii=False, separators=(",", ":")).encode()
 
@@ -89,7 +74,6 @@ class Session:
         self,
         ws: web.WebSocketResponse,
         request: web.Request,
-        stream: AbstractStreamWriter,
         streams: EventStreams,
         stats: HubStats,
         settings: Settings,
@@ -97,10 +81,6 @@ class Session:
     ) -> None:
         self.ws = ws
         self.request = request
-        self._stream = stream
-        self._transport = request.transport
-        limits = self._transport.get_write_buffer_limits() if self._transport is not None else (0, 0)
-        self._high_water = max(limits[1], 16 * 1024)
         self.streams = streams
         self.stats = stats
         self._on_close = on_close
@@ -110,7 +90,7 @@ class Session:
         self.expires_at: float | None = None  # the access token's exp (epoch seconds)
         self.close_code: int | None = None
         self.limit = settings.ws_queue_size
-        # bytes: a frame for the writer; None: only wait for the drain
+        # bytes: a frame for the writer; None: the socket closes, stop after what came before
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(self.limit + CONTROL_SLOTS)
         self._send_timeout = settings.ws_send_timeout
         self._close_timeout = settings.ws_close_timeout
@@ -121,7 +101,7 @@ class Session:
         self._target = 0
         self._check_last = False
         self._room: asyncio.Event | None = None
-        self._draining_since = 0.0  # the writer waits for the peer to take bytes
+        self._sending_since = 0.0  # the writer waits in send_frame (the peer takes no bytes)
         self._writer: asyncio.Task[None] | None = None
         self._catchup: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
@@ -135,13 +115,10 @@ class Session:
         cursor = self.cursor
         if seq == cursor + 1:
             queue = self.queue
-            if not self._draining_since and not queue.qsize():
-                self._write_now(frame)
-            elif queue.qsize() >= self.limit:
+            if queue.qsize() >= self.limit:
                 self._too_slow()
                 return
-            else:
-                queue.put_nowait(frame)
+            queue.put_nowait(frame)
             self.cursor = seq
             self.stats.delivered += 1
         elif seq > cursor:  # a hole: read cursor+1 … seq from the stream
@@ -158,7 +135,7 @@ class Session:
         """Housekeeping (every half second): stuck writes and token expiry."""
         if self.close_code is not None:
             return
-        if self._draining_since and mono - self._draining_since > self._send_timeout:
+        if self._sending_since and mono - self._sending_since > self._send_timeout:
             self._too_slow()
             return
         exp = self.expires_at
@@ -179,12 +156,8 @@ class Session:
         """Queue a control frame (not an event)."""
         if self.close_code is not None:
             return
-        data = encode(frame)
-        if not self._draining_since and not self.queue.qsize():
-            self._write_now(data)
-            return
         try:
-            self.queue.put_nowait(data)
+            self.queue.put_nowait(encode(frame))
         except asyncio.QueueFull:
             self._too_slow()
 
@@ -303,9 +276,6 @@ class Session:
 
     async def _put(self, frame: bytes) -> None:
         queue = self.queue
-        if not self._draining_since and not queue.qsize():
-            self._write_now(frame)
-            return
         while queue.qsize() >= self.limit:
             if self._room is None:
                 self._room = asyncio.Event()
@@ -317,56 +287,53 @@ class Session:
                 raise _TooSlow from None
         queue.put_nowait(frame)
 
-    def _write_now(self, payload: bytes, *, writer: bool = False) -> None:
-        """Write a frame; past the transport's high-water mark, mark the socket as draining
-        (frames queue from now on) and have the writer task wait for the drain."""
-        transport = self._transport
-        if transport is None or transport.is_closing() or self.ws.closed:
-            return  # going away: the handler's read loop ends and the session closes
-        transport.write(text_frame(payload))
-        if not self._draining_since and transport.get_write_buffer_size() > self._high_water:
-            self._draining_since = asyncio.get_running_loop().time()
-            if not writer:
-                self.queue.put_nowait(None)  # the queue was empty: wake the writer to drain
-
     async def _write(self) -> None:
-        queue, stream = self.queue, self._stream
+        queue, ws = self.queue, self.ws
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 frame = await queue.get()
-                if frame is not None:
-                    self._write_now(frame, writer=True)
-                if self._draining_since:
-                    await stream.drain()
-                    self._draining_since = 0.0
+                if frame is None:
+                    return  # closing: everything queued before has been sent
+                self._sending_since = loop.time()
+                await ws.send_frame(frame, WSMsgType.TEXT)  # waits only while aiohttp drains
+                self._sending_since = 0.0
                 room = self._room
                 if room is not None and queue.qsize() < self.limit:
                     room.set()
         except ConnectionError:
-            pass  # the peer is gone; the handler's read loop ends too
+            pass  # the peer is gone (aiohttp: "Cannot write to closing transport"); the read loop ends too
         except Exception:
             logger.opt(exception=True).error("writing to user {}'s socket failed", self.user_id)
             self.close(UNAVAILABLE, "internal error")
 
     async def _close(self, code: int, reason: str) -> None:
-        for task in (self._catchup, self._writer):
-            if task is not None:
-                await _cancel(task)
-        transport = self.request.transport
+        if self._catchup is not None:
+            await _cancel(self._catchup)
+        writer = self._writer
         try:
             async with asyncio.timeout(self._close_timeout):
+                if writer is not None and not writer.done():
+                    if code == TOO_MANY:
+                        writer.cancel()  # it is behind: what is queued is dropped (the client resumes)
+                    else:
+                        try:
+                            self.queue.put_nowait(None)  # send what is queued, then stop
+                        except asyncio.QueueFull:
+                            writer.cancel()
+                    await asyncio.wait([writer])
                 await self.ws.close(code=code, message=reason.encode()[:120])
-                # What was queued before the close frame must reach a slow peer too.
-                # asyncio offers no event for "write buffer empty": poll, rarely and bounded.
-                while transport is not None and transport.get_write_buffer_size():  # noqa: ASYNC110
-                    await asyncio.sleep(0.05)
         except TimeoutError:
-            if transport is not None:
-                transport.abort()  # the peer takes nothing: do not keep its buffer
-        except Exception:
-            logger.opt(exception=True).warning("closing user {}'s socket failed", self.user_id)
+            # The peer takes nothing. aiohttp closes the transport, which would keep what is
+            # buffered for such a peer as long as the connection lasts: abort it instead.
+            transport = self.request.transport
             if transport is not None:
                 transport.abort()
+        except Exception:
+            logger.opt(exception=True).warning("closing user {}'s socket failed", self.user_id)
+        finally:
+            if writer is not None and not writer.done():
+                await _cancel(writer)
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:
