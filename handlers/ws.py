@@ -74,7 +74,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         raise AppError(ErrorCode.FORBIDDEN, "This Origin may not open the WebSocket")
     ws = web.WebSocketResponse(
         heartbeat=settings.ws_heartbeat,
-        max_msg_size=settings.ws_max_frame,
+        # aiohttp refuses a message of max_msg_size bytes or more; WS_MAX_FRAME is the largest allowed
+        max_msg_size=settings.ws_max_frame + 1,
         timeout=settings.ws_close_timeout,
         compress=False,  # small JSON frames: deflate costs more CPU than it saves
     )

@@ -518,6 +518,23 @@ async def test_malformed_and_unknown_frames_get_error_frames_and_the_socket_live
     await ws.close()
 
 
+def frame_of(size: int) -> str:
+    """A ping frame of exactly `size` bytes."""
+    head = json.dumps({"type": "ping", "pad": ""})
+    return head[:-2] + "x" * (size - len(head)) + head[-2:]
+
+
+async def test_a_client_frame_of_ws_max_frame_bytes_is_accepted_and_one_byte_more_closes_1009(
+    client: Client, settings: Settings
+) -> None:
+    _, token = await account(client)
+    ws, _ = await connect(client, token)
+    await ws.send_str(frame_of(settings.ws_max_frame))
+    assert await recv(ws) == {"type": "pong"}
+    await ws.send_str(frame_of(settings.ws_max_frame + 1))
+    assert await closed_with(ws) == 1009
+
+
 async def test_a_client_frame_over_the_size_limit_closes_the_socket_1009(client: Client) -> None:
     _, token = await account(client)
     ws, _ = await connect(client, token)
