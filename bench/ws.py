@@ -1,4 +1,5 @@
-"""Live events to 1,000 WebSocket clients: the app against a bare aiohttp broadcast loop.
+"""Live events to 1,000 WebSocket clients: the app against a bare aiohttp broadcast loop
+and python-socketio.
 
     .venv/bin/python bench/ws.py [--clients 1000] [--seconds 5] [--window 4] [--runs 3] [--rate 10000]
 
@@ -6,22 +7,26 @@ Two servers, each one process pinned to CPU 0 (with two or more CPUs):
 
 - app: `create_app` + `web.run_app` on private MariaDB and Redis instances
   (server.embedded, under ./var/bench; Redis pinned to CPU 0 too). Every client is a
-  different user on GET /api/v1/ws. An event goes: RedisEventHub.publish_many (Lua:
-  seq, stream, PUBLISH) → Redis pub/sub → the app's dispatcher → the user's socket;
+  different user on GET /api/v1/ws. An event goes: the hub's publish script (Lua:
+  seq, stream, PUBLISH) → Redis pub/sub (redis-py PubSub) → the app's dispatcher → the
+  user's socket (its writer task, `WebSocketResponse.send_frame`);
 - bare: a one-route aiohttp app that keeps its websockets in a set; POST /round
-  sends one event frame to every socket from an in-process loop (`send_str`).
+  sends one event frame to every socket from an in-process loop (`send_str`);
+- socketio: python-socketio's `AsyncServer` on aiohttp (what the old system planned
+  to use); POST /round broadcasts the same event to every client (`sio.emit`, no
+  Redis: the most it can do in one process).
 
 The clients are one process on CPU 1: 1,000 minimal RFC 6455 clients (a Protocol
 each; aiohttp's client costs more per frame than either server, so it would measure
 itself). It drives rounds: a round is one event to every client. For the app a
-publisher process (on CPU 1 too) publishes each round through the hub, 100 users
-per `publish_many`; for bare, a POST /round. Each event carries `t`, time.time()
+publisher process (on CPU 1 too) publishes each round with the hub's own script, 100
+users per redis-py pipeline; for bare and socketio, a POST /round. Each event carries `t`, time.time()
 when its round started; latency is from `t` to the client reading the frame.
 
 Two phases, each `--seconds` after a 1 s warm-up: "max", rounds back to back with at
-most `--window` in flight (throughput; runs alternate bare/app, best of `--runs`),
+most `--window` in flight (throughput; runs alternate bare/app/socketio, best of `--runs`),
 and "paced", one round every clients/`--rate` seconds (latency at a fixed load). The
-CPU each process used meanwhile is printed too. About 80 s.
+CPU each process used meanwhile is printed too. About 2 minutes.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench._support import free_port, pin, services, wait_until_up  # noqa: E402
 
-SLICE = 100  # events per publish_many call of the bench's publisher
+SLICE = 100  # events per pipeline of the bench's publisher
 DATA = {"task_id": "tsk_3k9f02a7", "step": "tryon", "progress": 0.5, "message": "rendering"}
 
 
@@ -109,6 +114,26 @@ def serve_bare(port: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, backlog=2048)
 
 
+def serve_socketio(port: int) -> None:
+    import socketio  # a dev dependency (setup.cfg), for this comparison only
+    from aiohttp import web
+
+    pin(0)
+    raise_nofile()
+    sio = socketio.AsyncServer(async_mode="aiohttp")
+    app = web.Application()
+    sio.attach(app)
+
+    async def round_handler(request: web.Request) -> web.Response:
+        body = await request.json()
+        frame = {"type": "event", "seq": body["r"], "event": "task.progress", "data": {**DATA, **body}}
+        await sio.emit("event", frame)  # to every connected client
+        return web.Response(status=204)
+
+    app.router.add_post("/round", round_handler)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, backlog=2048)
+
+
 # ------------------------------------------------------------------ the clients
 
 
@@ -119,12 +144,21 @@ class RawClient(asyncio.Protocol):
     it the bench would measure the client. This one parses frames from the bytes as
     they come and reads only `r` and `t` of each event."""
 
-    def __init__(self, path: str, host: str, on_event: Any) -> None:
-        self.path, self.host, self.on_event = path, host, on_event
+    def __init__(self, path: str, host: str, on_event: Any, sio: bool = False) -> None:
+        self.path, self.host, self.on_event, self.sio = path, host, on_event, sio
         self.buf = bytearray()
         self.upgraded = False
         self.first: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        # Socket.IO: the namespace connect ("40…") after the Engine.IO open packet ("0…")
+        self.joined: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.transport: asyncio.Transport | None = None
+
+    def send_text(self, payload: bytes) -> None:
+        """A masked text frame (small payloads only)."""
+        assert self.transport is not None and len(payload) < 126
+        mask = os.urandom(4)
+        body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.transport.write(bytes([0x81, 0x80 | len(body)]) + mask + body)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -164,8 +198,14 @@ class RawClient(asyncio.Protocol):
             if opcode == 1:
                 if not self.first.done():
                     self.first.set_result(payload)
-                else:
+                    if self.sio:
+                        self.send_text(b"40")
+                elif not self.sio or payload.startswith(b"42"):
                     self.on_event(payload)
+                elif payload == b"2":  # Engine.IO ping
+                    self.send_text(b"3")
+                elif payload.startswith(b"40") and not self.joined.done():
+                    self.joined.set_result(payload)
             elif opcode == 9 and self.transport is not None:  # ping → masked pong
                 mask = os.urandom(4)
                 body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
@@ -180,14 +220,17 @@ class RawClient(asyncio.Protocol):
 
 
 def _round_and_time(payload: bytes) -> tuple[int, float]:
-    """`r` and `t` of `{…,"data":{…,"r":R,"t":T}}` (both servers put them last)."""
+    """`r` and `t` of `{…,"data":{…,"r":R,"t":T}}` (every server puts them last; Socket.IO
+    wraps the object in `42["event",…]`)."""
     at = payload.rindex(b'"r":')
     comma = payload.index(b",", at)
-    return int(payload[at + 4 : comma]), float(payload[comma + 5 : -2])
+    return int(payload[at + 4 : comma]), float(payload[comma + 5 :].rstrip(b"}]"))
 
 
 async def publisher() -> None:
-    """Reads `r t` lines on stdin and publishes round r: one event per user, one pipeline."""
+    """Reads `r t` lines on stdin and publishes round r: one event per user, with the
+    hub's own script (EventStreams.script, .keys and .args, as `publish` calls it),
+    SLICE EVALSHA per redis-py pipeline."""
     from server.config import load_settings
     from server.hub import RedisEventHub
     from server.redis import connect_redis
@@ -195,14 +238,22 @@ async def publisher() -> None:
     clients = int(sys.argv[sys.argv.index("--clients") + 1])
     settings = load_settings()
     redis = connect_redis(settings.redis_url or "", settings)  # as the app connects
-    hub = RedisEventHub(redis, settings)  # publishing only: its sockets side never starts
+    streams = RedisEventHub(redis, settings).streams  # publishing only: no sockets side
     user_ids = range(1, clients + 1)
     busy = asyncio.Semaphore(4)  # rounds encoded or in Redis at once; later ones wait their turn
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    await hub.publish_many([(0, "bench.ready", {})])  # connected, script loaded
+    await streams.publish(0, "bench.ready", {})  # connected, script loaded
     print("ready", flush=True)
+
+    sha = streams.script.sha  # loaded by the publish above: EVALSHA, no SCRIPT EXISTS per pipeline
+
+    async def publish_slice(part: range, data: dict[str, Any]) -> list[Any]:
+        async with redis.pipeline(transaction=False) as pipe:
+            for uid in part:
+                pipe.evalsha(sha, 3, *streams.keys(uid), *streams.args(uid, "task.progress", data))
+            return list(await pipe.execute())
 
     async def publish_round(r: int, t: float) -> None:
         # In slices, concurrently: the first events are on their way while the rest are
@@ -210,10 +261,8 @@ async def publisher() -> None:
         data = {**DATA, "r": r, "t": t}
         slices = [user_ids[i : i + SLICE] for i in range(0, len(user_ids), SLICE)]
         async with busy:
-            results = await asyncio.gather(
-                *(hub.publish_many([(uid, "task.progress", data) for uid in part]) for part in slices)
-            )
-        assert all(seqs is not None for seqs in results)
+            results = await asyncio.gather(*(publish_slice(part, data) for part in slices))
+        assert all(len(seqs) == len(part) for seqs, part in zip(results, slices, strict=True))
 
     rounds: set[asyncio.Task[None]] = set()  # rounds overlap: encode one while Redis runs another
     while line := await reader.readline():
@@ -255,15 +304,20 @@ async def drive(
     async def open_socket(uid: int) -> RawClient:
         if target == "app":
             path = f"/api/v1/ws?token={issuer.issue_access(uid, 'user', f'{uid:032x}')}"
+        elif target == "socketio":
+            path = "/socket.io/?EIO=4&transport=websocket"
         else:
             path = "/ws"
         async with gate:
             _, proto = await loop.create_connection(
-                lambda: RawClient(path, f"{host}:{port}", on_event), host, int(port)
+                lambda: RawClient(path, f"{host}:{port}", on_event, sio=target == "socketio"), host, int(port)
             )
             first = await asyncio.wait_for(proto.first, 30)
-            if target == "bare":  # the bare server sends a hello so both paths wait the same
+            if target == "bare":  # the bare server sends a hello so every path waits the same
                 assert first == b"hello", first
+            elif target == "socketio":  # Engine.IO open, then the namespace's connect answer
+                assert first.startswith(b"0{"), first
+                await asyncio.wait_for(proto.joined, 30)
             else:
                 assert json.loads(first)["type"] == "ready", first
         return proto
@@ -384,22 +438,25 @@ def main(args: argparse.Namespace) -> None:
     with services("bench_ws", redis_db=14) as ready:
         env = {**ready.env, "JWT_SECRET": "bench-ws-secret-0123456789abcdef0123456789"}
         procs, redis = ready.procs, ready.redis
-        app_port, bare_port = free_port(), free_port()
-        for mode, port in (("--serve-app", app_port), ("--serve-bare", bare_port)):
-            procs.append(subprocess.Popen([sys.executable, __file__, mode, "--port", str(port)], env=env))
-        app_base, bare_base = f"http://127.0.0.1:{app_port}", f"http://127.0.0.1:{bare_port}"
-        wait_until_up(f"{app_base}/healthz", procs[0])
-        wait_until_up(f"{bare_base}/ws", procs[1])
+        ports = {name: free_port() for name in ("app", "bare", "socketio")}
+        servers: dict[str, subprocess.Popen[bytes]] = {}
+        for name, port in ports.items():
+            argv = [sys.executable, __file__, f"--serve-{name}", "--port", str(port)]
+            procs.append(servers.setdefault(name, subprocess.Popen(argv, env=env)))
+        bases = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+        wait_until_up(f"{bases['app']}/healthz", servers["app"])
+        wait_until_up(f"{bases['bare']}/ws", servers["bare"])
+        wait_until_up(f"{bases['socketio']}/socket.io/", servers["socketio"])
         redis_pid = int(redis.pid_file.read_text().strip())
         if (os.cpu_count() or 1) >= 2:
             os.sched_setaffinity(redis_pid, {0})  # with the app; the publisher runs with the clients
         best: dict[str, dict[str, Any]] = {}
         paced: dict[str, dict[str, Any]] = {}
         plan = [("max", args.window, 0.0)] * args.runs + [("paced", PACED_WINDOW, args.rate)]
-        targets = [t for t in (("bare", bare_base), ("app", app_base)) if t[0] in args.targets]
+        targets = [(name, bases[name]) for name in ("bare", "app", "socketio") if name in args.targets]
         for phase, window, rate in plan:
             for target, base in targets:
-                pids = {"server": procs[0 if target == "app" else 1].pid, "redis": redis_pid}
+                pids = {"server": servers[target].pid, "redis": redis_pid}
                 got = run_client(target, base, args, env, pids, window=window, rate=rate)
                 busy = ", ".join(f"{k} {v:.2f}" for k, v in got["cpu"].items())
                 print(
@@ -411,11 +468,15 @@ def main(args: argparse.Namespace) -> None:
                     paced[target] = got
                 elif target not in best or got["rate"] > best[target]["rate"]:
                     best[target] = got
-        if len(targets) == 2:
+        if len(targets) == 3:
             report(best, paced, args)
 
 
-ROWS = (("bare", "bare aiohttp broadcast loop"), ("app", "app: publish → Redis → hub → socket"))
+ROWS = (
+    ("bare", "bare aiohttp broadcast loop"),
+    ("app", "app: publish → Redis → hub → socket"),
+    ("socketio", "python-socketio AsyncServer broadcast"),
+)
 PACED_WINDOW = 50  # paced rounds: only a backlog cap
 
 
@@ -445,9 +506,10 @@ def report(
                 f"| {name} | {row['rate']:.0f} | {ratio:.2f} | {row['p50'] * 1000:.0f} | "
                 f"{row['p99'] * 1000:.0f} | {cost:.1f} | {busy} |"
             )
-    app = best["app"]
+    app, sio = best["app"], best["socketio"]
     print(
         f"max-rate ratio {app['rate'] / bare['rate']:.2f} (target >= 0.5); "
+        f"app / python-socketio {app['rate'] / sio['rate']:.2f} (target >= 3); "
         f"p99 at max {app['p99'] * 1000:.0f} ms, paced {paced['app']['p99'] * 1000:.0f} ms (target < 250)"
     )
     print()
@@ -462,11 +524,12 @@ if __name__ == "__main__":
     parser.add_argument("--window", type=int, default=4)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rate", type=float, default=10_000)
-    parser.add_argument("--targets", default="bare,app", help=argparse.SUPPRESS)  # for profiling one
+    parser.add_argument("--targets", default="bare,app,socketio", help=argparse.SUPPRESS)  # for profiling one
     parser.add_argument("--port", type=int)
     parser.add_argument("--serve-app", action="store_true")
     parser.add_argument("--serve-bare", action="store_true")
-    parser.add_argument("--drive", choices=["app", "bare"])
+    parser.add_argument("--serve-socketio", action="store_true")
+    parser.add_argument("--drive", choices=["app", "bare", "socketio"])
     parser.add_argument("--base")
     parser.add_argument("--publish", action="store_true")
     parser.add_argument("--pids", default="{}")
@@ -475,6 +538,8 @@ if __name__ == "__main__":
         serve_app(ns.port)
     elif ns.serve_bare:
         serve_bare(ns.port)
+    elif ns.serve_socketio:
+        serve_socketio(ns.port)
     elif ns.publish:
         pin(1)
         raise_nofile()

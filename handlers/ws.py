@@ -176,12 +176,9 @@ async def _on_frame(request: web.Request, session: Session, data: str) -> None:
     kind = frame.get("type")
     if kind == "ping":
         session.send({"type": "pong"})
-    elif kind == "ack":
-        seq = _seq_field(frame, "seq")
-        if seq is None:
+    elif kind == "ack":  # optional; checked, not recorded (docs/websocket.md)
+        if _seq_field(frame, "seq") is None:
             _error(session, ErrorCode.VALIDATION_FAILED, "ack needs seq: a non-negative integer")
-        else:
-            session.acked = max(session.acked, seq)
     elif kind == "resume":
         after = _seq_field(frame, "after_seq")
         if after is None:

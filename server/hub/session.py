@@ -86,7 +86,6 @@ class Session:
         self._on_close = on_close
         self.user_id: int | None = None
         self.cursor = 0
-        self.acked = 0
         self.expires_at: float | None = None  # the access token's exp (epoch seconds)
         self.close_code: int | None = None
         self.limit = settings.ws_queue_size
