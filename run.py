@@ -129,7 +129,7 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_create_admin(settings: Settings, args: argparse.Namespace) -> int:
-    from server.accounts import ensure_admin
+    from server.auth.accounts import ensure_admin
     from server.migrations import Migrator
 
     async def go(db: Any) -> int:
@@ -143,7 +143,7 @@ def cmd_create_admin(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_check_quota(settings: Settings, args: argparse.Namespace) -> int:
     """Every account against its ledger and open reservations; non-zero exit on a difference."""
-    from server.quota import check_all
+    from server.credits.ledger import check_all
 
     async def go(db: Any) -> int:
         checked, problems = await check_all(db)
@@ -157,8 +157,8 @@ def cmd_check_quota(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_clean_files(settings: Settings, args: argparse.Namespace) -> int:
     """The nightly orphan-file cleanup, now; `--dry-run` lists what it would delete."""
-    from server.orphans import clean_orphans
-    from server.storage import create_storage
+    from server.media.orphans import clean_orphans
+    from server.media.storage import create_storage
 
     async def go(db: Any) -> int:
         storage = create_storage(settings)

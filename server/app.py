@@ -17,6 +17,7 @@ from handlers import setup_routes
 from server.auth import auth_ctx
 from server.auth.middleware import auth_middleware
 from server.config import ConfigError, Settings
+from server.credits.sweeper import sweep_expired_reservations
 from server.cron import CronJob, cron_ctx
 from server.db import Database
 from server.hub import close_websockets, hub_ctx
@@ -30,15 +31,14 @@ from server.keys import (
     redis_key,
     settings_key,
 )
+from server.media.orphans import clean_orphan_files
+from server.media.storage import storage_ctx
 from server.metrics import Metrics
 from server.middleware import add_request_id_header, envelope_middleware
 from server.migrations import Migrator
-from server.orphans import clean_orphan_files
 from server.redis import connect_redis
-from server.storage import storage_ctx
-from server.sweeper import sweep_expired_reservations
 from server.tasks.manager import recover_tasks, tasks_ctx
-from server.vendors.setup import vendors_ctx
+from server.vendors.facade import vendors_ctx
 
 
 async def db_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -57,7 +57,7 @@ async def db_ctx(app: web.Application) -> AsyncIterator[None]:
             if applied:
                 logger.info("applied {} migration(s)", len(applied))
         if settings.admin_phone and settings.admin_password:
-            from server.accounts import ensure_admin
+            from server.auth.accounts import ensure_admin
 
             await ensure_admin(db, settings.admin_phone, settings.admin_password.get_secret_value())
         yield

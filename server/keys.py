@@ -16,14 +16,14 @@ if TYPE_CHECKING:
     from server.cron import CronRunner
     from server.db import Database
     from server.events import EventHub
-    from server.features import FeatureStore
     from server.hub import RedisEventHub
+    from server.media.storage import Storage
     from server.metrics import Metrics
     from server.migrations import Migrator
     from server.routing import RouteSpec
-    from server.storage import Storage
+    from server.tasks.features import FeatureStore
     from server.tasks.manager import TaskManager
-    from server.vendors.setup import Vendors
+    from server.vendors.facade import Vendors
 
 settings_key: web.AppKey[Settings] = web.AppKey("settings")
 metrics_key: web.AppKey[Metrics] = web.AppKey("metrics")

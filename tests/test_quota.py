@@ -15,14 +15,23 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from actors.user import UserActor
-from server import leases
 from server.app import CRON_JOBS, create_app
 from server.config import Settings
+from server.credits.ledger import (
+    Cancel,
+    Confirm,
+    Grant,
+    QuotaState,
+    Reservation,
+    Reserve,
+    Snapshot,
+    check_all,
+)
+from server.credits.sweeper import EXPIRED_REASON
 from server.cron import CronRunner
 from server.errors import AppError, ErrorCode
 from server.keys import actor_system_key, cron_key, db_key, redis_key
-from server.quota import Cancel, Confirm, Grant, QuotaState, Reservation, Reserve, Snapshot, check_all
-from server.sweeper import EXPIRED_REASON
+from server.tasks import leases
 from tests.conftest import Services, run_command
 
 _user_ids = itertools.count(1000)
@@ -296,9 +305,9 @@ import asyncio, sys
 from aiohttp import web
 from server.app import create_app
 from server.config import Settings
-from server import leases
+from server.tasks import leases
 from server.keys import actor_system_key, redis_key
-from server.quota import Grant, Reserve
+from server.credits.ledger import Grant, Reserve
 from actors.user import UserActor
 
 async def main():

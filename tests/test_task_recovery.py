@@ -14,9 +14,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from server import leases
 from server.config import Settings
 from server.keys import redis_key, tasks_key
+from server.tasks import leases
 from tests.auth_support import auth_settings, register
 from tests.conftest import ROOT, Services
 from tests.fakes.vendor import FakeVendor

@@ -15,8 +15,8 @@ from PIL import Image
 from actors.user import UserActor
 from server.app import create_app
 from server.config import Settings
+from server.credits.ledger import Grant, QuotaState, Snapshot
 from server.keys import actor_system_key, vendors_key
-from server.quota import Grant, QuotaState, Snapshot
 from tests.auth_support import auth_settings, bearer, error_code, register
 from tests.conftest import Services
 from tests.fakes.vendor import FakeVendor

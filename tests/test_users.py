@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from server.app import create_app
-from server.auth.service import Client
+from server.auth.login import Client
 from server.config import Settings
 from server.keys import auth_key, redis_key
 from tests.auth_support import (

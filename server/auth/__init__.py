@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from server.auth.account import AccountService
 from server.auth.admin import UserAdmin
+from server.auth.credentials import AccountService
 from server.auth.limits import Limits
+from server.auth.login import AuthService
 from server.auth.nearcache import NearCache
 from server.auth.passwords import Passwords
-from server.auth.service import AuthService
 from server.auth.sessions import Sessions
 from server.auth.sms import SmsCodes, SmsProvider, make_provider
 from server.auth.tokens import TokenIssuer
@@ -79,7 +79,7 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     if settings.admin_phone:
         # db_ctx may just have made this user an admin, before Redis was up.
-        from server.accounts import normalize_phone
+        from server.auth.accounts import normalize_phone
 
         admin_id = await db.fetchval(
             "SELECT id FROM users WHERE phone = %s", normalize_phone(settings.admin_phone)

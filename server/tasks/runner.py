@@ -22,10 +22,8 @@ from loguru import logger
 from PIL import Image
 
 from actors.user import UserActor
-from server import assets, leases
+from server.credits.ledger import Cancel, Confirm
 from server.errors import AppError, ErrorCode
-from server.features import Feature
-from server.images import ValidatedImage
 from server.keys import (
     actor_system_key,
     db_key,
@@ -36,9 +34,12 @@ from server.keys import (
     settings_key,
     storage_key,
 )
-from server.pipeline import CallStep, Combiner, ForkStep, JoinStep
-from server.quota import Cancel, Confirm
-from server.tasks.service import cancel_key, mark_finished
+from server.media import assets
+from server.media.images import ValidatedImage
+from server.tasks import leases
+from server.tasks.features import Feature
+from server.tasks.pipeline import CallStep, Combiner, ForkStep, JoinStep
+from server.tasks.store import cancel_key, mark_finished
 from server.vendors.adapters import VendorResult
 
 # (vendor, operation, inputs, params) -> output: the vendor actors' `Vendors.call`.

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.db import Conn, Database, Row
-from server.images import ValidatedImage, validate_image_async
-from server.storage import Storage
+from server.media.images import ValidatedImage, validate_image_async
+from server.media.storage import Storage
 
 URL_TTL_S = 3600
 _EXT = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}

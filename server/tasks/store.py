@@ -16,10 +16,9 @@ from typing import Any
 from aiohttp import web
 
 from actors.user import UserActor
-from server import assets, leases
+from server.credits.ledger import Cancel, Reserve
 from server.db import Row, is_duplicate
 from server.errors import AppError, Conflict, ErrorCode, NotFound, validation_failed
-from server.features import Feature
 from server.keys import (
     actor_system_key,
     db_key,
@@ -31,7 +30,9 @@ from server.keys import (
     storage_key,
     tasks_key,
 )
-from server.quota import Cancel, Reserve
+from server.media import assets
+from server.tasks import leases
+from server.tasks.features import Feature
 
 ACTIVE = ("queued", "running")
 FINISHED = ("succeeded", "failed", "cancelled")

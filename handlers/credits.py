@@ -10,10 +10,10 @@ from pydantic import BaseModel, Field, field_validator
 
 from actors.user import UserActor
 from server.auth.middleware import principal_of
+from server.credits.ledger import Grant, QuotaState, Snapshot
 from server.errors import ErrorCode
 from server.keys import actor_system_key, auth_key, db_key
 from server.paging import Page, PageQuery, decode_cursor, page_of
-from server.quota import Grant, QuotaState, Snapshot
 from server.routing import RouteTable, path_id
 
 routes = RouteTable(tags=["quota"], auth="user")

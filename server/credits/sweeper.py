@@ -10,9 +10,9 @@ from aiohttp import web
 from loguru import logger
 
 from actors.user import UserActor
-from server import leases
+from server.credits.ledger import Cancel, Reservation, utcnow
 from server.keys import actor_system_key, db_key, metrics_key, redis_key
-from server.quota import Cancel, Reservation, utcnow
+from server.tasks import leases
 
 EXPIRED_REASON = "expired: no live process held the task"
 BATCH = 500
