@@ -130,11 +130,16 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_create_admin(settings: Settings, args: argparse.Namespace) -> int:
     from server.auth.accounts import ensure_admin
+    from server.auth.passwords import Passwords
     from server.migrations import Migrator
 
     async def go(db: Any) -> int:
         await Migrator(db).migrate()
-        user_id, created = await ensure_admin(db, args.phone, args.password)
+        passwords = Passwords(settings)
+        try:
+            user_id, created = await ensure_admin(db, passwords, args.phone, args.password)
+        finally:
+            passwords.close()
         print(f"{'created' if created else 'promoted'} admin user {user_id}")
         return 0
 

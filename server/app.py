@@ -56,10 +56,6 @@ async def db_ctx(app: web.Application) -> AsyncIterator[None]:
             applied = await migrator.migrate()
             if applied:
                 logger.info("applied {} migration(s)", len(applied))
-        if settings.admin_phone and settings.admin_password:
-            from server.auth.accounts import ensure_admin
-
-            await ensure_admin(db, settings.admin_phone, settings.admin_password.get_secret_value())
         yield
     finally:
         await db.close()
