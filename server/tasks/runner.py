@@ -21,6 +21,7 @@ from aiohttp import web
 from loguru import logger
 from PIL import Image
 
+from actors.errors import AskTimeout, MailboxFull
 from actors.user import UserActor
 from server.credits.ledger import Cancel, Confirm
 from server.errors import AppError, ErrorCode
@@ -113,14 +114,21 @@ class PipelineRun:
     async def _vendor(
         self, vendor: str, operation: str, inputs: Mapping[str, Any], params: Mapping[str, Any]
     ) -> VendorResult:
-        """One vendor call; a BUSY vendor (full mailbox) is retried a few times with backoff."""
+        """One vendor call. A full mailbox (refused at once, nothing queued) is retried a few
+        times with backoff; a call that waited its queue timeout for a slot fails the step
+        at once: retrying it would only wait again."""
         for attempt in range(BUSY_RETRIES + 1):
             try:
                 return await self.call_vendor(vendor, operation, inputs, params)
-            except AppError as exc:
-                if exc.code != ErrorCode.BUSY or attempt == BUSY_RETRIES:
+            except MailboxFull:
+                if attempt == BUSY_RETRIES:
                     raise
                 await asyncio.sleep(0.05 * 2**attempt * (0.5 + random.random()))
+            except AskTimeout as exc:
+                raise AppError(
+                    ErrorCode.UPSTREAM_FAILED,
+                    f"Vendor {vendor} had no free slot within {exc.timeout:g}s",
+                ) from exc
         raise AssertionError("unreachable")
 
     async def _vendor_step(
