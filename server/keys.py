@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from server.auth import Auth
     from server.auth.tokens import Principal
     from server.config import Settings
+    from server.credits.facade import Credits
     from server.cron import CronRunner
     from server.db import Database
     from server.events import EventHub
@@ -54,6 +55,9 @@ live_hub_key: web.AppKey[RedisEventHub] = web.AppKey("live_hub")
 
 # Vendors (issue 6): one VendorActor per configured AI vendor (server/vendors/setup.py).
 vendors_key: web.AppKey[Vendors] = web.AppKey("vendors")
+
+# Credits (issue 11): the one entry point to every user's credits (server/credits/facade.py).
+credits_key: web.AppKey[Credits] = web.AppKey("credits")
 
 # Ops dashboard: when this process started serving (time.monotonic()), for its uptime.
 ops_started_key: web.AppKey[float] = web.AppKey("ops_started", float)

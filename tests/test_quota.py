@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from actors.user import UserActor
 from server.app import CRON_JOBS, create_app
 from server.config import Settings
+from server.credits.facade import EXPIRED_REASON
 from server.credits.ledger import (
     Cancel,
     Confirm,
@@ -27,7 +28,6 @@ from server.credits.ledger import (
     Snapshot,
     check_all,
 )
-from server.credits.sweeper import EXPIRED_REASON
 from server.cron import CronRunner
 from server.errors import AppError, ErrorCode
 from server.keys import actor_system_key, cron_key, db_key, redis_key

@@ -22,11 +22,9 @@ from loguru import logger
 from PIL import Image
 
 from actors.errors import AskTimeout, MailboxFull
-from actors.user import UserActor
-from server.credits.ledger import Cancel, Confirm
 from server.errors import AppError, ErrorCode
 from server.keys import (
-    actor_system_key,
+    credits_key,
     db_key,
     features_key,
     hub_key,
@@ -254,11 +252,7 @@ async def _fail(app: web.Application, task: Mapping[str, Any], error: AppError) 
     """Return the credits, then mark the task failed (unless it was cancelled meanwhile)."""
     task_id, user_id = str(task["id"]), int(task["user_id"])
     try:
-        await (
-            app[actor_system_key]
-            .ref(UserActor, user_id)
-            .ask(Cancel(task_id, f"failed: {error.message}"[:200]))
-        )
+        await app[credits_key].cancel(user_id, task_id, f"failed: {error.message}")
     except AppError as exc:
         if exc.code != ErrorCode.CONFLICT:
             raise
@@ -309,7 +303,7 @@ async def run_task(app: web.Application, task: Mapping[str, Any], call: VendorCa
         await _fail(app, task, AppError(ErrorCode.INTERNAL, f"The task failed: {type(exc).__name__}"))
         return
     try:
-        await app[actor_system_key].ref(UserActor, user_id).ask(Confirm(task_id))
+        await app[credits_key].confirm(user_id, task_id)
     except AppError as exc:
         if exc.code == ErrorCode.CONFLICT:
             return  # cancelled while the last step ran: the credits went back, no charge

@@ -15,12 +15,10 @@ from typing import Any
 
 from aiohttp import web
 
-from actors.user import UserActor
-from server.credits.ledger import Cancel, Reserve
 from server.db import Row, is_duplicate
 from server.errors import AppError, Conflict, ErrorCode, NotFound, validation_failed
 from server.keys import (
-    actor_system_key,
+    credits_key,
     db_key,
     features_key,
     hub_key,
@@ -130,10 +128,10 @@ async def create_task(
     owner = app[instance_id_key]
     # The lease first: from the moment credits are reserved, a live process holds the task.
     await leases.acquire(app[redis_key], task_id, owner, int(settings.task_lease_ttl * 1000))
-    user = app[actor_system_key].ref(UserActor, user_id)
+    credits = app[credits_key]
     try:
-        await user.ask(
-            Reserve(task_id, feature.cost, ttl=settings.task_timeout + 3 * settings.task_lease_ttl)
+        await credits.reserve(
+            user_id, task_id, feature.cost, ttl=settings.task_timeout + 3 * settings.task_lease_ttl
         )
     except BaseException:
         await leases.release(app[redis_key], task_id, owner)
@@ -154,7 +152,7 @@ async def create_task(
             owner,
         )
     except Exception as exc:
-        await user.ask(Cancel(task_id, "task not created"))
+        await credits.cancel(user_id, task_id, "task not created")
         await leases.release(app[redis_key], task_id, owner)
         if is_duplicate(exc):  # the same key raced us: answer the winner
             found = await _existing(app, user_id, key, digest)
@@ -253,7 +251,7 @@ async def cancel_task(app: web.Application, user_id: int, task_id: str) -> dict[
     if row["status"] in FINISHED:
         raise Conflict(f"Task {task_id} is already {row['status']}", details={"status": row["status"]})
     try:
-        await app[actor_system_key].ref(UserActor, user_id).ask(Cancel(task_id, "cancelled by the user"))
+        await app[credits_key].cancel(user_id, task_id, "cancelled by the user")
     except AppError as exc:
         if exc.code == ErrorCode.CONFLICT:  # the credits were confirmed first: it succeeded
             raise Conflict(f"Task {task_id} has already finished") from None
