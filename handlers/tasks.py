@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from server.auth.middleware import principal_of
 from server.errors import AppError, ErrorCode, UnreadableBody
-from server.keys import db_key, features_key, storage_key, tasks_key
+from server.keys import db_key, features_key, settings_key, storage_key, tasks_key
 from server.media import assets
 from server.media.images import MAX_BYTES
 from server.paging import PageQuery, decode_cursor, encode_cursor
@@ -134,7 +134,9 @@ async def upload_asset(request: web.Request) -> web.Response:
         raise AppError(ErrorCode.MALFORMED_REQUEST, "The form has no field `file`")
     user_id = principal_of(request).user_id
     asset = await assets.upload(request.app[db_key], request.app[storage_key], None, user_id, data)
-    return web.json_response(asset.public(request.app[storage_key]), status=201)
+    return web.json_response(
+        asset.public(request.app[storage_key], request.app[settings_key].storage_url_ttl), status=201
+    )
 
 
 async def _read_limited(part: BodyPartReader, limit: int) -> bytes:

@@ -53,7 +53,7 @@ async def app2(aiohttp_client: Any, settings: Settings) -> web.Application:
 async def wait_until_lease_gone(app: web.Application, task_id: str) -> None:
     """Redis expires the dead process's lease; poll for it (keyspace events are off)."""
     async with asyncio.timeout(10):
-        while await leases.holder(app[redis_key], task_id) is not None:  # noqa: ASYNC110
+        while await leases.held(app[redis_key], [task_id]):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
 
 

@@ -120,7 +120,7 @@ async def run_and_kill(
     fake.hold.set()  # the dead process's request may now end; nobody reads its answer
     fake.hold = None
     async with asyncio.timeout(10):  # Redis expires the dead process's lease
-        while await leases.holder(user.app[redis_key], task_id) is not None:  # noqa: ASYNC110
+        while await leases.held(user.app[redis_key], [task_id]):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
     return task_id
 

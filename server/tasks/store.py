@@ -217,7 +217,11 @@ async def render_rows(app: web.Application, rows: list[Row]) -> list[dict[str, A
     for o in outs:
         a = assets.Asset.of(o)
         outputs[str(o["task_id"])].append(
-            {"asset_id": a.id, "url": a.public(storage)["url"], "kind": "image"}
+            {
+                "asset_id": a.id,
+                "url": a.public(storage, app[settings_key].storage_url_ttl)["url"],
+                "kind": "image",
+            }
         )
     return [_render(r, by_task[str(r["id"])], outputs[str(r["id"])]) for r in rows]
 
