@@ -129,12 +129,17 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_create_admin(settings: Settings, args: argparse.Namespace) -> int:
-    from server.accounts import ensure_admin
+    from server.auth.accounts import ensure_admin
+    from server.auth.passwords import Passwords
     from server.migrations import Migrator
 
     async def go(db: Any) -> int:
         await Migrator(db).migrate()
-        user_id, created = await ensure_admin(db, args.phone, args.password)
+        passwords = Passwords(settings)
+        try:
+            user_id, created = await ensure_admin(db, passwords, args.phone, args.password)
+        finally:
+            passwords.close()
         print(f"{'created' if created else 'promoted'} admin user {user_id}")
         return 0
 
@@ -143,7 +148,7 @@ def cmd_create_admin(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_check_quota(settings: Settings, args: argparse.Namespace) -> int:
     """Every account against its ledger and open reservations; non-zero exit on a difference."""
-    from server.quota import check_all
+    from server.credits.ledger import check_all
 
     async def go(db: Any) -> int:
         checked, problems = await check_all(db)
@@ -157,8 +162,8 @@ def cmd_check_quota(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_clean_files(settings: Settings, args: argparse.Namespace) -> int:
     """The nightly orphan-file cleanup, now; `--dry-run` lists what it would delete."""
-    from server.orphans import clean_orphans
-    from server.storage import create_storage
+    from server.media.orphans import clean_orphans
+    from server.media.storage import create_storage
 
     async def go(db: Any) -> int:
         storage = create_storage(settings)

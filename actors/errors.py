@@ -2,7 +2,8 @@
 
 All of them are `AppError`s with code BUSY, so a request that meets one gets a 503 with
 Retry-After from the error middleware: each means "this process cannot serve that now,
-try again shortly", never "your request was wrong".
+try again shortly", never "your request was wrong". Only `MailboxFull` is a `Busy`
+(refused at once, nothing queued: safe to retry); `AskTimeout` is not (see there).
 """
 
 from __future__ import annotations
@@ -38,17 +39,20 @@ class MailboxFull(Busy):
         self.capacity = capacity
 
 
-class AskTimeout(Busy, TimeoutError):
+class AskTimeout(AppError):
     """No reply came within the ask's timeout.
 
-    Both a `Busy` (the middleware answers 503 BUSY with Retry-After: an actor that cannot
-    answer in time is overloaded or stuck) and a `TimeoutError` (so generic timeout
-    handling catches it too). The message may still be handled later; that late reply is
-    dropped.
+    Over HTTP it is a 503 BUSY with Retry-After, like the others: an actor that cannot
+    answer in time is overloaded or stuck. It is deliberately neither a `Busy` nor a
+    `TimeoutError`: nothing refused the message (it may still run later, and that late
+    reply is dropped), so a retry loop for full mailboxes must not repeat it, and a
+    deadline around larger work (a task's TASK_TIMEOUT) must not be mistaken for it.
     """
 
     def __init__(self, actor: str, message_type: str, timeout: float) -> None:
-        super().__init__(f"{message_type} to {actor} got no reply within {timeout:g}s", retry_after=1)
+        super().__init__(
+            ErrorCode.BUSY, f"{message_type} to {actor} got no reply within {timeout:g}s", retry_after=1
+        )
         self.actor = actor
         self.message_type = message_type
         self.timeout = timeout

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from actors.runtime import Actor, Envelope
+from server.credits.ledger import BatchResult, QuotaOp, apply_batch
 from server.db import Database, is_duplicate, is_retryable
 from server.errors import Busy
-from server.events import EventHub
-from server.quota import BatchResult, QuotaOp, apply_batch
+from server.hub.events import EventHub
 
 
 class UserActor(Actor[QuotaOp]):

@@ -46,7 +46,7 @@ from PIL import Image
 from actors import ActorSystem
 from server.vendors.adapters import HttpAdapter
 from server.vendors.config import VendorConfig, VendorLimits, http_operations
-from server.vendors.setup import Vendors
+from server.vendors.facade import Vendors
 from tests.fakes.vendor import FakeVendor
 
 ROUNDS = 3

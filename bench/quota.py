@@ -26,12 +26,12 @@ from loguru import logger
 from actors.runtime import ActorSystem
 from actors.user import UserActor
 from server.config import Settings
+from server.credits.ledger import Confirm, Grant, QuotaOp, Reserve, apply_batch, check_all
 from server.db import Database, is_duplicate, is_retryable
 from server.embedded import EmbeddedMariaDB, ensure_database
-from server.events import NullHub
+from server.hub.events import NullHub
 from server.metrics import Metrics
 from server.migrations import Migrator
-from server.quota import Confirm, Grant, QuotaOp, Reserve, apply_batch, check_all
 
 _ids = itertools.count()
 

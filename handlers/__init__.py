@@ -8,12 +8,12 @@ from handlers import (
     admin_features,
     admin_users,
     auth,
+    credits,
     demo,
     dev,
     files,
     ops,
-    quota,
-    service,
+    system,
     tasks,
     users,
     ws,
@@ -23,13 +23,13 @@ from server.routing import RouteTable, add_routes
 from server.templates import setup_templates
 
 ROUTE_TABLES: list[RouteTable] = [
-    service.routes,
+    system.routes,
     files.routes,
     auth.routes,
     users.routes,
     admin_users.routes,
-    quota.routes,
-    quota.admin_routes,
+    credits.routes,
+    credits.admin_routes,
     ws.routes,
     tasks.public,
     tasks.routes,
@@ -42,6 +42,6 @@ def setup_routes(app: web.Application) -> None:
     settings = app[settings_key]
     tables = [*ROUTE_TABLES, *dev.route_tables(settings), *demo.route_tables(settings)]  # only in dev/test
     app[route_specs_key] = add_routes(app, tables)
-    service.setup(app)
+    system.setup(app)
     setup_templates(app)  # the one Jinja2 environment (ROOT/templates), for /ops and others
     ops.setup(app)

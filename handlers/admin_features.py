@@ -10,10 +10,10 @@ from pydantic import BaseModel, Field, field_validator
 
 from server.db import is_duplicate
 from server.errors import Conflict, ErrorCode
-from server.features import Feature, parse_inputs
 from server.keys import db_key, features_key
-from server.pipeline import parse_pipeline
 from server.routing import RouteTable, omittable
+from server.tasks.features import Feature, parse_inputs
+from server.tasks.pipeline import parse_pipeline
 
 routes = RouteTable(tags=["admin"], auth="admin")
 

@@ -15,9 +15,9 @@ from aiohttp import web
 
 from server.errors import ErrorCode, NotFound
 from server.keys import storage_key
+from server.media.storage import InvalidKey
+from server.media.storage.local import LocalStorage
 from server.routing import RouteTable
-from server.storage import InvalidKey
-from server.storage.local import LocalStorage
 
 routes = RouteTable(tags=["files"], auth="public")
 

@@ -9,14 +9,14 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, Field
 
-from server import assets
 from server.auth.middleware import principal_of
 from server.errors import AppError, ErrorCode, UnreadableBody
-from server.images import MAX_BYTES
-from server.keys import db_key, features_key, storage_key, tasks_key
+from server.keys import db_key, features_key, settings_key, storage_key, tasks_key
+from server.media import assets
+from server.media.images import MAX_BYTES
 from server.paging import PageQuery, decode_cursor, encode_cursor
 from server.routing import RouteTable
-from server.tasks import service
+from server.tasks import store
 
 routes = RouteTable(tags=["tasks"], auth="user")
 public = RouteTable(tags=["tasks"], auth="public")
@@ -134,7 +134,9 @@ async def upload_asset(request: web.Request) -> web.Response:
         raise AppError(ErrorCode.MALFORMED_REQUEST, "The form has no field `file`")
     user_id = principal_of(request).user_id
     asset = await assets.upload(request.app[db_key], request.app[storage_key], None, user_id, data)
-    return web.json_response(asset.public(request.app[storage_key]), status=201)
+    return web.json_response(
+        asset.public(request.app[storage_key], request.app[settings_key].storage_url_ttl), status=201
+    )
 
 
 async def _read_limited(part: BodyPartReader, limit: int) -> bytes:
@@ -158,9 +160,9 @@ async def _read_limited(part: BodyPartReader, limit: int) -> bytes:
 )
 async def create_task(request: web.Request, body: TaskIn) -> web.Response:
     """Run a feature. Requires an `Idempotency-Key` header; credits are reserved at once."""
-    key = service.check_idempotency_key(request.headers.get("Idempotency-Key"))
+    key = store.check_idempotency_key(request.headers.get("Idempotency-Key"))
     user_id = principal_of(request).user_id
-    task, created = await service.create_task(request.app, user_id, key, body.feature, body.inputs)
+    task, created = await store.create_task(request.app, user_id, key, body.feature, body.inputs)
     if created:
         await request.app[tasks_key].start(task["id"])
     return web.json_response(task, status=202 if created else 200)
@@ -170,7 +172,7 @@ async def create_task(request: web.Request, body: TaskIn) -> web.Response:
 async def list_tasks(request: web.Request, query: TaskQuery) -> dict[str, Any]:
     """The caller's tasks, newest first; `?status=` filters."""
     after = decode_cursor(query.cursor, str)
-    items = await service.list_tasks(
+    items = await store.list_tasks(
         request.app, principal_of(request).user_id, query.status, after[0] if after else None, query.limit + 1
     )
     more = len(items) > query.limit
@@ -180,7 +182,7 @@ async def list_tasks(request: web.Request, query: TaskQuery) -> dict[str, Any]:
 
 @routes.get("/api/v1/tasks/{task_id}", response=TaskOut, errors=[ErrorCode.NOT_FOUND])
 async def get_task(request: web.Request) -> dict[str, Any]:
-    return await service.get_task(request.app, principal_of(request).user_id, request.match_info["task_id"])
+    return await store.get_task(request.app, principal_of(request).user_id, request.match_info["task_id"])
 
 
 @routes.post(
@@ -188,6 +190,4 @@ async def get_task(request: web.Request) -> dict[str, Any]:
 )
 async def cancel_task(request: web.Request) -> dict[str, Any]:
     """Stop a queued or running task and return its credits; a finished task answers 409."""
-    return await service.cancel_task(
-        request.app, principal_of(request).user_id, request.match_info["task_id"]
-    )
+    return await store.cancel_task(request.app, principal_of(request).user_id, request.match_info["task_id"])

@@ -12,33 +12,31 @@ from aiohttp import web
 from loguru import logger
 
 from actors.runtime import ActorSystem
-from actors.user import UserActor
 from handlers import setup_routes
 from server.auth import auth_ctx
 from server.auth.middleware import auth_middleware
 from server.config import ConfigError, Settings
+from server.credits.facade import credits_ctx, sweep_expired_reservations
 from server.cron import CronJob, cron_ctx
 from server.db import Database
 from server.hub import close_websockets, hub_ctx
 from server.keys import (
     actor_system_key,
     db_key,
-    hub_key,
     instance_id_key,
     metrics_key,
     migrator_key,
     redis_key,
     settings_key,
 )
+from server.media.orphans import clean_orphan_files
+from server.media.storage import storage_ctx
 from server.metrics import Metrics
 from server.middleware import add_request_id_header, envelope_middleware
 from server.migrations import Migrator
-from server.orphans import clean_orphan_files
 from server.redis import connect_redis
-from server.storage import storage_ctx
-from server.sweeper import sweep_expired_reservations
 from server.tasks.manager import recover_tasks, tasks_ctx
-from server.vendors.setup import vendors_ctx
+from server.vendors.facade import vendors_ctx
 
 
 async def db_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -56,10 +54,6 @@ async def db_ctx(app: web.Application) -> AsyncIterator[None]:
             applied = await migrator.migrate()
             if applied:
                 logger.info("applied {} migration(s)", len(applied))
-        if settings.admin_phone and settings.admin_password:
-            from server.accounts import ensure_admin
-
-            await ensure_admin(db, settings.admin_phone, settings.admin_password.get_secret_value())
         yield
     finally:
         await db.close()
@@ -92,7 +86,6 @@ async def actors_ctx(app: web.Application) -> AsyncIterator[None]:
         default_ask_timeout=settings.actor_ask_timeout,
         passivate_after={"UserActor": settings.actor_idle_seconds},
     )
-    system.register(UserActor, lambda: UserActor(app[db_key], app[hub_key]))
     await system.start()
     app[actor_system_key] = system
     try:
@@ -124,6 +117,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(auth_ctx)
     app.cleanup_ctx.append(storage_ctx)
     app.cleanup_ctx.append(actors_ctx)
+    app.cleanup_ctx.append(credits_ctx)  # the UserActor kind and the Credits facade
     app.cleanup_ctx.append(vendors_ctx)  # needs the actor system
     app.cleanup_ctx.append(tasks_ctx)  # features and task runs: need the vendors
     if settings.cron_enabled:

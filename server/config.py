@@ -116,7 +116,7 @@ class Settings(BaseSettings):
     jwt_keys: SecretStr = SecretStr("")
     access_token_ttl: int = Field(900, ge=60)
     refresh_token_ttl: int = Field(604800, ge=300)
-    # argon2id cost (defaults: RFC 9106 low-memory profile, see server/security.py).
+    # argon2id cost (defaults: RFC 9106 low-memory profile, see server/auth/passwords.py).
     argon2_time_cost: int = Field(3, ge=1)
     argon2_memory_kib: int = Field(64 * 1024, ge=8)
     argon2_parallelism: int = Field(1, ge=1)

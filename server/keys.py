@@ -13,16 +13,17 @@ if TYPE_CHECKING:
     from server.auth import Auth
     from server.auth.tokens import Principal
     from server.config import Settings
+    from server.credits.facade import Credits
     from server.cron import CronRunner
     from server.db import Database
-    from server.features import FeatureStore
     from server.hub import RedisEventHub
+    from server.media.storage import Storage
     from server.metrics import Metrics
     from server.migrations import Migrator
     from server.routing import RouteSpec
-    from server.storage import Storage
+    from server.tasks.features import FeatureStore
     from server.tasks.manager import TaskManager
-    from server.vendors.setup import Vendors
+    from server.vendors.facade import Vendors
 
 settings_key: web.AppKey[Settings] = web.AppKey("settings")
 metrics_key: web.AppKey[Metrics] = web.AppKey("metrics")
@@ -50,6 +51,9 @@ storage_key: web.AppKey[Storage] = web.AppKey("storage")
 
 # Vendors (issue 6): one VendorActor per configured AI vendor (server/vendors/setup.py).
 vendors_key: web.AppKey[Vendors] = web.AppKey("vendors")
+
+# Credits (issue 11): the one entry point to every user's credits (server/credits/facade.py).
+credits_key: web.AppKey[Credits] = web.AppKey("credits")
 
 # Ops dashboard: when this process started serving (time.monotonic()), for its uptime.
 ops_started_key: web.AppKey[float] = web.AppKey("ops_started", float)

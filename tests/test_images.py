@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageCms, ImageDraw, PngImagePlugin
 
 from server.errors import AppError, ErrorCode
-from server.images import MAX_BYTES, validate_image, validate_image_async
+from server.media.images import MAX_BYTES, validate_image, validate_image_async
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 

@@ -11,9 +11,9 @@ import pytest
 from aiohttp import web
 
 from handlers import ops
-from server.assets import new_id
 from server.config import Settings
 from server.keys import db_key, redis_key
+from server.media.assets import new_id
 from tests.auth_support import PASSWORD, auth_settings, register
 
 ADMIN_PHONE = "13900000001"

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from server.errors import AppError, ErrorCode
-from server.pipeline import parse_pipeline
+from server.tasks.pipeline import parse_pipeline
 from server.vendors import local
 
 CATALOG = {"local": local.OPERATIONS}

@@ -15,14 +15,23 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from actors.user import UserActor
-from server import leases
 from server.app import CRON_JOBS, create_app
 from server.config import Settings
+from server.credits.facade import EXPIRED_REASON
+from server.credits.ledger import (
+    Cancel,
+    Confirm,
+    Grant,
+    QuotaState,
+    Reservation,
+    Reserve,
+    Snapshot,
+    check_all,
+)
 from server.cron import CronRunner
 from server.errors import AppError, ErrorCode
 from server.keys import actor_system_key, cron_key, db_key, redis_key
-from server.quota import Cancel, Confirm, Grant, QuotaState, Reservation, Reserve, Snapshot, check_all
-from server.sweeper import EXPIRED_REASON
+from server.tasks import leases
 from tests.conftest import Services, run_command
 
 _user_ids = itertools.count(1000)
@@ -44,7 +53,7 @@ async def app2(aiohttp_client: Any, settings: Settings) -> web.Application:
 async def wait_until_lease_gone(app: web.Application, task_id: str) -> None:
     """Redis expires the dead process's lease; poll for it (keyspace events are off)."""
     async with asyncio.timeout(10):
-        while await leases.holder(app[redis_key], task_id) is not None:  # noqa: ASYNC110
+        while await leases.held(app[redis_key], [task_id]):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
 
 
@@ -296,9 +305,9 @@ import asyncio, sys
 from aiohttp import web
 from server.app import create_app
 from server.config import Settings
-from server import leases
+from server.tasks import leases
 from server.keys import actor_system_key, redis_key
-from server.quota import Grant, Reserve
+from server.credits.ledger import Grant, Reserve
 from actors.user import UserActor
 
 async def main():

@@ -11,8 +11,8 @@ from aiohttp import web
 
 from actors.user import UserActor
 from server.config import Settings
+from server.credits.ledger import Confirm, Grant, Reserve
 from server.keys import actor_system_key
-from server.quota import Confirm, Grant, Reserve
 from tests.auth_support import auth_settings, bearer, error_code, register
 
 
@@ -126,8 +126,8 @@ async def test_sign_up_credits_are_granted_once_through_the_ledger(
     aiohttp_client: Any, make_settings: Callable[..., Settings]
 ) -> None:
     from server.app import create_app
+    from server.credits.ledger import check_all
     from server.keys import db_key
-    from server.quota import check_all
 
     app = create_app(auth_settings(make_settings, cron_enabled=False, signup_credits=20))
     client = await aiohttp_client(app)

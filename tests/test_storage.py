@@ -19,10 +19,10 @@ from server.config import ConfigError, Settings
 from server.db import Database
 from server.errors import AppError, Busy, ErrorCode, NotFound
 from server.keys import db_key, storage_key
-from server.orphans import clean_orphan_files, clean_orphans
-from server.storage import InvalidKey, Storage, create_storage
-from server.storage.cos import CosStorage
-from server.storage.local import LocalStorage, derive_url_secret, url_secret
+from server.media.orphans import clean_orphan_files, clean_orphans
+from server.media.storage import InvalidKey, Storage, create_storage
+from server.media.storage.cos import CosStorage
+from server.media.storage.local import LocalStorage, derive_url_secret, url_secret
 from tests.conftest import run_command
 from tests.fakes.cos import FakeCos
 

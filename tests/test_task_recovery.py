@@ -14,9 +14,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from server import leases
 from server.config import Settings
 from server.keys import redis_key, tasks_key
+from server.tasks import leases
 from tests.auth_support import auth_settings, register
 from tests.conftest import ROOT, Services
 from tests.fakes.vendor import FakeVendor
@@ -120,7 +120,7 @@ async def run_and_kill(
     fake.hold.set()  # the dead process's request may now end; nobody reads its answer
     fake.hold = None
     async with asyncio.timeout(10):  # Redis expires the dead process's lease
-        while await leases.holder(user.app[redis_key], task_id) is not None:  # noqa: ASYNC110
+        while await leases.held(user.app[redis_key], [task_id]):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
     return task_id
 

@@ -15,8 +15,8 @@ from PIL import Image
 from actors.user import UserActor
 from server.app import create_app
 from server.config import Settings
+from server.credits.ledger import Grant, QuotaState, Snapshot
 from server.keys import actor_system_key, vendors_key
-from server.quota import Grant, QuotaState, Snapshot
 from tests.auth_support import auth_settings, bearer, error_code, register
 from tests.conftest import Services
 from tests.fakes.vendor import FakeVendor
@@ -501,3 +501,35 @@ async def test_a_socket_sees_every_status_of_a_task_in_seq_order(user: User, cli
     assert statuses == ["queued", "running", "succeeded"]
     assert progress[-1] == 1
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # no gap
+
+
+async def test_a_vendor_queue_timeout_fails_the_step_after_one_wait_with_its_own_message(
+    aiohttp_client: Any, make_settings: Callable[..., Settings], fake: FakeVendor
+) -> None:
+    """The only slot is held; the next task's call waits its queue timeout once (not once per
+    BUSY retry) and fails as a vendor without a slot, not as a task past TASK_TIMEOUT."""
+    settings = auth_settings(
+        make_settings, cron_enabled=False, **ADMIN, **vendor_settings(fake, concurrency=1, queue_timeout=0.2)
+    )
+    app = create_app(settings)
+    client = await aiohttp_client(app)
+    user = User(client, app, await register(client))
+    first = await held_task(user, client, fake, "slow", cost=1)
+    await user.grant(1)
+    photo = await user.upload(image_bytes("teal"))
+    resp = await user.create("slow", {"image": photo["id"]}, "second")
+    assert resp.status == 202, await resp.text()
+
+    task = await user.finished((await resp.json())["id"])
+
+    message = "Vendor fake had no free slot within 0.2s"
+    assert task["status"] == "failed"
+    assert task["error"] == {"code": "UPSTREAM_FAILED", "message": message}
+    assert task["steps"][0]["error"] == f"UPSTREAM_FAILED: {message}"
+    timeouts = app[actor_system_key].registry.get_sample_value(
+        "wardrobe_actor_ask_timeouts_total", {"kind": "VendorActor[fake]"}
+    )
+    assert timeouts == 1
+    assert fake.calls == 1  # the waiting call never reached the vendor
+    fake.hold.set()
+    assert (await user.finished(first))["status"] == "succeeded"

@@ -22,12 +22,12 @@ from actors.vendor import VendorActor
 from server.config import ConfigError
 from server.errors import Busy, ErrorCode
 from server.keys import vendors_key
-from server.storage.local import LocalStorage
+from server.media.storage.local import LocalStorage
 from server.vendors.adapters import HttpAdapter, LocalAdapter, Publish, VendorError
 from server.vendors.config import VendorConfig, VendorLimits, check_vendors, http_operations, kind_of, limits
 from server.vendors.dashscope import DashScopeAdapter
+from server.vendors.facade import Vendors, storage_publisher
 from server.vendors.resilience import CLOSED, HALF_OPEN, OPEN
-from server.vendors.setup import Vendors, storage_publisher
 from tests.fakes.vendor import FakeVendor
 
 pytestmark = pytest.mark.timeout(30)

@@ -21,9 +21,9 @@ from actors.user import UserActor
 from server.app import create_app
 from server.auth.tokens import TokenIssuer
 from server.config import Settings
+from server.credits.ledger import Grant
 from server.hub import RedisEventHub
 from server.keys import actor_system_key, auth_key, hub_key
-from server.quota import Grant
 from tests.auth_support import auth_settings, register
 
 WS = "/api/v1/ws"

@@ -46,10 +46,6 @@ class Envelope(Generic[M]):
     def answered(self) -> bool:
         return bool(self.outcome)
 
-    @property
-    def is_ask(self) -> bool:
-        return self.reply is not None
-
     def ok(self, value: Any = None) -> None:
         """Answer with a result (an ask returns it; a tell just counts as handled)."""
         if self.outcome:

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from server.auth.account import AccountService
+from server.auth.accounts import ensure_admin
 from server.auth.admin import UserAdmin
+from server.auth.credentials import AccountService
 from server.auth.limits import Limits
+from server.auth.login import AuthService
 from server.auth.nearcache import NearCache
 from server.auth.passwords import Passwords
-from server.auth.service import AuthService
 from server.auth.sessions import Sessions
 from server.auth.sms import SmsCodes, SmsProvider, make_provider
 from server.auth.tokens import TokenIssuer
@@ -77,15 +78,11 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
         ),
         admin=UserAdmin(db, sessions, profiles),
     )
-    if settings.admin_phone:
-        # db_ctx may just have made this user an admin, before Redis was up.
-        from server.accounts import normalize_phone
-
-        admin_id = await db.fetchval(
-            "SELECT id FROM users WHERE phone = %s", normalize_phone(settings.admin_phone)
+    if settings.admin_phone and settings.admin_password:
+        admin_id, _ = await ensure_admin(
+            db, passwords, settings.admin_phone, settings.admin_password.get_secret_value()
         )
-        if admin_id is not None:
-            await profiles.invalidate(int(admin_id))
+        await profiles.invalidate(admin_id)  # a promoted user's cached role is stale
     await near.start()
     try:
         yield

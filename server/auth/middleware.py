@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from server.auth.limits import client_ip
-from server.auth.service import Client
+from server.auth.login import Client
 from server.auth.tokens import Principal, bearer_token
 from server.errors import AppError, ErrorCode
 from server.keys import auth_key, principal_key, settings_key

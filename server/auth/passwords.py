@@ -1,8 +1,10 @@
 """argon2id hashing on a bounded thread pool, with transparent rehash.
 
 The parameters come from the settings (ARGON2_TIME_COST, ARGON2_MEMORY_KIB,
-ARGON2_PARALLELISM; defaults as server/security.py documents). A stored hash made
-with other parameters still verifies, and is replaced at the next successful login.
+ARGON2_PARALLELISM; the defaults are argon2-cffi's RFC 9106 low-memory profile, about
+40 ms a hash on one core). A stored hash made with other parameters still verifies,
+and is replaced at the next successful login. This is the only place passwords are
+hashed: the admin bootstrap and `run.py create-admin` use it too.
 Password rules (API.md): 8–72 characters with a letter and a digit.
 """
 
@@ -17,7 +19,6 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from server.config import Settings
-from server.security import HASHER
 
 _LETTER = re.compile(r"[^\W\d_]")
 _DIGIT = re.compile(r"\d")
@@ -38,8 +39,8 @@ class Passwords:
             time_cost=settings.argon2_time_cost,
             memory_cost=settings.argon2_memory_kib,
             parallelism=settings.argon2_parallelism,
-            hash_len=HASHER.hash_len,
-            salt_len=HASHER.salt_len,
+            hash_len=32,
+            salt_len=16,
         )
         self.executor = ThreadPoolExecutor(settings.auth_hash_threads, thread_name_prefix="argon2")
         # Verified against when the phone is unknown, so both cases cost the same.

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from server.accounts import PHONE_RE, mask_phone
+from server.auth.accounts import PHONE_RE, mask_phone
 
 Gender = Literal["male", "female", "unknown"]
 RoleName = Literal["user", "admin"]

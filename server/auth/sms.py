@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from loguru import logger
 from redis.asyncio import Redis
 
-from server.accounts import mask_phone
+from server.auth.accounts import mask_phone
 from server.auth.limits import Limits
 from server.config import Settings
 from server.errors import AppError, ErrorCode

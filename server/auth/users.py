@@ -186,7 +186,7 @@ class Profiles:
 
     async def invite_code_owner(self, code: str) -> dict[str, Any] | None:
         """The active user whose invite code this is (case-insensitive), or None."""
-        from server.accounts import user_id_for_invite_code
+        from server.auth.accounts import user_id_for_invite_code
 
         user_id = user_id_for_invite_code(code) if code.strip() else None
         if user_id is None:

@@ -18,12 +18,12 @@ import aiojobs
 from aiohttp import web
 from loguru import logger
 
-from server import leases
 from server.errors import AppError, Busy, ErrorCode
-from server.features import FeatureStore
 from server.keys import db_key, features_key, instance_id_key, redis_key, settings_key, tasks_key, vendors_key
+from server.tasks import leases
+from server.tasks.features import FeatureStore
 from server.tasks.runner import VendorCall, _fail, hold_lease, run_task
-from server.tasks.service import mark_finished
+from server.tasks.store import mark_finished
 
 _TASK_ROW = "SELECT id, user_id, feature, inputs, attempts, status FROM tasks WHERE id = %s"
 

@@ -21,13 +21,10 @@ from aiohttp import web
 from loguru import logger
 from PIL import Image
 
-from actors.user import UserActor
-from server import assets, leases
+from actors.errors import AskTimeout, MailboxFull
 from server.errors import AppError, ErrorCode
-from server.features import Feature
-from server.images import ValidatedImage
 from server.keys import (
-    actor_system_key,
+    credits_key,
     db_key,
     features_key,
     hub_key,
@@ -36,9 +33,12 @@ from server.keys import (
     settings_key,
     storage_key,
 )
-from server.pipeline import CallStep, Combiner, ForkStep, JoinStep
-from server.quota import Cancel, Confirm
-from server.tasks.service import cancel_key, mark_finished
+from server.media import assets
+from server.media.images import ValidatedImage
+from server.tasks import leases
+from server.tasks.features import Feature
+from server.tasks.pipeline import CallStep, Combiner, ForkStep, JoinStep
+from server.tasks.store import cancel_key, mark_finished
 from server.vendors.adapters import VendorResult
 
 # (vendor, operation, inputs, params) -> output: the vendor actors' `Vendors.call`.
@@ -112,14 +112,21 @@ class PipelineRun:
     async def _vendor(
         self, vendor: str, operation: str, inputs: Mapping[str, Any], params: Mapping[str, Any]
     ) -> VendorResult:
-        """One vendor call; a BUSY vendor (full mailbox) is retried a few times with backoff."""
+        """One vendor call. A full mailbox (refused at once, nothing queued) is retried a few
+        times with backoff; a call that waited its queue timeout for a slot fails the step
+        at once: retrying it would only wait again."""
         for attempt in range(BUSY_RETRIES + 1):
             try:
                 return await self.call_vendor(vendor, operation, inputs, params)
-            except AppError as exc:
-                if exc.code != ErrorCode.BUSY or attempt == BUSY_RETRIES:
+            except MailboxFull:
+                if attempt == BUSY_RETRIES:
                     raise
                 await asyncio.sleep(0.05 * 2**attempt * (0.5 + random.random()))
+            except AskTimeout as exc:
+                raise AppError(
+                    ErrorCode.UPSTREAM_FAILED,
+                    f"Vendor {vendor} had no free slot within {exc.timeout:g}s",
+                ) from exc
         raise AssertionError("unreachable")
 
     async def _vendor_step(
@@ -245,11 +252,7 @@ async def _fail(app: web.Application, task: Mapping[str, Any], error: AppError) 
     """Return the credits, then mark the task failed (unless it was cancelled meanwhile)."""
     task_id, user_id = str(task["id"]), int(task["user_id"])
     try:
-        await (
-            app[actor_system_key]
-            .ref(UserActor, user_id)
-            .ask(Cancel(task_id, f"failed: {error.message}"[:200]))
-        )
+        await app[credits_key].cancel(user_id, task_id, f"failed: {error.message}")
     except AppError as exc:
         if exc.code != ErrorCode.CONFLICT:
             raise
@@ -300,7 +303,7 @@ async def run_task(app: web.Application, task: Mapping[str, Any], call: VendorCa
         await _fail(app, task, AppError(ErrorCode.INTERNAL, f"The task failed: {type(exc).__name__}"))
         return
     try:
-        await app[actor_system_key].ref(UserActor, user_id).ask(Confirm(task_id))
+        await app[credits_key].confirm(user_id, task_id)
     except AppError as exc:
         if exc.code == ErrorCode.CONFLICT:
             return  # cancelled while the last step ran: the credits went back, no charge

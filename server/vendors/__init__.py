@@ -77,7 +77,7 @@ class ParamSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class InputSpec:
+class ImageInput:
     """A named image input; `many` inputs take a list of `min_count`–`max_count` images."""
 
     name: str
@@ -93,7 +93,7 @@ class OperationSpec:
 
     name: str
     description: str
-    inputs: tuple[InputSpec, ...]
+    inputs: tuple[ImageInput, ...]
     params: Mapping[str, ParamSpec]
     run: Callable[..., bytes]
     fixed_output: str | None = None  # content type when there is no `format` parameter

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr
 
-from server.vendors import InputSpec, OperationSpec, ParamKind, ParamSpec
+from server.vendors import ImageInput, OperationSpec, ParamKind, ParamSpec
 
 VendorKind = Literal["local", "dashscope", "http"]
 _NAME: Final = re.compile(r"[a-z][a-z0-9_-]{0,31}")
@@ -169,7 +169,7 @@ def http_operations(name: str, config: VendorConfig) -> dict[str, OperationSpec]
             input_name = raw.removesuffix("[]")
             if not _NAME.fullmatch(input_name):
                 raise ValueError(f"vendor {name!r}: operation {op!r}: bad input name {raw!r}")
-            inputs.append(InputSpec(input_name, many=many, max_count=MAX_MANY if many else 1))
+            inputs.append(ImageInput(input_name, many=many, max_count=MAX_MANY if many else 1))
         if len({i.name for i in inputs}) != len(inputs):
             raise ValueError(f"vendor {name!r}: operation {op!r} names an input twice")
         params = {p: c.spec() for p, c in declared.params.items()}

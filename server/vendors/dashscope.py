@@ -28,7 +28,7 @@ from typing import Any, Final
 import aiohttp
 
 from server.errors import AppError
-from server.vendors import InputSpec, OperationSpec, ParamSpec
+from server.vendors import ImageInput, OperationSpec, ParamSpec
 from server.vendors.adapters import (
     POLL_ERRORS,
     Inputs,
@@ -59,8 +59,8 @@ OPERATIONS: Final[dict[str, OperationSpec]] = {
         "tryon",
         "Virtual try-on (DashScope aitryon): the person, wearing the garment",
         (
-            InputSpec("person", description="a front, full-body photo of one person"),
-            InputSpec("garment", description="a flat photo of one garment"),
+            ImageInput("person", description="a front, full-body photo of one person"),
+            ImageInput("garment", description="a flat photo of one garment"),
         ),
         {
             "garment_type": ParamSpec(

@@ -11,7 +11,7 @@ from typing import Final
 from PIL import Image, ImageChops, ImageFilter, ImageOps
 
 from server.errors import AppError
-from server.images import MAX_PIXELS, open_checked, sniff_format
+from server.media.images import MAX_PIXELS, open_checked, sniff_format
 
 JPEG_QUALITY: Final = 90
 

@@ -27,7 +27,7 @@ from typing import Any, Final, TypeVar
 
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps, features
 
-from server.vendors import ImageInputs, InputSpec, OperationSpec, ParamSpec
+from server.vendors import ImageInput, ImageInputs, OperationSpec, ParamSpec
 from server.vendors.imaging import check_output_size, colour_key_matte, encode, load_image
 
 MAX_SIDE: Final = 8192
@@ -54,13 +54,13 @@ _FEATHER = ParamSpec("float", 1.5, minimum=0, maximum=20, description="edge blur
 _SIDE = ParamSpec("int", None, minimum=1, maximum=MAX_SIDE)
 _OFFSET = ParamSpec("int", None, minimum=0, maximum=MAX_SIDE)
 _FRACTION = ParamSpec("float", 1.0, minimum=0.0, maximum=1.0)
-_IMAGE = (InputSpec("image"),)
+_IMAGE = (ImageInput("image"),)
 
 
 def _operation(
     description: str,
     params: dict[str, ParamSpec],
-    inputs: tuple[InputSpec, ...] = _IMAGE,
+    inputs: tuple[ImageInput, ...] = _IMAGE,
     fixed_output: str | None = None,
 ) -> Callable[[_Op], _Op]:
     """Register an operation; its image inputs are its positional arguments, in order."""
@@ -182,7 +182,7 @@ def matting(image: bytes, *, tolerance: int = 48, feather: float = 1.5) -> bytes
         "feather": _FEATHER,
         "format": _FORMAT,
     },
-    inputs=(InputSpec("person"), InputSpec("garment")),
+    inputs=(ImageInput("person"), ImageInput("garment")),
 )
 def tryon_compose(
     person: bytes,
@@ -282,7 +282,7 @@ def style(image: bytes, *, filter: str, strength: float = 1.0, format: str = "pn
         "background": ParamSpec("color", "#ffffff"),
         "format": _FORMAT,
     },
-    inputs=(InputSpec("images", many=True, min_count=2, max_count=16),),
+    inputs=(ImageInput("images", many=True, min_count=2, max_count=16),),
 )
 def grid(
     images: Sequence[bytes],

@@ -319,11 +319,6 @@ async def apply_batch(
 # ---------------------------------------------------------------- reads
 
 
-async def read_state(db: Database, user_id: int) -> QuotaState:
-    row = await db.fetchone("SELECT balance, reserved FROM quota_accounts WHERE user_id = %s", user_id)
-    return QuotaState(0, 0) if row is None else QuotaState(int(row["balance"]), int(row["reserved"]))
-
-
 @dataclass(frozen=True, slots=True)
 class Discrepancy:
     user_id: int

@@ -7,6 +7,8 @@ touch a lease the caller still holds (compare-and-set in Lua).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from redis.asyncio import Redis
 
 PREFIX = "lease:task:"
@@ -41,14 +43,7 @@ async def release(redis: Redis, task_id: str, owner: str) -> bool:
     return bool(await redis.eval(_RELEASE, 1, key(task_id), owner))
 
 
-async def holder(redis: Redis, task_id: str) -> str | None:
-    value = await redis.get(key(task_id))
-    if value is None:
-        return None
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-async def held(redis: Redis, task_ids: list[str]) -> set[str]:
+async def held(redis: Redis, task_ids: Sequence[str]) -> set[str]:
     """Which of `task_ids` some live process holds a lease on (one round trip)."""
     if not task_ids:
         return set()

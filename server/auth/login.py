@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from server.accounts import insert_user
+from server.auth.accounts import insert_user
 from server.auth.limits import Limits
 from server.auth.passwords import Passwords
 from server.auth.schemas import AuthResult, TokenPair, User

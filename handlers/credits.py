@@ -8,12 +8,11 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, Field, field_validator
 
-from actors.user import UserActor
 from server.auth.middleware import principal_of
+from server.credits.ledger import QuotaState
 from server.errors import ErrorCode
-from server.keys import actor_system_key, auth_key, db_key
+from server.keys import auth_key, credits_key
 from server.paging import Page, PageQuery, decode_cursor, page_of
-from server.quota import Grant, QuotaState, Snapshot
 from server.routing import RouteTable, path_id
 
 routes = RouteTable(tags=["quota"], auth="user")
@@ -80,7 +79,7 @@ def _amount(row: dict[str, Any]) -> int:
 async def my_quota(request: web.Request) -> Quota:
     """The caller's credits: available = balance − reserved."""
     user_id = principal_of(request).user_id
-    state = await request.app[actor_system_key].ref(UserActor, user_id).ask(Snapshot())
+    state = await request.app[credits_key].balance(user_id)
     return Quota.of(state)
 
 
@@ -89,13 +88,7 @@ async def my_ledger(request: web.Request, query: PageQuery) -> LedgerPage:
     """Every change to the caller's credits, newest first."""
     user_id = principal_of(request).user_id
     after = decode_cursor(query.cursor, int)
-    rows = await request.app[db_key].fetchall(
-        "SELECT id, kind, balance_delta, reserved_delta, balance_after, reserved_after, task_id, order_no, "
-        "reason, created_at FROM quota_ledger WHERE user_id = %s AND id < %s ORDER BY id DESC LIMIT %s",
-        user_id,
-        after[0] if after else 2**63 - 1,
-        query.limit + 1,
-    )
+    rows = await request.app[credits_key].ledger(user_id, after[0] if after else None, query.limit + 1)
     rows, next_cursor = page_of(rows, query.limit, lambda r: (int(r["id"]),))
     items = [
         LedgerEntry(
@@ -126,6 +119,6 @@ async def adjust_quota(request: web.Request, body: QuotaAdjust) -> Quota:
     user_id = path_id(request, "user_id", "user")
     await request.app[auth_key].admin.get(user_id)  # NotFound for an unknown user
     admin = principal_of(request).user_id
-    grant = Grant(body.amount, "adjust", reason=f"{body.reason} (by admin {admin})"[:200])
-    state = await request.app[actor_system_key].ref(UserActor, user_id).ask(grant)
+    reason = f"{body.reason} (by admin {admin})"[:200]
+    state = await request.app[credits_key].grant(user_id, body.amount, "adjust", reason=reason)
     return Quota.of(state)

@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.db import Conn, Database, Row
-from server.images import ValidatedImage, validate_image_async
-from server.storage import Storage
+from server.media.images import ValidatedImage, validate_image_async
+from server.media.storage import Storage
 
-URL_TTL_S = 3600
 _EXT = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
 
 
@@ -45,10 +44,11 @@ class Asset:
             bytes=int(row["bytes"]),
         )
 
-    def public(self, storage: Storage) -> dict[str, Any]:
+    def public(self, storage: Storage, url_ttl: int) -> dict[str, Any]:
+        """The API's view; its URL lives `url_ttl` seconds (STORAGE_URL_TTL)."""
         return {
             "id": self.id,
-            "url": storage.url(self.storage_key, URL_TTL_S),
+            "url": storage.url(self.storage_key, url_ttl),
             "content_type": self.content_type,
             "width": self.width,
             "height": self.height,

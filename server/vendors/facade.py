@@ -22,9 +22,9 @@ from actors.errors import MailboxFull
 from actors.runtime import ActorRef, ActorSystem
 from actors.vendor import Call, VendorActor, VendorMetrics, call
 from server.config import ConfigError
-from server.images import EXTENSIONS
 from server.keys import actor_system_key, settings_key, storage_key, vendors_key
-from server.storage import Storage
+from server.media.images import EXTENSIONS
+from server.media.storage import Storage
 from server.vendors import OperationSpec
 from server.vendors.adapters import (
     Adapter,

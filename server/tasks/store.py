@@ -15,13 +15,10 @@ from typing import Any
 
 from aiohttp import web
 
-from actors.user import UserActor
-from server import assets, leases
 from server.db import Row, is_duplicate
 from server.errors import AppError, Conflict, ErrorCode, NotFound, validation_failed
-from server.features import Feature
 from server.keys import (
-    actor_system_key,
+    credits_key,
     db_key,
     features_key,
     hub_key,
@@ -31,7 +28,9 @@ from server.keys import (
     storage_key,
     tasks_key,
 )
-from server.quota import Cancel, Reserve
+from server.media import assets
+from server.tasks import leases
+from server.tasks.features import Feature
 
 ACTIVE = ("queued", "running")
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -129,10 +128,10 @@ async def create_task(
     owner = app[instance_id_key]
     # The lease first: from the moment credits are reserved, a live process holds the task.
     await leases.acquire(app[redis_key], task_id, owner, int(settings.task_lease_ttl * 1000))
-    user = app[actor_system_key].ref(UserActor, user_id)
+    credits = app[credits_key]
     try:
-        await user.ask(
-            Reserve(task_id, feature.cost, ttl=settings.task_timeout + 3 * settings.task_lease_ttl)
+        await credits.reserve(
+            user_id, task_id, feature.cost, ttl=settings.task_timeout + 3 * settings.task_lease_ttl
         )
     except BaseException:
         await leases.release(app[redis_key], task_id, owner)
@@ -153,7 +152,7 @@ async def create_task(
             owner,
         )
     except Exception as exc:
-        await user.ask(Cancel(task_id, "task not created"))
+        await credits.cancel(user_id, task_id, "task not created")
         await leases.release(app[redis_key], task_id, owner)
         if is_duplicate(exc):  # the same key raced us: answer the winner
             found = await _existing(app, user_id, key, digest)
@@ -218,7 +217,11 @@ async def render_rows(app: web.Application, rows: list[Row]) -> list[dict[str, A
     for o in outs:
         a = assets.Asset.of(o)
         outputs[str(o["task_id"])].append(
-            {"asset_id": a.id, "url": a.public(storage)["url"], "kind": "image"}
+            {
+                "asset_id": a.id,
+                "url": a.public(storage, app[settings_key].storage_url_ttl)["url"],
+                "kind": "image",
+            }
         )
     return [_render(r, by_task[str(r["id"])], outputs[str(r["id"])]) for r in rows]
 
@@ -252,7 +255,7 @@ async def cancel_task(app: web.Application, user_id: int, task_id: str) -> dict[
     if row["status"] in FINISHED:
         raise Conflict(f"Task {task_id} is already {row['status']}", details={"status": row["status"]})
     try:
-        await app[actor_system_key].ref(UserActor, user_id).ask(Cancel(task_id, "cancelled by the user"))
+        await app[credits_key].cancel(user_id, task_id, "cancelled by the user")
     except AppError as exc:
         if exc.code == ErrorCode.CONFLICT:  # the credits were confirmed first: it succeeded
             raise Conflict(f"Task {task_id} has already finished") from None

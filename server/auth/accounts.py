@@ -6,9 +6,9 @@ import re
 
 from sqids import Sqids
 
+from server.auth.passwords import Passwords, password_problem
 from server.db import Conn, Database
 from server.errors import validation_failed
-from server.security import hash_password_async
 
 PHONE_RE = re.compile(r"^(?:\+?86)?(1[3-9]\d{9})$")
 # No 0/O, 1/I/L: codes are read aloud and typed from screenshots.
@@ -80,17 +80,15 @@ async def insert_user(
     return user_id
 
 
-async def ensure_admin(db: Database, phone: str, password: str) -> tuple[int, bool]:
+async def ensure_admin(db: Database, passwords: Passwords, phone: str, password: str) -> tuple[int, bool]:
     """Create the admin if no user has this phone, else make that user an admin.
 
     Returns (user id, created)."""
-    from server.auth.passwords import password_problem  # the rules every password follows
-
     phone = normalize_phone(phone)
     problem = password_problem(password)
     if problem:
         raise validation_failed([{"field": "password", "message": problem}])
-    hashed = await hash_password_async(password)
+    hashed = await passwords.hash(password)
     async with db.transaction() as tx:
         row = await tx.fetchone("SELECT id FROM users WHERE phone = %s FOR UPDATE", phone)
         if row is not None:

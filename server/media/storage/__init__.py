@@ -95,11 +95,11 @@ class Storage(Protocol):
 def create_storage(settings: Settings) -> Storage:
     """The backend STORAGE_BACKEND names, or ConfigError saying which setting is missing."""
     if settings.storage_backend == "local":
-        from server.storage.local import LocalStorage
+        from server.media.storage.local import LocalStorage
 
         return LocalStorage.from_settings(settings)
     if settings.storage_backend == "cos":
-        from server.storage.cos import CosStorage
+        from server.media.storage.cos import CosStorage
 
         return CosStorage.from_settings(settings)
     raise ConfigError(f"STORAGE_BACKEND must be local or cos, got {settings.storage_backend!r}")

@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from server.auth.limits import Limits
+from server.auth.login import is_phone_duplicate, phone_taken
 from server.auth.passwords import Passwords
-from server.auth.service import is_phone_duplicate, phone_taken
 from server.auth.sessions import Sessions
 from server.auth.sms import SmsCodes
 from server.auth.tokens import Principal

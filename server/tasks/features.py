@@ -15,8 +15,8 @@ from redis.asyncio import Redis
 
 from server.db import Conn, Database, Row
 from server.errors import NotFound, validation_failed
-from server.pipeline import Catalog, Pipeline, parse_pipeline
 from server.routing import field_errors
+from server.tasks.pipeline import Catalog, Pipeline, parse_pipeline
 
 CACHE_KEY = "features:v1"
 CACHE_TTL_S = 600

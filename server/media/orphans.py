@@ -31,8 +31,8 @@ from loguru import logger
 from server.config import Settings
 from server.db import Database
 from server.keys import db_key, metrics_key, settings_key, storage_key
-from server.storage import Storage, StoredObject
-from server.vendors.setup import INPUT_PREFIX
+from server.media.storage import Storage, StoredObject
+from server.vendors.facade import INPUT_PREFIX
 
 ASSET_PREFIX = "u/"
 VENDOR_INPUT_PREFIX = f"{INPUT_PREFIX}/"

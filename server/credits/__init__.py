@@ -1,0 +1,1 @@
+"""Credits: reserve → confirm | cancel, grants, the ledger, the sweeper."""

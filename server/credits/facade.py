@@ -1,0 +1,144 @@
+"""Credits: the one entry point to a user's credits.
+
+Every change goes through that user's UserActor (actors/user.py), which serialises
+and group-commits it to MySQL (server/credits/ledger.py); reads that need no
+ordering go to MySQL directly. Other capabilities (tasks, payments, the admin
+routes) call these methods and never address the actor themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
+
+from aiohttp import web
+from loguru import logger
+
+from actors.runtime import ActorRef, ActorSystem
+from actors.user import UserActor
+from server.credits.ledger import (
+    Cancel,
+    Confirm,
+    Grant,
+    GrantKind,
+    QuotaOp,
+    QuotaState,
+    Reservation,
+    Reserve,
+    Snapshot,
+    utcnow,
+)
+from server.db import Database, Row
+from server.keys import actor_system_key, credits_key, db_key, hub_key, metrics_key, redis_key
+from server.metrics import Metrics
+from server.tasks import leases
+
+EXPIRED_REASON = "expired: no live process held the task"
+SWEEP_BATCH = 500
+
+# task ids -> those a live process holds (the tasks' leases), for the sweeper.
+LiveCheck = Callable[[Sequence[str]], Awaitable[set[str]]]
+
+
+class Credits:
+    """reserve → confirm | cancel around every task, grants, balances, the ledger."""
+
+    def __init__(self, system: ActorSystem, db: Database, metrics: Metrics, live: LiveCheck) -> None:
+        self.system = system
+        self.db = db
+        self.metrics = metrics
+        self.live = live
+
+    # ------------------------------------------------------------ the saga
+
+    async def reserve(self, user_id: int, task_id: str, amount: int, ttl: float) -> Reservation:
+        """Hold `amount` credits for `task_id`; QUOTA_INSUFFICIENT when fewer are available.
+        A repeat for the same task answers the same reservation."""
+        return await self._user(user_id).ask(Reserve(task_id, amount, ttl=ttl))
+
+    async def confirm(self, user_id: int, task_id: str) -> Reservation:
+        """Charge a reservation; CONFLICT when it was cancelled first."""
+        return await self._user(user_id).ask(Confirm(task_id))
+
+    async def cancel(self, user_id: int, task_id: str, reason: str) -> Reservation:
+        """Return a reservation's credits; CONFLICT when it was confirmed first."""
+        return await self._user(user_id).ask(Cancel(task_id, reason[:200]))
+
+    # ------------------------------------------------------------ grants and reads
+
+    async def grant(
+        self,
+        user_id: int,
+        amount: int,
+        kind: GrantKind = "grant",
+        *,
+        ref: str | None = None,
+        reason: str | None = None,
+        order_no: str | None = None,
+    ) -> QuotaState:
+        """Add (or, for `refund`/`adjust`, remove) credits; a `ref` is applied once."""
+        return await self._user(user_id).ask(Grant(amount, kind, ref=ref, reason=reason, order_no=order_no))
+
+    async def balance(self, user_id: int) -> QuotaState:
+        return await self._user(user_id).ask(Snapshot())
+
+    async def ledger(self, user_id: int, before: int | None, limit: int) -> list[Row]:
+        """The user's ledger rows, newest first, with ids below `before`."""
+        return await self.db.fetchall(
+            "SELECT id, kind, balance_delta, reserved_delta, balance_after, reserved_after, task_id, "
+            "order_no, reason, created_at FROM quota_ledger WHERE user_id = %s AND id < %s "
+            "ORDER BY id DESC LIMIT %s",
+            user_id,
+            before if before is not None else 2**63 - 1,
+            limit,
+        )
+
+    # ------------------------------------------------------------ the sweeper
+
+    async def sweep_expired(self) -> int:
+        """Cancel reservations past their expiry whose task no live process holds; the
+        cron job runs it every minute, once per cluster. Returns how many it cancelled."""
+        now = utcnow()
+        rows = await self.db.fetchall(
+            "SELECT task_id, user_id FROM quota_transactions "
+            "WHERE phase = 'reserved' AND expires_at < %s ORDER BY expires_at LIMIT %s",
+            now,
+            SWEEP_BATCH,
+        )
+        held = await self.live([str(r["task_id"]) for r in rows])
+        by_user: dict[int, list[str]] = defaultdict(list)
+        for r in rows:
+            if str(r["task_id"]) not in held:
+                by_user[int(r["user_id"])].append(str(r["task_id"]))
+        asks = [
+            self._user(user_id).ask(Cancel(task_id, EXPIRED_REASON, expired_before=now))
+            for user_id, task_ids in by_user.items()
+            for task_id in task_ids
+        ]
+        cancelled = 0
+        for outcome in await asyncio.gather(*asks, return_exceptions=True):
+            if isinstance(outcome, Reservation):
+                cancelled += outcome.changed
+            elif isinstance(outcome, BaseException):
+                logger.warning("sweeper could not cancel a reservation: {}", outcome)
+        self.metrics.quota_swept.inc(cancelled)
+        return cancelled
+
+    def _user(self, user_id: int) -> ActorRef[QuotaOp]:
+        return self.system.ref(UserActor, user_id)
+
+
+async def credits_ctx(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx after the actor system: the UserActor kind and the facade. The sweeper
+    asks the tasks' leases which reservations a live process still holds."""
+    system, db, hub, redis = app[actor_system_key], app[db_key], app[hub_key], app[redis_key]
+    system.register(UserActor, lambda: UserActor(db, hub))
+    app[credits_key] = Credits(system, db, app[metrics_key], partial(leases.held, redis))
+    yield
+
+
+async def sweep_expired_reservations(app: web.Application) -> int:
+    """The cron job: see Credits.sweep_expired."""
+    return await app[credits_key].sweep_expired()

@@ -1,0 +1,1 @@
+"""Media: uploaded and generated images, their storage and cleanup."""
