@@ -18,7 +18,7 @@ from handlers import (
     users,
     ws,
 )
-from server.keys import route_specs_key, settings_key
+from server.keys import settings_key
 from server.routing import RouteTable, add_routes
 from server.templates import setup_templates
 
@@ -41,7 +41,6 @@ ROUTE_TABLES: list[RouteTable] = [
 def setup_routes(app: web.Application) -> None:
     settings = app[settings_key]
     tables = [*ROUTE_TABLES, *dev.route_tables(settings), *demo.route_tables(settings)]  # only in dev/test
-    app[route_specs_key] = add_routes(app, tables)
-    system.setup(app)
+    system.setup(app, add_routes(app, tables))
     setup_templates(app)  # the one Jinja2 environment (ROOT/templates), for /ops and others
     ops.setup(app)

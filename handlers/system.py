@@ -18,11 +18,10 @@ from server.keys import (
     migrator_key,
     openapi_key,
     redis_key,
-    route_specs_key,
     settings_key,
 )
 from server.openapi import build_spec
-from server.routing import RouteTable, json_response
+from server.routing import RouteSpec, RouteTable, json_response
 
 routes = RouteTable(tags=["service"], auth="public")
 
@@ -102,9 +101,7 @@ async def docs(request: web.Request) -> web.Response:
     return web.Response(text=DOCS_HTML, content_type="text/html")
 
 
-def setup(app: web.Application) -> None:
-    """Called by the app factory after every route is added."""
-    app[openapi_key] = build_spec(
-        app[route_specs_key], version=__version__, server_url=app[settings_key].public_base_url
-    )
+def setup(app: web.Application, specs: list[RouteSpec]) -> None:
+    """Called by the app factory after every route is added, with their declarations."""
+    app[openapi_key] = build_spec(specs, version=__version__, server_url=app[settings_key].public_base_url)
     app.router.add_static("/api/docs/static/", SWAGGER_DIR, name="swagger_static", append_version=False)

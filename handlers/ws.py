@@ -22,11 +22,11 @@ from loguru import logger
 from server.auth.middleware import authenticate
 from server.auth.tokens import Principal
 from server.config import Settings
-from server.errors import AppError, ErrorCode
+from server.errors import AppError, ErrorCode, parse_uint
 from server.hub import RedisEventHub, Session
 from server.hub.session import AUTH_TIMEOUT, TOO_MANY, UNAUTHENTICATED, UNAVAILABLE, rfc3339
 from server.keys import hub_key, settings_key
-from server.routing import RouteTable, parse_uint
+from server.routing import RouteTable
 
 routes = RouteTable(tags=["events"], auth="public")
 

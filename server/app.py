@@ -1,5 +1,11 @@
-"""The application factory. Long-lived parts start in `cleanup_ctx`, in dependency
-order (MySQL → Redis → actors → …), and stop in reverse (STYLE.md rule 2)."""
+"""The composition root: the application factory and every `cleanup_ctx` step.
+
+Long-lived parts start in dependency order (MySQL → Redis → hub → auth → storage →
+actors → credits → vendors → tasks → cron) and stop in reverse (STYLE.md rule 2).
+Each capability's entry point is built here from what it needs and stored under its
+AppKey (server/keys.py); nothing below this module reaches into `app` for another
+capability's parts.
+"""
 
 from __future__ import annotations
 
@@ -7,36 +13,45 @@ import os
 import secrets
 import socket
 from collections.abc import AsyncIterator
+from functools import partial
 
 from aiohttp import web
 from loguru import logger
 
 from actors.runtime import ActorSystem
 from handlers import setup_routes
-from server.auth import auth_ctx
+from server.auth import open_auth
 from server.auth.middleware import auth_middleware
 from server.config import ConfigError, Settings
-from server.credits.facade import credits_ctx, sweep_expired_reservations
-from server.cron import CronJob, cron_ctx
+from server.credits.facade import Credits
+from server.cron import CronJob, CronRunner
 from server.db import Database
-from server.hub import close_websockets, hub_ctx
+from server.hub import GOING_AWAY, RedisEventHub
 from server.keys import (
     actor_system_key,
+    auth_key,
+    credits_key,
+    cron_key,
     db_key,
+    hub_key,
     instance_id_key,
     metrics_key,
     migrator_key,
     redis_key,
     settings_key,
+    storage_key,
+    tasks_key,
+    vendors_key,
 )
 from server.media.orphans import clean_orphan_files
-from server.media.storage import storage_ctx
+from server.media.storage import open_storage
 from server.metrics import Metrics
 from server.middleware import add_request_id_header, envelope_middleware
 from server.migrations import Migrator
 from server.redis import connect_redis
-from server.tasks.manager import recover_tasks, tasks_ctx
-from server.vendors.facade import vendors_ctx
+from server.tasks import leases
+from server.tasks.manager import tasks_ctx
+from server.vendors.facade import open_vendors
 
 
 async def db_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -94,11 +109,86 @@ async def actors_ctx(app: web.Application) -> AsyncIterator[None]:
         await system.stop(settings.actor_stop_timeout)
 
 
+async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Right after Redis: actors publish through the hub from their start."""
+    hub = RedisEventHub(app[redis_key], app[settings_key], app[metrics_key].registry)
+    await hub.start()
+    app[hub_key] = hub
+    try:
+        yield
+    finally:
+        await hub.stop()
+
+
+async def close_websockets(app: web.Application) -> None:
+    """on_shutdown: every socket gets GOING_AWAY (1001) before handlers are waited for."""
+    hub = app.get(hub_key)
+    if hub is not None:
+        await hub.close_all(GOING_AWAY, "server shutdown")
+
+
+async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with open_auth(app[settings_key], app[db_key], app[redis_key]) as auth:
+        app[auth_key] = auth
+        yield
+
+
+async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with open_storage(app[settings_key]) as storage:
+        app[storage_key] = storage
+        yield
+
+
+async def credits_ctx(app: web.Application) -> AsyncIterator[None]:
+    """After the actor system: the Credits facade (it registers the UserActor kind)."""
+    live = partial(leases.held, app[redis_key])
+    app[credits_key] = Credits(app[actor_system_key], app[db_key], app[hub_key], app[metrics_key], live)
+    yield
+
+
+async def vendors_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with open_vendors(app[settings_key], app[actor_system_key], app.get(storage_key)) as vendors:
+        app[vendors_key] = vendors
+        yield
+
+
+# ------------------------------------------------------------------ cron (once per cluster)
+
+
+async def _sweep_reservations(app: web.Application) -> int:
+    return await app[credits_key].sweep_expired()
+
+
+async def _recover_tasks(app: web.Application) -> int:
+    return await app[tasks_key].recover()
+
+
+async def _clean_orphan_files(app: web.Application) -> int:
+    return await clean_orphan_files(
+        app[db_key], app[storage_key], app[settings_key], app[metrics_key].orphan_files
+    )
+
+
 CRON_JOBS = [
-    CronJob("reservation-sweeper", "* * * * *", sweep_expired_reservations),
-    CronJob("task-recovery", "* * * * *", recover_tasks),
-    CronJob("orphan-files", "0 3 * * *", clean_orphan_files, lock_ms=3_600_000),
+    CronJob("reservation-sweeper", "* * * * *", _sweep_reservations),
+    CronJob("task-recovery", "* * * * *", _recover_tasks),
+    CronJob("orphan-files", "0 3 * * *", _clean_orphan_files, lock_ms=3_600_000),
 ]
+
+
+def cron_runner(app: web.Application) -> CronRunner:
+    """A runner of CRON_JOBS on this app (tests drive jobs by hand with it)."""
+    return CronRunner(app, CRON_JOBS, app[redis_key], app[metrics_key])
+
+
+async def cron_ctx(app: web.Application) -> AsyncIterator[None]:
+    runner = cron_runner(app)
+    app[cron_key] = runner
+    runner.start()
+    try:
+        yield
+    finally:
+        await runner.stop()
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -121,5 +211,5 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(vendors_ctx)  # needs the actor system
     app.cleanup_ctx.append(tasks_ctx)  # features and task runs: need the vendors
     if settings.cron_enabled:
-        app.cleanup_ctx.append(cron_ctx(CRON_JOBS))
+        app.cleanup_ctx.append(cron_ctx)
     return app

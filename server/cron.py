@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
 import aiocron
 from aiohttp import web
 from loguru import logger
+from redis.asyncio import Redis
 
-from server.keys import cron_key, metrics_key, redis_key
+from server.metrics import Metrics
 
 TZ = ZoneInfo("Asia/Shanghai")
 JobFunc = Callable[[web.Application], Awaitable[int]]
@@ -32,17 +33,20 @@ class CronJob:
 
 
 class CronRunner:
-    def __init__(self, app: web.Application, jobs: list[CronJob]) -> None:
+    """Fires `jobs` on their schedule; each job gets `app` and runs in a slot it wins."""
+
+    def __init__(self, app: web.Application, jobs: list[CronJob], redis: Redis, metrics: Metrics) -> None:
         self.app = app
         self.jobs = jobs
+        self.redis = redis
+        self.metrics = metrics
         self._crons: list[aiocron.Cron] = []
         self._running: set[asyncio.Task[None]] = set()
 
     async def run(self, job: CronJob, slot: int | None = None) -> int | None:
         """Run `job` now if this instance wins its slot; returns what it did, or None."""
         slot = int(time.time() // 60) if slot is None else slot
-        redis = self.app[redis_key]
-        metrics = self.app[metrics_key]
+        redis, metrics = self.redis, self.metrics
         if not await redis.set(f"job:{job.name}:{slot}", b"1", nx=True, px=job.lock_ms):
             metrics.cron_runs.labels(job.name, "skipped").inc()
             return None
@@ -80,16 +84,3 @@ class CronRunner:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
-
-
-def cron_ctx(jobs: list[CronJob]) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        runner = CronRunner(app, jobs)
-        app[cron_key] = runner
-        runner.start()
-        try:
-            yield
-        finally:
-            await runner.stop()
-
-    return ctx

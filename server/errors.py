@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 from typing import Any
 
+from pydantic import ValidationError
+
 
 class ErrorCode(enum.StrEnum):
     MALFORMED_REQUEST = "MALFORMED_REQUEST"
@@ -135,3 +137,22 @@ class NotFound(AppError):
 class Conflict(AppError):
     def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
         super().__init__(ErrorCode.CONFLICT, message, details=details)
+
+
+def parse_uint(raw: str | None, max_digits: int = 19) -> int | None:
+    """`raw` as a non-negative int when it is 1..max_digits ASCII digits, else None.
+
+    `str.isdigit` alone also accepts "²" and "１２", which `int` refuses (a 500), and
+    `int` of thousands of digits raises too."""
+    if raw is None or not (0 < len(raw) <= max_digits and raw.isascii() and raw.isdigit()):
+        return None
+    return int(raw)
+
+
+def field_errors(exc: ValidationError, prefix: str = "") -> list[dict[str, str]]:
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"])
+        name = f"{prefix}.{loc}" if prefix and loc else (loc or prefix or "body")
+        out.append({"field": name, "message": err["msg"]})
+    return out

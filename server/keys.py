@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from server.media.storage import Storage
     from server.metrics import Metrics
     from server.migrations import Migrator
-    from server.routing import RouteSpec
     from server.tasks.features import FeatureStore
     from server.tasks.manager import TaskManager
     from server.vendors.facade import Vendors
@@ -30,7 +29,6 @@ metrics_key: web.AppKey[Metrics] = web.AppKey("metrics")
 db_key: web.AppKey[Database] = web.AppKey("db")
 redis_key: web.AppKey[Redis] = web.AppKey("redis")
 migrator_key: web.AppKey[Migrator] = web.AppKey("migrator")
-route_specs_key: web.AppKey[list[RouteSpec]] = web.AppKey("route_specs")
 actor_system_key: web.AppKey[ActorSystem] = web.AppKey("actor_system")
 hub_key: web.AppKey[RedisEventHub] = web.AppKey("event_hub")  # publish, and the sockets' side
 cron_key: web.AppKey[CronRunner] = web.AppKey("cron")

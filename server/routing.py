@@ -23,7 +23,7 @@ from typing import Any, Literal, cast
 from aiohttp import web
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from server.errors import AppError, ErrorCode, UnreadableBody, validation_failed
+from server.errors import AppError, ErrorCode, UnreadableBody, field_errors, parse_uint, validation_failed
 from server.keys import settings_key
 
 Auth = Literal["public", "user", "admin"]
@@ -59,15 +59,6 @@ class RouteSpec:
     @property
     def openapi_path(self) -> str:
         return _PATH_PARAM.sub(lambda m: "{" + m.group(1) + "}", self.path)
-
-
-def field_errors(exc: ValidationError, prefix: str = "") -> list[dict[str, str]]:
-    out = []
-    for err in exc.errors(include_url=False):
-        loc = ".".join(str(p) for p in err["loc"])
-        name = f"{prefix}.{loc}" if prefix and loc else (loc or prefix or "body")
-        out.append({"field": name, "message": err["msg"]})
-    return out
 
 
 async def read_json(request: web.Request, max_bytes: int) -> Any:
@@ -116,16 +107,6 @@ def omittable(**field_kwargs: Any) -> Any:
     with no null type and no null default. Read the changes with
     `model_dump(exclude_unset=True)`."""
     return Field(None, json_schema_extra=_not_null_in_docs, **field_kwargs)
-
-
-def parse_uint(raw: str | None, max_digits: int = 19) -> int | None:
-    """`raw` as a non-negative int when it is 1..max_digits ASCII digits, else None.
-
-    `str.isdigit` alone also accepts "²" and "１２", which `int` refuses (a 500), and
-    `int` of thousands of digits raises too."""
-    if raw is None or not (0 < len(raw) <= max_digits and raw.isascii() and raw.isdigit()):
-        return None
-    return int(raw)
 
 
 def path_id(request: web.Request, name: str, what: str) -> int:

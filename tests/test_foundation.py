@@ -335,7 +335,7 @@ async def test_a_full_actor_mailbox_answers_503_busy_with_retry_after(
 
 
 def test_parse_uint_takes_only_ascii_digits_of_bounded_length() -> None:
-    from server.routing import parse_uint
+    from server.errors import parse_uint
 
     assert parse_uint("0") == 0 and parse_uint("42") == 42 and parse_uint("9" * 19) == 10**19 - 1
     for raw in (None, "", "²", "１２", "-1", "+1", " 1", "1.0", "0x1", "9" * 20, "9" * 5000):

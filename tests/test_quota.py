@@ -15,7 +15,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from actors.user import UserActor
-from server.app import CRON_JOBS, create_app
+from server.app import CRON_JOBS, create_app, cron_runner
 from server.config import Settings
 from server.credits.facade import EXPIRED_REASON
 from server.credits.ledger import (
@@ -28,7 +28,6 @@ from server.credits.ledger import (
     Snapshot,
     check_all,
 )
-from server.cron import CronRunner
 from server.errors import AppError, ErrorCode
 from server.keys import actor_system_key, cron_key, db_key, redis_key
 from server.tasks import leases
@@ -204,11 +203,11 @@ async def test_the_sweeper_cancels_expired_unleased_reservations_exactly_once(
     await asyncio.sleep(0.1)  # let the two short reservations pass their expiry
     assert cron_key not in app  # cron is off in these tests: the job is driven by hand
     runs = await asyncio.gather(
-        CronRunner(app, CRON_JOBS).run(CRON_JOBS[0], slot=1),
-        CronRunner(app2, CRON_JOBS).run(CRON_JOBS[0], slot=1),
+        cron_runner(app).run(CRON_JOBS[0], slot=1),
+        cron_runner(app2).run(CRON_JOBS[0], slot=1),
     )
     assert sorted(runs, key=str) == [1, None]  # one instance ran the slot and cancelled one
-    assert await CronRunner(app2, CRON_JOBS).run(CRON_JOBS[0], slot=2) == 0
+    assert await cron_runner(app2).run(CRON_JOBS[0], slot=2) == 0
     phases = {
         r["task_id"]: (r["phase"], r["reason"])
         for r in services.query(
@@ -357,13 +356,13 @@ async def test_a_process_killed_between_reserve_and_confirm_leaves_a_reservation
     u = user(app, uid)
     assert await u.ask(Snapshot()) == QuotaState(100, 40)
     # Before the lease and the reservation expire, the sweeper leaves the task alone.
-    assert await CronRunner(app, CRON_JOBS).run(CRON_JOBS[0], slot=10) == 0
+    assert await cron_runner(app).run(CRON_JOBS[0], slot=10) == 0
     await wait_until_lease_gone(app, "killed-task")
     await asyncio.sleep(0.1)  # and the reservation's own 1 s expiry has passed too
     runs = await asyncio.gather(
-        CronRunner(app, CRON_JOBS).run(CRON_JOBS[0], slot=11),
-        CronRunner(app2, CRON_JOBS).run(CRON_JOBS[0], slot=11),
-        CronRunner(app2, CRON_JOBS).run(CRON_JOBS[0], slot=12),
+        cron_runner(app).run(CRON_JOBS[0], slot=11),
+        cron_runner(app2).run(CRON_JOBS[0], slot=11),
+        cron_runner(app2).run(CRON_JOBS[0], slot=12),
     )
     assert sum(r or 0 for r in runs) == 1
     assert await u.ask(Snapshot()) == QuotaState(100, 0)

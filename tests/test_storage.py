@@ -18,7 +18,7 @@ from server.app import CRON_JOBS
 from server.config import ConfigError, Settings
 from server.db import Database
 from server.errors import AppError, Busy, ErrorCode, NotFound
-from server.keys import db_key, storage_key
+from server.keys import db_key, metrics_key, settings_key, storage_key
 from server.media.orphans import clean_orphan_files, clean_orphans
 from server.media.storage import InvalidKey, Storage, create_storage
 from server.media.storage.cos import CosStorage
@@ -435,7 +435,9 @@ async def test_the_cron_job_counts_what_it_deleted_on_metrics(client: TestClient
     key = f"u/7/{_asset_id(2 * DAY)}.png"
     await storage.put(key, PNG, "image/png")
     _backdate(storage, key, 2 * DAY)
-    assert await clean_orphan_files(client.app) == 1
+    app = client.app
+    counter = app[metrics_key].orphan_files
+    assert await clean_orphan_files(app[db_key], app[storage_key], app[settings_key], counter) == 1
     assert not await storage.exists(key)
     text = await (await client.get("/metrics")).text()
     assert 'storage_orphan_files_deleted_total{prefix="u/"} 1.0' in text

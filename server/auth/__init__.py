@@ -1,15 +1,16 @@
 """Accounts and authentication (issue 4); docs/auth.md tells the design.
 
-`auth_ctx` builds every part once MySQL and Redis are up and stores them as one
-`Auth` under `auth_key`; handlers reach them as `request.app[auth_key].service`.
+`open_auth` builds every part once MySQL and Redis are up, as one `Auth` (the app
+keeps it under `auth_key`); handlers reach them as `request.app[auth_key].service`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from aiohttp import web
+from redis.asyncio import Redis
 
 from server.auth.accounts import ensure_admin
 from server.auth.admin import UserAdmin
@@ -23,7 +24,8 @@ from server.auth.sms import SmsCodes, SmsProvider, make_provider
 from server.auth.tokens import TokenIssuer
 from server.auth.users import Profiles
 from server.auth.wechat import WeChatClient
-from server.keys import auth_key, db_key, redis_key, settings_key
+from server.config import Settings
+from server.db import Database
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,9 +43,9 @@ class Auth:
     admin: UserAdmin
 
 
-async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx, after db_ctx and redis_ctx: the auth parts and their thread pools."""
-    settings, db, redis = app[settings_key], app[db_key], app[redis_key]
+@contextlib.asynccontextmanager
+async def open_auth(settings: Settings, db: Database, redis: Redis) -> AsyncIterator[Auth]:
+    """The auth parts and their thread pools (closed on exit); the ADMIN_PHONE admin made."""
     tokens = TokenIssuer.from_settings(settings)
     passwords = Passwords(settings)
     sessions = Sessions(db, redis, settings.refresh_token_ttl)
@@ -53,7 +55,7 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
     near = NearCache(redis, settings.profile_local_cache_size, settings.profile_local_cache_ttl)
     profiles = Profiles(db, redis, settings.profile_cache_ttl, near)
     wechat = WeChatClient(settings)
-    app[auth_key] = Auth(
+    auth = Auth(
         tokens=tokens,
         passwords=passwords,
         sessions=sessions,
@@ -85,7 +87,7 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
         await profiles.invalidate(admin_id)  # a promoted user's cached role is stale
     await near.start()
     try:
-        yield
+        yield auth
     finally:
         await near.stop()
         await wechat.close()

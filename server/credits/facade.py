@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from functools import partial
+from collections.abc import Awaitable, Callable, Sequence
 
-from aiohttp import web
 from loguru import logger
 
 from actors.runtime import ActorRef, ActorSystem
@@ -31,9 +29,8 @@ from server.credits.ledger import (
     utcnow,
 )
 from server.db import Database, Row
-from server.keys import actor_system_key, credits_key, db_key, hub_key, metrics_key, redis_key
+from server.hub.events import EventHub
 from server.metrics import Metrics
-from server.tasks import leases
 
 EXPIRED_REASON = "expired: no live process held the task"
 SWEEP_BATCH = 500
@@ -45,7 +42,12 @@ LiveCheck = Callable[[Sequence[str]], Awaitable[set[str]]]
 class Credits:
     """reserve → confirm | cancel around every task, grants, balances, the ledger."""
 
-    def __init__(self, system: ActorSystem, db: Database, metrics: Metrics, live: LiveCheck) -> None:
+    def __init__(
+        self, system: ActorSystem, db: Database, hub: EventHub, metrics: Metrics, live: LiveCheck
+    ) -> None:
+        """Registers the UserActor kind on `system`; `live` tells the sweeper which
+        reservations' tasks a live process still holds (the tasks' leases)."""
+        system.register(UserActor, lambda: UserActor(db, hub))
         self.system = system
         self.db = db
         self.metrics = metrics
@@ -128,17 +130,3 @@ class Credits:
 
     def _user(self, user_id: int) -> ActorRef[QuotaOp]:
         return self.system.ref(UserActor, user_id)
-
-
-async def credits_ctx(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx after the actor system: the UserActor kind and the facade. The sweeper
-    asks the tasks' leases which reservations a live process still holds."""
-    system, db, hub, redis = app[actor_system_key], app[db_key], app[hub_key], app[redis_key]
-    system.register(UserActor, lambda: UserActor(db, hub))
-    app[credits_key] = Credits(system, db, app[metrics_key], partial(leases.held, redis))
-    yield
-
-
-async def sweep_expired_reservations(app: web.Application) -> int:
-    """The cron job: see Credits.sweep_expired."""
-    return await app[credits_key].sweep_expired()

@@ -25,12 +25,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aiohttp import web
 from loguru import logger
+from prometheus_client import Counter
 
 from server.config import Settings
 from server.db import Database
-from server.keys import db_key, metrics_key, settings_key, storage_key
 from server.media.storage import Storage, StoredObject
 from server.vendors.facade import INPUT_PREFIX
 
@@ -107,14 +106,10 @@ async def clean_orphans(
     return report
 
 
-async def clean_orphan_files(app: web.Application) -> int:
-    """The cron job: returns how many objects it deleted."""
-    counter = app[metrics_key].orphan_files
+async def clean_orphan_files(db: Database, storage: Storage, settings: Settings, counter: Counter) -> int:
+    """The cron job: returns how many objects it deleted, counted per prefix in `counter`."""
     report = await clean_orphans(
-        app[db_key],
-        app[storage_key],
-        app[settings_key],
-        on_delete=lambda prefix, n: counter.labels(prefix).inc(n),
+        db, storage, settings, on_delete=lambda prefix, n: counter.labels(prefix).inc(n)
     )
     if report.unknown:
         logger.warning("orphan cleanup: {} key(s) under u/ are not asset files; left alone", report.unknown)

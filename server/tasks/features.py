@@ -14,8 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from redis.asyncio import Redis
 
 from server.db import Conn, Database, Row
-from server.errors import NotFound, validation_failed
-from server.routing import field_errors
+from server.errors import NotFound, field_errors, validation_failed
 from server.tasks.pipeline import Catalog, Pipeline, parse_pipeline
 
 CACHE_KEY = "features:v1"

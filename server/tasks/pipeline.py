@@ -25,8 +25,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from server.errors import AppError, validation_failed
-from server.routing import field_errors
+from server.errors import AppError, field_errors, validation_failed
 from server.vendors import OperationSpec
 
 StepId = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]

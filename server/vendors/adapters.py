@@ -25,9 +25,8 @@ from typing import Any, Final, Protocol
 import aiohttp
 from PIL import Image
 
-from server.errors import AppError, ErrorCode
+from server.errors import AppError, ErrorCode, parse_uint
 from server.media.images import CONTENT_TYPES, sniff_format
-from server.routing import parse_uint
 from server.vendors import OperationSpec
 from server.vendors import local as local_vendor
 

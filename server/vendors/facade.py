@@ -1,13 +1,15 @@
-"""The app's vendors: one VendorActor per configured vendor, kept in `app[vendors_key]`.
+"""Vendors: the one entry point to the AI vendors, one VendorActor per configured vendor.
 
-`vendors_ctx` (a cleanup_ctx, after the actor system's) builds the adapters (one
-aiohttp ClientSession for every HTTP vendor), spawns the actors, and on exit stops them
-(calls in flight get a bounded drain), closes the adapters, then the session.
+`open_vendors` (entered by the app's cleanup_ctx, after the actor system starts) builds
+the adapters (one aiohttp ClientSession for every HTTP vendor), spawns the actors, and
+on exit stops them (calls in flight get a bounded drain), closes the adapters, then
+the session.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -15,14 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 from loguru import logger
 
 from actors.errors import MailboxFull
 from actors.runtime import ActorRef, ActorSystem
 from actors.vendor import Call, VendorActor, VendorMetrics, call
-from server.config import ConfigError
-from server.keys import actor_system_key, settings_key, storage_key, vendors_key
+from server.config import ConfigError, Settings
 from server.media.images import EXTENSIONS
 from server.media.storage import Storage
 from server.vendors import OperationSpec
@@ -218,17 +218,18 @@ def storage_publisher(storage: Storage, ttl: int) -> Publish:
     return publish
 
 
-async def vendors_ctx(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: the vendor actors (after actors_ctx, which starts the system)."""
-    settings = app[settings_key]
+@contextlib.asynccontextmanager
+async def open_vendors(
+    settings: Settings, system: ActorSystem, storage: Storage | None
+) -> AsyncIterator[Vendors]:
+    """The vendor actors on `system`, stopped on exit; dashscope publishes its inputs on `storage`."""
     configs = check_vendors(dict(settings.vendors))
     kinds = {name: kind_of(name, config) for name, config in configs.items()}
     remote = [name for name, kind in kinds.items() if kind != "local"]
     publish: Publish | None = None
     if "dashscope" in kinds.values():
-        storage = app.get(storage_key)
         if storage is None:
-            raise ConfigError("a dashscope vendor needs the storage (storage_ctx) to publish its inputs")
+            raise ConfigError("a dashscope vendor needs the storage to publish its inputs")
         publish = storage_publisher(storage, settings.vendor_input_url_ttl)
     session: aiohttp.ClientSession | None = None
     if remote:
@@ -238,15 +239,14 @@ async def vendors_ctx(app: web.Application) -> AsyncIterator[None]:
             connector=aiohttp.TCPConnector(limit=2 * connections + 8),
         )
     try:
-        vendors = Vendors.build(configs, app[actor_system_key], session=session, publish=publish)
+        vendors = Vendors.build(configs, system, session=session, publish=publish)
     except BaseException:
         if session is not None:
             await session.close()
         raise
-    app[vendors_key] = vendors
     logger.info("vendors: {}", ", ".join(f"{n} ({kinds[n]})" for n in configs))
     try:
-        yield
+        yield vendors
     finally:
         try:
             await vendors.close(settings.actor_stop_timeout)

@@ -5,7 +5,7 @@
 - `CosStorage` (server/storage/cos.py): Tencent Cloud COS through cos-python-sdk-v5,
   whose blocking calls run in a bounded thread pool owned by the storage object.
 
-`STORAGE_BACKEND` picks one; `storage_ctx` (a cleanup_ctx) creates it and closes it.
+`STORAGE_BACKEND` picks one; `open_storage` (entered by the app's cleanup_ctx) creates it and closes it.
 Keys are relative paths chosen by the server, e.g. `u/42/<asset id>.png`; both
 backends accept only keys that `validate_key` accepts.
 
@@ -15,81 +15,31 @@ AppError(UPSTREAM_FAILED) (502); a full COS queue is Busy (503).
 
 from __future__ import annotations
 
-import re
-from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
-from typing import Final, Protocol, runtime_checkable
+import contextlib
+from collections.abc import AsyncIterator
 
-from aiohttp import web
 from loguru import logger
 
 from server.config import ConfigError, Settings
-from server.keys import settings_key, storage_key
+from server.media.storage.base import (
+    LIST_PAGE,
+    MAX_KEY_LENGTH,
+    InvalidKey,
+    Storage,
+    StoredObject,
+    validate_key,
+)
 
-MAX_KEY_LENGTH: Final = 512
-LIST_PAGE: Final = 1000  # objects per page of `objects()` (COS's maximum per listing request)
-# Segments start with a letter, digit or underscore, so no `.`/`..`, no hidden files,
-# no empty segments and no leading `/`; only URL-safe characters, so keys need no quoting.
-_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(?:/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
-
-
-class InvalidKey(ValueError):
-    """A storage key the backends refuse (a programming error, not a client error)."""
-
-
-def validate_key(key: str) -> str:
-    """`key` unchanged, or InvalidKey: relative, `/`-separated, [A-Za-z0-9._-], ≤ 512 chars."""
-    if not isinstance(key, str) or not key:
-        raise InvalidKey("a storage key must be a non-empty string")
-    if len(key) > MAX_KEY_LENGTH:
-        raise InvalidKey(f"storage key longer than {MAX_KEY_LENGTH} characters")
-    if not _KEY.fullmatch(key):
-        raise InvalidKey(
-            f"invalid storage key {key!r}: use relative /-separated segments of [A-Za-z0-9._-] "
-            "that do not start with '.'"
-        )
-    return key
-
-
-@dataclass(frozen=True, slots=True)
-class StoredObject:
-    key: str
-    size: int
-    modified: float  # unix seconds of the last write
-
-
-@runtime_checkable
-class Storage(Protocol):
-    """Where bytes live. Every method may raise NotFound, AppError(UPSTREAM_FAILED) or Busy."""
-
-    name: str
-
-    async def put(self, key: str, data: bytes, content_type: str) -> None:
-        """Store `data` under `key`, replacing any previous object (atomically)."""
-        ...
-
-    async def get(self, key: str) -> bytes:
-        """The object's bytes; NotFound if there is none."""
-        ...
-
-    async def exists(self, key: str) -> bool: ...
-
-    async def delete(self, keys: Iterable[str]) -> None:
-        """Remove the objects; keys that do not exist are ignored."""
-        ...
-
-    def url(self, key: str, expires_in: int) -> str:
-        """A signed URL that lets anyone GET the object for `expires_in` seconds (no I/O)."""
-        ...
-
-    def objects(self, prefix: str, page_size: int = LIST_PAGE) -> AsyncIterator[list[StoredObject]]:
-        """Every object whose key starts with `prefix`, in pages of at most `page_size`.
-
-        Each object comes once; the order is the backend's. Objects written or deleted
-        during the walk may or may not be seen."""
-        ...
-
-    async def close(self) -> None: ...
+__all__ = [
+    "LIST_PAGE",
+    "MAX_KEY_LENGTH",
+    "InvalidKey",
+    "Storage",
+    "StoredObject",
+    "create_storage",
+    "open_storage",
+    "validate_key",
+]
 
 
 def create_storage(settings: Settings) -> Storage:
@@ -105,12 +55,12 @@ def create_storage(settings: Settings) -> Storage:
     raise ConfigError(f"STORAGE_BACKEND must be local or cos, got {settings.storage_backend!r}")
 
 
-async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: the storage backend, closed (thread pool included) on shutdown."""
-    storage = create_storage(app[settings_key])
-    app[storage_key] = storage
+@contextlib.asynccontextmanager
+async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
+    """The backend STORAGE_BACKEND names, closed (thread pool included) on exit."""
+    storage = create_storage(settings)
     logger.info("storage backend: {}", storage.name)
     try:
-        yield
+        yield storage
     finally:
         await storage.close()

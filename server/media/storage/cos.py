@@ -34,7 +34,7 @@ from qcloud_cos.cos_exception import CosClientError, CosServiceError
 
 from server.config import ConfigError, Settings
 from server.errors import AppError, Busy, ErrorCode, NotFound
-from server.media.storage import LIST_PAGE, StoredObject, validate_key
+from server.media.storage.base import LIST_PAGE, StoredObject, validate_key
 
 DELETE_BATCH: Final = 1000  # COS's limit per multi-delete request
 CLOSE_TIMEOUT: Final = 5.0

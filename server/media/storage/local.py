@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from server.config import Settings
 from server.errors import AppError, ErrorCode, NotFound
-from server.media.storage import LIST_PAGE, StoredObject, validate_key
+from server.media.storage.base import LIST_PAGE, StoredObject, validate_key
 
 TYPES_DIR: Final = ".types"
 DEFAULT_CONTENT_TYPE: Final = "application/octet-stream"
