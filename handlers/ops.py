@@ -257,6 +257,7 @@ def _vendors(app: web.Application) -> list[dict[str, Any]]:
     rows = []
     for name, s in sorted(app[vendors_key].stats().items()):
         last = s.get("last_error") or {}
+        latency = s["latency"]
         rows.append(
             {
                 "name": name,
@@ -266,6 +267,9 @@ def _vendors(app: web.Application) -> list[dict[str, Any]]:
                 "queue_depth": s["queue_depth"],
                 "breaker": s["breaker"]["state"],
                 "calls": s["calls"],
+                "latency": "–"
+                if latency["p50_seconds"] is None
+                else f"{latency['p50_seconds']:.3g} / {latency['p99_seconds']:.3g} s",
                 "errors": ", ".join(f"{k}: {v}" for k, v in sorted(s["errors"].items())) or "none",
                 "last_error": f"{last.get('kind')}: {last.get('message')}" if last else "",
             }

@@ -104,6 +104,7 @@ async def test_an_admin_sees_every_section_with_its_figures(client: Any, app: we
     assert "<b>VENDOR_FAILED" not in html
     assert "<td>VendorActor[local]</td>" in html
     assert "<td>local</td>" in html
+    assert '<th class="n">Latency p50 / p99</th>' in html
     assert "unavailable:" not in html
 
 
