@@ -7,6 +7,7 @@ from aiohttp import web
 from handlers import (
     admin_features,
     admin_users,
+    admin_vendors,
     auth,
     credits,
     demo,
@@ -34,6 +35,7 @@ ROUTE_TABLES: list[RouteTable] = [
     tasks.public,
     tasks.routes,
     admin_features.routes,
+    admin_vendors.routes,
     ops.routes,
 ]
 

@@ -4,14 +4,18 @@ Server-rendered HTML for admins. It authenticates with an `ops_token` cookie
 (HttpOnly, SameSite=Strict, Path=/ops) holding an admin's access token, issued by
 the same `AuthService.login_password` as POST /api/v1/auth/login, so lockouts and
 rate limits are shared. The login form carries a single-use CSRF token kept in Redis
-and echoed in an `ops_csrf` cookie. Every figure is fetched under a time bound; a
-source that fails or is slow shows as "unavailable: …" and the page still renders.
+and echoed in an `ops_csrf` cookie; the logout form a token derived from the session's
+cookie. The tokens are the CSRF check: a browser may send `Origin: null` (it did while
+the page said `Referrer-Policy: no-referrer`), so Origin only refuses a foreign origin.
+Every figure is fetched under a time bound; a source that fails or is slow shows as
+"unavailable: …" and the page still renders.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import secrets
 import time
@@ -62,7 +66,8 @@ HEADERS = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    # Not no-referrer: under it Chromium sends `Origin: null` with the page's own form POSTs.
+    "Referrer-Policy": "same-origin",
 }
 BAD_FORM = "This form has expired or did not come from this page; try again."
 ADMIN_ONLY = "Admin only: this account cannot open the ops dashboard."
@@ -114,10 +119,18 @@ async def _csrf_ok(request: web.Request, form: MultiDictProxy[Any]) -> bool:
     return bool(await request.app[redis_key].delete(f"ops:csrf:{sent}"))  # used once
 
 
-def _same_origin(request: web.Request) -> bool:
-    """A cross-site POST is refused even before SameSite=Strict would drop the cookie."""
+def _not_foreign(request: web.Request) -> bool:
+    """False when the POST names another origin: refused even before SameSite=Strict would
+    drop the cookie. No Origin, or the opaque "null", proves nothing either way: the
+    form's token is then the only check (it always is checked)."""
     origin = request.headers.get("Origin")
-    return origin is None or urlsplit(origin).netloc == request.host
+    return origin is None or origin == "null" or urlsplit(origin).netloc == request.host
+
+
+def logout_token(access_token: str) -> str:
+    """The logout form's CSRF token: derived from the HttpOnly session cookie, which a
+    foreign page can neither read nor guess, so it needs no storage of its own."""
+    return hashlib.sha256(b"ops-logout\0" + access_token.encode()).hexdigest()
 
 
 def _principal(request: web.Request) -> Principal | None:
@@ -137,7 +150,7 @@ async def ops_login_page(request: web.Request) -> web.Response:
 
 @routes.post("/ops/login", include_in_schema=False)
 async def ops_login(request: web.Request) -> web.Response:
-    if not _same_origin(request):
+    if not _not_foreign(request):
         return await _login_form(request, status=403, error=BAD_FORM)
     form = await request.post()
     phone = _field(form, "phone", 32)
@@ -170,9 +183,14 @@ async def ops_login(request: web.Request) -> web.Response:
 
 @routes.post("/ops/logout", include_in_schema=False)
 async def ops_logout(request: web.Request) -> web.Response:
-    if not _same_origin(request):
+    if not _not_foreign(request):
         return await _login_form(request, status=403, error=BAD_FORM)
     principal = _principal(request)
+    if principal is not None:
+        sent = _field(await request.post(), "csrf", 64)
+        expected = logout_token(request.cookies[TOKEN_COOKIE])
+        if not hmac.compare_digest(sent.encode(), expected.encode()):
+            return await _login_form(request, status=403, error=BAD_FORM)
     if principal is not None:
         redis = request.app[redis_key]
         key = f"ops:refresh:{principal.sid}"
@@ -239,6 +257,7 @@ def _vendors(app: web.Application) -> list[dict[str, Any]]:
     rows = []
     for name, s in sorted(app[vendors_key].stats().items()):
         last = s.get("last_error") or {}
+        latency = s["latency"]
         rows.append(
             {
                 "name": name,
@@ -248,6 +267,9 @@ def _vendors(app: web.Application) -> list[dict[str, Any]]:
                 "queue_depth": s["queue_depth"],
                 "breaker": s["breaker"]["state"],
                 "calls": s["calls"],
+                "latency": "–"
+                if latency["p50_seconds"] is None
+                else f"{latency['p50_seconds']:.3g} / {latency['p99_seconds']:.3g} s",
                 "errors": ", ".join(f"{k}: {v}" for k, v in sorted(s["errors"].items())) or "none",
                 "last_error": f"{last.get('kind')}: {last.get('message')}" if last else "",
             }
@@ -317,6 +339,7 @@ async def ops_dashboard(request: web.Request) -> web.Response:
         "recent_tasks": recent,
         "credits": credits,
         "user_id": principal.user_id,
+        "logout_csrf": logout_token(request.cookies[TOKEN_COOKIE]),
     }
     return _page(request, "dashboard.html", context)
 

@@ -104,6 +104,7 @@ async def test_an_admin_sees_every_section_with_its_figures(client: Any, app: we
     assert "<b>VENDOR_FAILED" not in html
     assert "<td>VendorActor[local]</td>" in html
     assert "<td>local</td>" in html
+    assert '<th class="n">Latency p50 / p99</th>' in html
     assert "unavailable:" not in html
 
 
@@ -184,6 +185,40 @@ async def test_a_cross_site_post_is_refused(client: Any) -> None:
     assert resp.status == 403
 
 
+async def test_a_login_sent_with_origin_null_and_a_valid_token_gets_in(client: Any) -> None:
+    # What Chromium sends for a form POST from a page under `Referrer-Policy: no-referrer`.
+    token = await login_form(client)
+    resp = await client.post(
+        "/ops/login",
+        data={"phone": ADMIN_PHONE, "password": ADMIN_PASSWORD, "csrf": token},
+        headers={"Origin": "null"},
+        allow_redirects=False,
+    )
+    assert resp.status == 303, await resp.text()
+    assert resp.headers["Location"] == "/ops"
+    assert "ops_token" in resp.cookies
+
+
+async def test_a_login_sent_with_origin_null_and_a_bad_token_is_refused(client: Any) -> None:
+    await login_form(client)
+    resp = await client.post(
+        "/ops/login",
+        data={"phone": ADMIN_PHONE, "password": ADMIN_PASSWORD, "csrf": "forged"},
+        headers={"Origin": "null"},
+        allow_redirects=False,
+    )
+    assert resp.status == 403
+    assert "ops_token" not in resp.cookies
+
+
+async def test_the_pages_keep_the_origin_in_their_referrer_policy(client: Any) -> None:
+    resp = await client.get("/ops/login")
+    assert resp.headers["Referrer-Policy"] == "same-origin"
+    await admin_login(client)
+    resp = await client.get("/ops", allow_redirects=False)
+    assert resp.headers["Referrer-Policy"] == "same-origin"
+
+
 async def test_a_wrong_password_shows_the_form_again_with_401(client: Any) -> None:
     resp = await post_login(client, ADMIN_PHONE, "wrong-pass-1")
     assert resp.status == 401
@@ -195,13 +230,25 @@ async def test_a_wrong_password_shows_the_form_again_with_401(client: Any) -> No
     assert resp.status == 401
 
 
+async def logout_token_of_the_page(client: Any) -> str:
+    resp = await client.get("/ops", allow_redirects=False)
+    assert resp.status == 200
+    match = re.search(
+        r'action="/ops/logout"><input type="hidden" name="csrf" value="([0-9a-f]+)"', await resp.text()
+    )
+    assert match is not None
+    return match.group(1)
+
+
 async def test_logout_clears_the_cookie_and_ends_the_session(client: Any, app: web.Application) -> None:
     await admin_login(client)
-    assert (await client.get("/ops", allow_redirects=False)).status == 200
+    token = await logout_token_of_the_page(client)
     keys = [k async for k in app[redis_key].scan_iter("ops:refresh:*")]
     assert len(keys) == 1
 
-    resp = await client.post("/ops/logout", allow_redirects=False)
+    resp = await client.post(
+        "/ops/logout", data={"csrf": token}, headers={"Origin": "null"}, allow_redirects=False
+    )
     assert resp.status == 303
     assert resp.headers["Location"] == "/ops/login"
     assert [k async for k in app[redis_key].scan_iter("ops:refresh:*")] == []
@@ -209,3 +256,25 @@ async def test_logout_clears_the_cookie_and_ends_the_session(client: Any, app: w
     assert revoked == 1
     resp = await client.get("/ops", allow_redirects=False)
     assert resp.status == 303
+
+
+async def test_a_logout_without_the_page_s_token_is_refused_and_the_session_stays(
+    client: Any, app: web.Application
+) -> None:
+    await admin_login(client)
+    await logout_token_of_the_page(client)
+    for data in ({}, {"csrf": "0" * 64}):
+        resp = await client.post("/ops/logout", data=data, headers={"Origin": "null"}, allow_redirects=False)
+        assert resp.status == 403
+    assert len([k async for k in app[redis_key].scan_iter("ops:refresh:*")]) == 1
+    assert (await client.get("/ops", allow_redirects=False)).status == 200
+
+
+async def test_a_cross_site_logout_is_refused_even_with_the_token(client: Any) -> None:
+    await admin_login(client)
+    token = await logout_token_of_the_page(client)
+    resp = await client.post(
+        "/ops/logout", data={"csrf": token}, headers={"Origin": "https://evil.example"}, allow_redirects=False
+    )
+    assert resp.status == 403
+    assert (await client.get("/ops", allow_redirects=False)).status == 200

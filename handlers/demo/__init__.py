@@ -42,7 +42,7 @@ def _file(request: web.Request, name: str, content_type: str) -> web.FileRespons
             "Content-Security-Policy": content_security_policy(request),
             "Cache-Control": "no-store",
             "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer",
+            "Referrer-Policy": "same-origin",  # no-referrer makes Chromium send `Origin: null` with POSTs
         },
     )
 

@@ -23,7 +23,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    ValidationError,
+    model_serializer,
+)
 
 from server.errors import AppError, field_errors, validation_failed
 from server.vendors import OperationSpec
@@ -43,6 +51,12 @@ class CallStep(_Strict):
     operation: str
     inputs: dict[str, str | list[str]] = Field(default_factory=dict)
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_serializer(mode="wrap")
+    def _with_type(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """`type` even under `exclude_defaults`: a top-level step is parsed by its type, so
+        a pipeline dumped without it would not parse again (GET /admin/features → PATCH)."""
+        return {"id": self.id, "type": self.type, **handler(self)}
 
 
 class ForkStep(_Strict):

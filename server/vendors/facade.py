@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import math
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -135,11 +136,43 @@ class Vendors:
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Live figures per vendor, for the ops dashboard and GET /admin/vendors."""
+        latency = self.latency()
         out = {}
         for name, entry in self._vendors.items():
             stats = entry.actor.stats()
             stats["calls"]["busy"] = entry.actor.counts["busy"]
+            stats["latency"] = latency.get(name, _no_latency())
             out[name] = stats
+        return out
+
+    def latency(self) -> dict[str, dict[str, Any]]:
+        """Per vendor, from the `vendor_call_seconds` histogram (every attempt of this
+        process, any outcome, all operations): `attempts`, `mean_seconds`, and
+        `p50_seconds`/`p99_seconds` estimated as PromQL's histogram_quantile does
+        (linear within the bucket; the highest finite bound when it falls in +Inf)."""
+        buckets: dict[str, dict[float, float]] = {}
+        sums: dict[str, float] = {}
+        for family in self.metrics.call_seconds.collect():
+            for sample in family.samples:
+                vendor = sample.labels["vendor"]
+                if sample.name.endswith("_bucket"):
+                    per = buckets.setdefault(vendor, {})
+                    le = float(sample.labels["le"])
+                    per[le] = per.get(le, 0.0) + sample.value
+                elif sample.name.endswith("_sum"):
+                    sums[vendor] = sums.get(vendor, 0.0) + sample.value
+        out = {}
+        for vendor, per in buckets.items():
+            cumulative = sorted(per.items())
+            count = cumulative[-1][1]
+            if not count:
+                continue
+            out[vendor] = {
+                "attempts": int(count),
+                "mean_seconds": round(sums.get(vendor, 0.0) / count, 4),
+                "p50_seconds": _quantile(0.5, cumulative),
+                "p99_seconds": _quantile(0.99, cumulative),
+            }
         return out
 
     async def close(self, drain: float = 5.0) -> None:
@@ -163,6 +196,24 @@ class Vendors:
             except Exception:
                 logger.opt(exception=True).error("closing the {} vendor adapter failed", name)
         self.metrics.close()
+
+
+def _no_latency() -> dict[str, Any]:
+    return {"attempts": 0, "mean_seconds": None, "p50_seconds": None, "p99_seconds": None}
+
+
+def _quantile(q: float, cumulative: list[tuple[float, float]]) -> float:
+    """The q-quantile of a histogram given as sorted (upper bound, cumulative count)."""
+    rank = q * cumulative[-1][1]
+    lower, below = 0.0, 0.0
+    for bound, count in cumulative:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower  # the highest finite bound, as histogram_quantile answers
+            inside = count - below
+            return round(lower + (bound - lower) * ((rank - below) / inside if inside else 1.0), 4)
+        lower, below = bound, count
+    return lower
 
 
 def _adapter(

@@ -1,9 +1,10 @@
 """A real server process and Debian's Chromium, for tests marked `e2e` (`make e2e`).
 
 The server is `python run.py serve` in a temporary directory (so no .env applies),
-with its own embedded MariaDB and Redis under a temporary VAR_DIR, APP_ENV=test and
-SIGNUP_CREDITS=20. The browser is /usr/bin/chromium (or $CHROMIUM) driven by the
-playwright package; nothing is downloaded (`playwright install` is never run).
+with its own embedded MariaDB and Redis under a temporary VAR_DIR, APP_ENV=test,
+SIGNUP_CREDITS=20 and an admin account (ADMIN_PHONE / ADMIN_PASSWORD, made at start).
+The browser is /usr/bin/chromium (or $CHROMIUM) driven by the playwright package;
+nothing is downloaded (`playwright install` is never run).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 SIGNUP_CREDITS = 20
+# The server makes this account an admin at start (ADMIN_PHONE / ADMIN_PASSWORD).
+ADMIN_PHONE = "13900000077"
+ADMIN_PASSWORD = "e2e-admin-pass-1"
 # Only what a process needs from the caller's environment: no DATABASE_URL, REDIS_URL,
 # storage or vendor settings of the developer's shell reach the server under test.
 PASS_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
@@ -83,6 +87,8 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
         PORT=str(port),
         VAR_DIR=str(base / "var"),
         SIGNUP_CREDITS=str(SIGNUP_CREDITS),
+        ADMIN_PHONE=ADMIN_PHONE,
+        ADMIN_PASSWORD=ADMIN_PASSWORD,
         SHUTDOWN_TIMEOUT="2",
     )
     log = base / "server.log"
