@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -28,31 +29,77 @@ from server.logging import setup_logging
 from server.migrations import MigrationError
 
 DB_NAME = "wardrobe"
+OWNER_WAIT = 120.0  # seconds a command waits for another command (or a starting server) to be done
 
 
 @contextmanager
-def embedded_services(settings: Settings) -> Iterator[Settings]:
-    """Start what DATABASE_URL / REDIS_URL do not name; stop it on the way out."""
-    from server.embedded import EmbeddedMariaDB, EmbeddedRedis, ensure_database
+def embedded_services(settings: Settings, command: str = "serve") -> Iterator[Settings]:
+    """Start what DATABASE_URL / REDIS_URL do not name; stop it on the way out.
 
-    started: list[EmbeddedMariaDB | EmbeddedRedis] = []
+    The process that starts the embedded instances owns VAR_DIR (server/embedded.py
+    VarDirLock) until it has stopped them. While a server owns it, a command uses that
+    server's instances through their sockets and starts or stops nothing; a second
+    `serve` refuses. While another command owns it, this one waits for it to finish."""
+    from server.embedded import EmbeddedMariaDB, EmbeddedRedis, VarDirLock, ensure_database
+
+    if not (settings.embedded_db or settings.embedded_redis):
+        yield settings
+        return
+    mariadb, redis = EmbeddedMariaDB(settings.var_dir), EmbeddedRedis(settings.var_dir)
+    wanted = {"mysqld"} if settings.embedded_db else set()
+    wanted |= {"redis"} if settings.embedded_redis else set()
     updates: dict[str, Any] = {}
+    if settings.embedded_db:
+        updates["database_url"] = mariadb.url(DB_NAME)
+    if settings.embedded_redis:
+        updates["redis_url"] = redis.url()
+    lock = VarDirLock.of(settings.var_dir)
+    deadline = time.monotonic() + OWNER_WAIT
+    said = ""
+    while not lock.acquire(command):
+        owner = lock.owner()
+        if owner is not None and owner.command == "serve":
+            if command == "serve":
+                raise ConfigError(
+                    f"{lock.base} is in use by the server with pid {owner.pid}: stop it first, "
+                    "or give this one its own VAR_DIR"
+                )
+            if owner.ready:  # it has started everything it runs
+                if missing := wanted - set(owner.ready):
+                    raise ConfigError(
+                        f"the server with pid {owner.pid} on {lock.base} runs no embedded "
+                        + " and ".join(sorted(missing))
+                        + ": set DATABASE_URL / REDIS_URL as it does"
+                    )
+                logger.info(
+                    "using the embedded {} of the server with pid {}", " and ".join(sorted(wanted)), owner.pid
+                )
+                yield settings.model_copy(update=updates)
+                return
+        if time.monotonic() > deadline:
+            who = f"`run.py {owner.command}` (pid {owner.pid})" if owner else "another process"
+            raise ConfigError(f"{lock.base} stayed in use by {who} for {OWNER_WAIT:.0f}s")
+        if owner is not None and said != f"{owner.pid}":
+            said = f"{owner.pid}"
+            logger.info(
+                "waiting for `run.py {}` (pid {}) to finish with {}", owner.command, owner.pid, lock.base
+            )
+        time.sleep(0.1)
+    started: list[EmbeddedMariaDB | EmbeddedRedis] = []
     try:
         if settings.embedded_db:
-            mariadb = EmbeddedMariaDB(settings.var_dir)
             mariadb.start()
             started.append(mariadb)
             ensure_database(mariadb, DB_NAME)
-            updates["database_url"] = mariadb.url(DB_NAME)
         if settings.embedded_redis:
-            redis = EmbeddedRedis(settings.var_dir)
             redis.start()
             started.append(redis)
-            updates["redis_url"] = redis.url()
+        lock.mark_ready(sorted(wanted))
         yield settings.model_copy(update=updates)
     finally:
         for server in reversed(started):
             server.stop()
+        lock.release()
 
 
 def _run_db_command(
@@ -142,14 +189,14 @@ def cmd_create_admin(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_check_quota(settings: Settings, args: argparse.Namespace) -> int:
-    """Every account against its ledger and open reservations; non-zero exit on a difference."""
+    """Every user's credits against the ledger and open reservations; exit 1 on a difference."""
     from server.quota import check_all
 
     async def go(db: Any) -> int:
         checked, problems = await check_all(db)
         for p in problems:
             print(f"user {p.user_id}: {p.what}: recorded {p.recorded}, expected {p.expected}")
-        print(f"checked {checked} account(s): {len(problems)} difference(s)")
+        print(f"checked {checked} user(s): {len(problems)} difference(s)")
         return 1 if problems else 0
 
     return _run_db_command(settings, go, migrated=True)
@@ -212,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
         setup_logging(settings.log_level, json=settings.is_prod)
         settings.check_for_start()
-        with embedded_services(settings) as ready:
+        with embedded_services(settings, args.command) as ready:
             return COMMANDS[args.command](ready, args)
     except (ConfigError, MigrationError, AppError) as exc:
         print(f"error: {exc}", file=sys.stderr)
