@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from typing import Any
 
 from loguru import logger
-from pydantic import ValidationError
 
 from server.config import ConfigError, Settings, load_settings
 from server.errors import AppError
@@ -263,9 +262,6 @@ def main(argv: list[str] | None = None) -> int:
             return COMMANDS[args.command](ready, args)
     except (ConfigError, MigrationError, AppError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ValidationError as exc:
-        print(f"error: invalid configuration: {exc}", file=sys.stderr)
         return 2
 
 
