@@ -3,11 +3,13 @@
     python run.py [serve] [--host H] [--port P]   serve the API (default)
     python run.py migrate [--status]               apply (or list) database migrations
     python run.py create-admin --phone P --password W
+    python run.py grant-credits --phone P --amount N --reason R
     python run.py check-quota                      verify balances against the ledger
     python run.py clean-files [--dry-run]          delete storage objects nothing refers to
 
 With no DATABASE_URL / REDIS_URL, private MariaDB and Redis servers are started
-under ./var for the life of the command.
+under VAR_DIR (./var) for the life of the command; while `serve` runs, the other
+commands use its servers (see embedded_services).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from loguru import logger
+from pydantic import ValidationError
 
 from server.config import ConfigError, Settings, load_settings
 from server.errors import AppError
@@ -126,6 +129,7 @@ def _run_db_command(
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from aiohttp import web
 
+    from server.accounts import mask_phone
     from server.app import create_app
 
     host = args.host or settings.host
@@ -135,12 +139,24 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     async def announce(app: web.Application) -> None:
         logger.info(
-            "serving on {}  (API docs {}/api/docs · dashboard {}/ops · metrics {}/metrics)",
+            "serving on {}  (API docs {}/api/docs · dashboard {}/ops · metrics {}/metrics{})",
             base,
             base,
             base,
             base,
+            "" if settings.is_prod else f" · try it in the browser {base}/demo",
         )
+        if settings.admin_phone and settings.admin_password:
+            logger.info(
+                "admin {} (ADMIN_PHONE) logs in at {}/ops/login", mask_phone(settings.admin_phone), base
+            )
+        else:
+            logger.info(
+                "no admin is configured: set ADMIN_PHONE and ADMIN_PASSWORD, or run "
+                "`.venv/bin/python run.py create-admin --phone 13800138000 --password …` beside this server"
+            )
+        if settings.signup_credits:
+            logger.info("new accounts start with {} credits (SIGNUP_CREDITS)", settings.signup_credits)
 
     app = create_app(settings)
     app.on_startup.append(announce)
@@ -187,6 +203,51 @@ def cmd_create_admin(settings: Settings, args: argparse.Namespace) -> int:
     return _run_db_command(settings, go)
 
 
+def cmd_grant_credits(settings: Settings, args: argparse.Namespace) -> int:
+    """Add (or with a negative amount remove) credits: the same `adjust` Grant, through the
+    same UserActor, as the admin endpoint POST /api/v1/admin/users/{id}/quota."""
+    from prometheus_client import CollectorRegistry
+
+    from actors.runtime import ActorSystem
+    from actors.user import UserActor
+    from handlers.quota import QuotaAdjust
+    from server.accounts import mask_phone, normalize_phone
+    from server.errors import NotFound
+    from server.hub.hub import RedisEventHub
+    from server.quota import Grant
+    from server.redis import connect_redis
+
+    try:
+        body = QuotaAdjust(amount=args.amount, reason=args.reason)
+    except ValidationError as exc:
+        raise ConfigError(
+            "; ".join(f"--{e['loc'][0]} {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+        ) from None
+
+    async def go(db: Any) -> int:
+        phone = normalize_phone(args.phone)
+        row = await db.fetchone("SELECT id FROM users WHERE phone = %s", phone)
+        if row is None:
+            raise NotFound(f"no user has the phone {mask_phone(phone)}")
+        user_id = int(row["id"])
+        redis = connect_redis(str(settings.redis_url), settings)
+        system = ActorSystem(CollectorRegistry(), default_ask_timeout=settings.actor_ask_timeout)
+        system.register(UserActor, lambda: UserActor(db, RedisEventHub(redis, settings)))
+        await system.start()
+        try:
+            reason = f"{body.reason} (by run.py grant-credits)"[:200]
+            state = await system.ref(UserActor, user_id).ask(Grant(body.amount, "adjust", reason=reason))
+        finally:
+            await system.stop(settings.actor_stop_timeout)
+            await redis.aclose()
+        print(
+            f"user {user_id}: balance {state.balance}, reserved {state.reserved}, available {state.available}"
+        )
+        return 0
+
+    return _run_db_command(settings, go, migrated=True)
+
+
 def cmd_check_quota(settings: Settings, args: argparse.Namespace) -> int:
     """Every user's credits against the ledger and open reservations; exit 1 on a difference."""
     from server.quota import check_all
@@ -227,6 +288,7 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "serve": cmd_serve,
     "migrate": cmd_migrate,
     "create-admin": cmd_create_admin,
+    "grant-credits": cmd_grant_credits,
     "check-quota": cmd_check_quota,
     "clean-files": cmd_clean_files,
 }
@@ -243,6 +305,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     admin = sub.add_parser("create-admin", help="create an admin user (or promote an existing one)")
     admin.add_argument("--phone", required=True)
     admin.add_argument("--password", required=True)
+    grant = sub.add_parser(
+        "grant-credits", help="add credits to a user (ledger kind adjust), as the admin API does"
+    )
+    grant.add_argument("--phone", required=True)
+    grant.add_argument("--amount", type=int, required=True, help="credits to add (negative: remove)")
+    grant.add_argument("--reason", required=True, help="kept in the ledger row")
     sub.add_parser("check-quota", help="verify every balance against the ledger; exit 1 on a difference")
     clean = sub.add_parser("clean-files", help="delete storage objects nothing refers to (the 03:00 job)")
     clean.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")

@@ -22,6 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_JWT_SECRET = "dev-insecure-jwt-secret-change-me-please-0000"
 
+# SIGNUP_CREDITS when unset in dev and test: the seeded features (sql/0004) cost 10 + 2 + 8
+# = 20 credits for one run of each, so a new account can run every one of them five times.
+DEV_SIGNUP_CREDITS = 100
+
 
 class ConfigError(RuntimeError):
     """The configuration cannot be used; the message says what to change."""
@@ -176,7 +180,9 @@ class Settings(BaseSettings):
     # Cron jobs (reservation sweeper, …); off in tests that drive jobs by hand.
     cron_enabled: bool = True
 
-    signup_credits: int = Field(0, ge=0, le=100_000)  # credits every new account starts with
+    # Credits every new account starts with. Unset: 0 in prod, DEV_SIGNUP_CREDITS in dev and
+    # test, so a new user can try every seeded feature (see _signup_default).
+    signup_credits: int = Field(0, ge=0, le=100_000)
 
     # --- tasks (issue 6) ---
     task_concurrency: int = Field(16, ge=1)  # task runs in flight per process
@@ -279,6 +285,12 @@ class Settings(BaseSettings):
     def _events_bounds(self) -> Settings:  # websocket (issue 7)
         if self.events_max_per_user < self.events_keep_min:
             raise ValueError("EVENTS_MAX_PER_USER must be at least EVENTS_KEEP_MIN")
+        return self
+
+    @model_validator(mode="after")
+    def _signup_default(self) -> Settings:
+        if "signup_credits" not in self.model_fields_set and not self.is_prod:
+            self.signup_credits = DEV_SIGNUP_CREDITS
         return self
 
     @property
