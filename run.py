@@ -3,11 +3,13 @@
     python run.py [serve] [--host H] [--port P]   serve the API (default)
     python run.py migrate [--status]               apply (or list) database migrations
     python run.py create-admin --phone P --password W
+    python run.py grant-credits --phone P --amount N --reason R
     python run.py check-quota                      verify balances against the ledger
     python run.py clean-files [--dry-run]          delete storage objects nothing refers to
 
 With no DATABASE_URL / REDIS_URL, private MariaDB and Redis servers are started
-under ./var for the life of the command.
+under VAR_DIR (./var) for the life of the command; while `serve` runs, the other
+commands use its servers (see embedded_services).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -28,31 +31,77 @@ from server.logging import setup_logging
 from server.migrations import MigrationError
 
 DB_NAME = "wardrobe"
+OWNER_WAIT = 120.0  # seconds a command waits for another command (or a starting server) to be done
 
 
 @contextmanager
-def embedded_services(settings: Settings) -> Iterator[Settings]:
-    """Start what DATABASE_URL / REDIS_URL do not name; stop it on the way out."""
-    from server.embedded import EmbeddedMariaDB, EmbeddedRedis, ensure_database
+def embedded_services(settings: Settings, command: str = "serve") -> Iterator[Settings]:
+    """Start what DATABASE_URL / REDIS_URL do not name; stop it on the way out.
 
-    started: list[EmbeddedMariaDB | EmbeddedRedis] = []
+    The process that starts the embedded instances owns VAR_DIR (server/embedded.py
+    VarDirLock) until it has stopped them. While a server owns it, a command uses that
+    server's instances through their sockets and starts or stops nothing; a second
+    `serve` refuses. While another command owns it, this one waits for it to finish."""
+    from server.embedded import EmbeddedMariaDB, EmbeddedRedis, VarDirLock, ensure_database
+
+    if not (settings.embedded_db or settings.embedded_redis):
+        yield settings
+        return
+    mariadb, redis = EmbeddedMariaDB(settings.var_dir), EmbeddedRedis(settings.var_dir)
+    wanted = {"mysqld"} if settings.embedded_db else set()
+    wanted |= {"redis"} if settings.embedded_redis else set()
     updates: dict[str, Any] = {}
+    if settings.embedded_db:
+        updates["database_url"] = mariadb.url(DB_NAME)
+    if settings.embedded_redis:
+        updates["redis_url"] = redis.url()
+    lock = VarDirLock.of(settings.var_dir)
+    deadline = time.monotonic() + OWNER_WAIT
+    said = ""
+    while not lock.acquire(command):
+        owner = lock.owner()
+        if owner is not None and owner.command == "serve":
+            if command == "serve":
+                raise ConfigError(
+                    f"{lock.base} is in use by the server with pid {owner.pid}: stop it first, "
+                    "or give this one its own VAR_DIR"
+                )
+            if owner.ready:  # it has started everything it runs
+                if missing := wanted - set(owner.ready):
+                    raise ConfigError(
+                        f"the server with pid {owner.pid} on {lock.base} runs no embedded "
+                        + " and ".join(sorted(missing))
+                        + ": set DATABASE_URL / REDIS_URL as it does"
+                    )
+                logger.info(
+                    "using the embedded {} of the server with pid {}", " and ".join(sorted(wanted)), owner.pid
+                )
+                yield settings.model_copy(update=updates)
+                return
+        if time.monotonic() > deadline:
+            who = f"`run.py {owner.command}` (pid {owner.pid})" if owner else "another process"
+            raise ConfigError(f"{lock.base} stayed in use by {who} for {OWNER_WAIT:.0f}s")
+        if owner is not None and said != f"{owner.pid}":
+            said = f"{owner.pid}"
+            logger.info(
+                "waiting for `run.py {}` (pid {}) to finish with {}", owner.command, owner.pid, lock.base
+            )
+        time.sleep(0.1)
+    started: list[EmbeddedMariaDB | EmbeddedRedis] = []
     try:
         if settings.embedded_db:
-            mariadb = EmbeddedMariaDB(settings.var_dir)
             mariadb.start()
             started.append(mariadb)
             ensure_database(mariadb, DB_NAME)
-            updates["database_url"] = mariadb.url(DB_NAME)
         if settings.embedded_redis:
-            redis = EmbeddedRedis(settings.var_dir)
             redis.start()
             started.append(redis)
-            updates["redis_url"] = redis.url()
+        lock.mark_ready(sorted(wanted))
         yield settings.model_copy(update=updates)
     finally:
         for server in reversed(started):
             server.stop()
+        lock.release()
 
 
 def _run_db_command(
@@ -81,6 +130,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from server.app import create_app
+    from server.auth.accounts import mask_phone
 
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
@@ -89,12 +139,24 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     async def announce(app: web.Application) -> None:
         logger.info(
-            "serving on {}  (API docs {}/api/docs · dashboard {}/ops · metrics {}/metrics)",
+            "serving on {}  (API docs {}/api/docs · dashboard {}/ops · metrics {}/metrics{})",
             base,
             base,
             base,
             base,
+            "" if settings.is_prod else f" · try it in the browser {base}/demo",
         )
+        if settings.admin_phone and settings.admin_password:
+            logger.info(
+                "admin {} (ADMIN_PHONE) logs in at {}/ops/login", mask_phone(settings.admin_phone), base
+            )
+        else:
+            logger.info(
+                "no admin is configured: set ADMIN_PHONE and ADMIN_PASSWORD, or run "
+                "`.venv/bin/python run.py create-admin --phone 13800138000 --password …` beside this server"
+            )
+        if settings.signup_credits:
+            logger.info("new accounts start with {} credits (SIGNUP_CREDITS)", settings.signup_credits)
 
     app = create_app(settings)
     app.on_startup.append(announce)
@@ -146,15 +208,64 @@ def cmd_create_admin(settings: Settings, args: argparse.Namespace) -> int:
     return _run_db_command(settings, go)
 
 
+def cmd_grant_credits(settings: Settings, args: argparse.Namespace) -> int:
+    """Add (or with a negative amount remove) credits: the same `adjust` Grant, through the
+    same UserActor, as the admin endpoint POST /api/v1/admin/users/{id}/quota."""
+    from functools import partial
+
+    from prometheus_client import CollectorRegistry
+
+    from actors.runtime import ActorSystem
+    from handlers.credits import QuotaAdjust
+    from server.auth.accounts import mask_phone, normalize_phone
+    from server.credits.facade import Credits
+    from server.errors import NotFound
+    from server.hub.hub import RedisEventHub
+    from server.metrics import Metrics
+    from server.redis import connect_redis
+    from server.tasks import leases
+
+    try:
+        body = QuotaAdjust(amount=args.amount, reason=args.reason)
+    except ValidationError as exc:
+        raise ConfigError(
+            "; ".join(f"--{e['loc'][0]} {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+        ) from None
+
+    async def go(db: Any) -> int:
+        phone = normalize_phone(args.phone)
+        row = await db.fetchone("SELECT id FROM users WHERE phone = %s", phone)
+        if row is None:
+            raise NotFound(f"no user has the phone {mask_phone(phone)}")
+        user_id = int(row["id"])
+        redis = connect_redis(str(settings.redis_url), settings)
+        system = ActorSystem(CollectorRegistry(), default_ask_timeout=settings.actor_ask_timeout)
+        hub = RedisEventHub(redis, settings)
+        credits = Credits(system, db, hub, Metrics(), partial(leases.held, redis))
+        await system.start()
+        try:
+            reason = f"{body.reason} (by run.py grant-credits)"[:200]
+            state = await credits.grant(user_id, body.amount, "adjust", reason=reason)
+        finally:
+            await system.stop(settings.actor_stop_timeout)
+            await redis.aclose()
+        print(
+            f"user {user_id}: balance {state.balance}, reserved {state.reserved}, available {state.available}"
+        )
+        return 0
+
+    return _run_db_command(settings, go, migrated=True)
+
+
 def cmd_check_quota(settings: Settings, args: argparse.Namespace) -> int:
-    """Every account against its ledger and open reservations; non-zero exit on a difference."""
+    """Every user's credits against the ledger and open reservations; exit 1 on a difference."""
     from server.credits.ledger import check_all
 
     async def go(db: Any) -> int:
         checked, problems = await check_all(db)
         for p in problems:
             print(f"user {p.user_id}: {p.what}: recorded {p.recorded}, expected {p.expected}")
-        print(f"checked {checked} account(s): {len(problems)} difference(s)")
+        print(f"checked {checked} user(s): {len(problems)} difference(s)")
         return 1 if problems else 0
 
     return _run_db_command(settings, go, migrated=True)
@@ -186,6 +297,7 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "serve": cmd_serve,
     "migrate": cmd_migrate,
     "create-admin": cmd_create_admin,
+    "grant-credits": cmd_grant_credits,
     "check-quota": cmd_check_quota,
     "clean-files": cmd_clean_files,
 }
@@ -202,6 +314,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     admin = sub.add_parser("create-admin", help="create an admin user (or promote an existing one)")
     admin.add_argument("--phone", required=True)
     admin.add_argument("--password", required=True)
+    grant = sub.add_parser(
+        "grant-credits", help="add credits to a user (ledger kind adjust), as the admin API does"
+    )
+    grant.add_argument("--phone", required=True)
+    grant.add_argument("--amount", type=int, required=True, help="credits to add (negative: remove)")
+    grant.add_argument("--reason", required=True, help="kept in the ledger row")
     sub.add_parser("check-quota", help="verify every balance against the ledger; exit 1 on a difference")
     clean = sub.add_parser("clean-files", help="delete storage objects nothing refers to (the 03:00 job)")
     clean.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
@@ -217,13 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
         setup_logging(settings.log_level, json=settings.is_prod)
         settings.check_for_start()
-        with embedded_services(settings) as ready:
+        with embedded_services(settings, args.command) as ready:
             return COMMANDS[args.command](ready, args)
     except (ConfigError, MigrationError, AppError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ValidationError as exc:
-        print(f"error: invalid configuration: {exc}", file=sys.stderr)
         return 2
 
 

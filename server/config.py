@@ -6,18 +6,25 @@ README's configuration table lists them.
 
 from __future__ import annotations
 
+import json
+import types
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Union, get_args, get_origin
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from server.vendors.config import VendorsSetting  # vendors (issue 6)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_JWT_SECRET = "dev-insecure-jwt-secret-change-me-please-0000"
+
+# SIGNUP_CREDITS when unset in dev and test: the seeded features (sql/0004) cost 10 + 2 + 8
+# = 20 credits for one run of each, so a new account can run every one of them five times.
+DEV_SIGNUP_CREDITS = 100
 
 
 class ConfigError(RuntimeError):
@@ -46,20 +53,31 @@ class DatabaseURL:
 
     @classmethod
     def parse(cls, url: str) -> DatabaseURL:
+        shape = "mysql://user:pass@host:3306/db or mysql://user@localhost/db?unix_socket=/path"
         parts = urlsplit(url)
         if parts.scheme not in {"mysql", "mysql+aiomysql", "mariadb"}:
-            raise ConfigError(f"DATABASE_URL must start with mysql://, got {parts.scheme!r}")
+            raise ConfigError(
+                f"DATABASE_URL must start with mysql:// ({shape}), got {parts.scheme or 'no scheme'!r}"
+            )
         database = parts.path.lstrip("/")
-        if not database:
-            raise ConfigError("DATABASE_URL must name a database: mysql://user:pass@host:3306/DB")
+        if not database or "/" in database:
+            raise ConfigError(f"DATABASE_URL must name one database after the host ({shape})")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError(
+                f"DATABASE_URL has a bad port: expected an integer from 1 to 65535 ({shape})"
+            ) from None
         query = parse_qs(parts.query)
         sock = query.get("unix_socket", [None])[0]
+        if not parts.hostname and not sock:
+            raise ConfigError(f"DATABASE_URL must name a host or a unix_socket ({shape})")
         return cls(
             user=unquote(parts.username or "root"),
             password=unquote(parts.password or ""),
             database=database,
             host=parts.hostname or "127.0.0.1",
-            port=parts.port or 3306,
+            port=port or 3306,
             unix_socket=sock,
         )
 
@@ -162,7 +180,9 @@ class Settings(BaseSettings):
     # Cron jobs (reservation sweeper, …); off in tests that drive jobs by hand.
     cron_enabled: bool = True
 
-    signup_credits: int = Field(0, ge=0, le=100_000)  # credits every new account starts with
+    # Credits every new account starts with. Unset: 0 in prod, DEV_SIGNUP_CREDITS in dev and
+    # test, so a new user can try every seeded feature (see _signup_default).
+    signup_credits: int = Field(0, ge=0, le=100_000)
 
     # --- tasks (issue 6) ---
     task_concurrency: int = Field(16, ge=1)  # task runs in flight per process
@@ -219,7 +239,41 @@ class Settings(BaseSettings):
     @field_validator("log_level")
     @classmethod
     def _upper(cls, v: str) -> str:
+        from loguru import logger
+
+        try:
+            logger.level(v.upper())
+        except ValueError:
+            raise ValueError(
+                "LOG_LEVEL must be one of TRACE, DEBUG, INFO, SUCCESS, WARNING, ERROR, CRITICAL"
+            ) from None
         return v.upper()
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, v: str | None) -> str | None:
+        if v:  # checked now, so a bad one stops the start before anything is started
+            try:
+                DatabaseURL.parse(v)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return v or None
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v:
+            parts = urlsplit(v)
+            if parts.scheme not in {"redis", "rediss", "unix"}:
+                raise ValueError(
+                    "REDIS_URL must start with redis://, rediss:// or unix:// "
+                    "(redis://host:6379/0 or unix:///path/redis.sock?db=0)"
+                )
+            if parts.scheme == "unix" and not parts.path:
+                raise ValueError("REDIS_URL must name the socket: unix:///path/redis.sock?db=0")
+            if parts.scheme != "unix" and not parts.hostname:
+                raise ValueError("REDIS_URL must name a host: redis://host:6379/0")
+        return v or None
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> Settings:
@@ -231,6 +285,12 @@ class Settings(BaseSettings):
     def _events_bounds(self) -> Settings:  # websocket (issue 7)
         if self.events_max_per_user < self.events_keep_min:
             raise ValueError("EVENTS_MAX_PER_USER must be at least EVENTS_KEEP_MIN")
+        return self
+
+    @model_validator(mode="after")
+    def _signup_default(self) -> Settings:
+        if "signup_credits" not in self.model_fields_set and not self.is_prod:
+            self.signup_credits = DEV_SIGNUP_CREDITS
         return self
 
     @property
@@ -297,4 +357,72 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: object) -> Settings:
-    return Settings(**overrides)  # type: ignore[arg-type]
+    """Settings from the environment; a bad value raises ConfigError with one line naming it."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc)) from None
+    except SettingsError as exc:  # a complex setting (VENDORS) that is not JSON
+        raise ConfigError(_describe_settings_error(exc)) from None
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """One line for every bad setting: the environment variable and what it must be."""
+    lines: list[str] = []
+    for err in exc.errors():
+        line = _describe(err)
+        if line not in lines:
+            lines.append(line)
+    return "; ".join(lines)
+
+
+def _describe(err: Any) -> str:
+    loc = [str(part) for part in err["loc"]]
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if not loc:  # a check across settings: its message names them
+        return msg
+    var = loc[0].upper()
+    if msg.startswith(var):  # our own validators name the variable
+        return msg
+    rest = ".".join(loc[1:])
+    expected = _expected(loc[0]) if not rest else None
+    if expected is None:
+        msg = msg[0].lower() + msg[1:] if msg[:1].isupper() else msg
+        return f"{var}: {rest + ': ' if rest else ''}{msg}"
+    got = err.get("input")
+    return f"{var} must be {expected}" + (f", got {got!r}" if isinstance(got, str | int | float) else "")
+
+
+def _expected(name: str) -> str | None:
+    """What a scalar setting takes (from its type and bounds); None for anything else."""
+    field = Settings.model_fields.get(name)
+    if field is None:
+        return None
+    ann: Any = field.annotation
+    if get_origin(ann) in (Union, types.UnionType):
+        args = [a for a in get_args(ann) if a is not type(None)]
+        ann = args[0] if len(args) == 1 else ann
+    if get_origin(ann) is Literal:
+        return "one of " + ", ".join(str(a) for a in get_args(ann))
+    if ann is bool:
+        return "true or false"
+    if ann not in (int, float):
+        return None
+    what = "an integer" if ann is int else "a number"
+    low = next((f"{m.ge}" for m in field.metadata if isinstance(m, Ge)), None)
+    high = next((f"{m.le}" for m in field.metadata if isinstance(m, Le)), None)
+    if low is not None and high is not None:
+        return f"{what} from {low} to {high}"
+    bounds = [f"≥ {m.ge}" for m in field.metadata if isinstance(m, Ge)]
+    bounds += [f"> {m.gt}" for m in field.metadata if isinstance(m, Gt)]
+    bounds += [f"≤ {m.le}" for m in field.metadata if isinstance(m, Le)]
+    bounds += [f"< {m.lt}" for m in field.metadata if isinstance(m, Lt)]
+    return " ".join([what, *bounds])
+
+
+def _describe_settings_error(exc: SettingsError) -> str:
+    text = str(exc)
+    name = text.split('"')[1] if text.count('"') >= 2 else "setting"
+    cause = exc.__cause__
+    why = f" ({cause})" if isinstance(cause, json.JSONDecodeError) else ""
+    return f"{name.upper()} must be JSON{why}"

@@ -130,6 +130,7 @@ def make_settings(services: Services, database: str) -> Callable[..., Settings]:
             "var_dir": ROOT / "var" / "test",
             "db_pool_max": 10,
             "shutdown_timeout": 1.0,
+            "signup_credits": 0,  # tests count credits from zero; the dev/test default is 100
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)  # type: ignore[call-arg]

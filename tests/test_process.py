@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -153,3 +154,93 @@ def test_prod_with_a_default_secret_refuses_to_start_with_one_clear_line() -> No
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 2
     assert b"JWT_SECRET" in out and b"DATABASE_URL" in out
+
+
+def run_cli(env_extra: dict[str, str], *args: str) -> tuple[int, float, str]:
+    """`run.py *args` to the end: exit code, seconds taken, output."""
+    started = time.monotonic()
+    proc = spawn(env_extra, *args)
+    out, _ = proc.communicate(timeout=100)
+    return proc.returncode, time.monotonic() - started, out.decode()
+
+
+def server_pids(var_dir: Path) -> dict[str, int]:
+    return {name: int((var_dir / "run" / f"{name}.pid").read_text()) for name in ("mysqld", "redis")}
+
+
+def call(port: int, method: str, path: str, body: dict[str, Any] | None = None, token: str = "") -> Any:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/v1{path}",
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={
+            "Content-Type": "application/json",
+            **({"Authorization": f"Bearer {token}"} if token else {}),
+        },
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 200
+        return json.loads(resp.read())
+
+
+def test_commands_on_the_var_dir_of_a_live_server_use_its_instances_and_a_second_serve_refuses(
+    tmp_path: Path,
+) -> None:
+    var_dir = tmp_path / "var"
+    port = free_port()
+    env = {"VAR_DIR": str(var_dir), "ADMIN_PHONE": "13800138000", "ADMIN_PASSWORD": "adminpass1"}
+    proc = spawn({**env, "PORT": str(port)})
+    try:
+        wait_ready(port, proc, timeout=90)
+        pids = server_pids(var_dir)
+        token = call(port, "POST", "/auth/login", {"phone": "13800138000", "password": "adminpass1"})[
+            "access_token"
+        ]
+        assert call(port, "GET", "/me", token=token)["role"] == "admin"
+
+        code, took_admin, out = run_cli(
+            env, "create-admin", "--phone", "13900139000", "--password", "secondpass2"
+        )
+        assert code == 0, out
+        assert "created admin user" in out
+        code, took_check, out = run_cli(env, "check-quota")
+        assert code == 0, out
+        assert "checked 2 user(s)" in out
+        print(f"create-admin {took_admin:.2f} s, check-quota {took_check:.2f} s beside a live server")
+
+        code, _, out = run_cli({**env, "PORT": str(free_port())}, "serve")
+        assert code == 2
+        assert out.count("\n") == 1 and f"pid {proc.pid}" in out, out
+
+        assert server_pids(var_dir) == pids
+        assert call(port, "GET", "/me", token=token)["role"] == "admin"
+        second = call(port, "POST", "/auth/login", {"phone": "13900139000", "password": "secondpass2"})
+        assert call(port, "GET", "/me", token=second["access_token"])["role"] == "admin"
+    finally:
+        code, _, out = terminate(proc)
+    assert code == 0, out
+    assert our_servers(var_dir) == []
+
+
+def test_leftovers_of_a_dead_owner_are_stopped_by_the_next_command(
+    tmp_path: Path, services: Services, database: str
+) -> None:
+    var_dir = tmp_path / "var"
+    (var_dir / "run").mkdir(parents=True)
+    # what a server killed before its children got the parent-death signal leaves: a pid file
+    # naming a live process that runs on this VAR_DIR, and no owner holding the lock
+    leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", str(var_dir)])
+    (var_dir / "run" / "redis.pid").write_text(f"{leftover.pid}\n")
+    try:
+        env = {
+            "VAR_DIR": str(var_dir),
+            "DATABASE_URL": services.mariadb.url(database),
+        }  # an embedded Redis only
+        code, _, out = run_cli(env, "migrate", "--status")
+        assert code == 0, out
+        assert f"stopping a stale redis (pid {leftover.pid})" in out
+        assert leftover.wait(timeout=5) == -signal.SIGTERM
+    finally:
+        leftover.kill()
+        leftover.wait()
+    assert our_servers(var_dir) == []

@@ -328,8 +328,15 @@ class Discrepancy:
 
 
 async def check_all(db: Database) -> tuple[int, list[Discrepancy]]:
-    """Every account against its ledger and its open reservations: (accounts checked, differences)."""
+    """Every user's credits against its ledger and its open reservations: (users checked, differences).
+
+    A user without a `quota_accounts` row (never granted, never reserved) holds 0 and must
+    have no ledger rows; an account whose user row is gone is checked and counted too."""
     accounts = await db.fetchall("SELECT user_id, balance, reserved FROM quota_accounts ORDER BY user_id")
+    counted = await db.fetchone(
+        "SELECT (SELECT COUNT(*) FROM users) + (SELECT COUNT(*) FROM quota_accounts a "
+        "WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.id = a.user_id)) AS n"
+    )
     ledger = {
         int(r["user_id"]): r
         for r in await db.fetchall(
@@ -357,6 +364,9 @@ async def check_all(db: Database) -> tuple[int, list[Discrepancy]]:
             out.append(Discrepancy(uid, "reserved vs open reservations", res, open_.get(uid, 0)))
         if bal < res or res < 0:
             out.append(Discrepancy(uid, "available below zero", bal - res, 0))
-    for uid in set(ledger) - {int(a["user_id"]) for a in accounts}:
+    with_account = {int(a["user_id"]) for a in accounts}
+    for uid in set(ledger) - with_account:
         out.append(Discrepancy(uid, "ledger rows without an account", 0, int(ledger[uid]["b"] or 0)))
-    return len(accounts), out
+    for uid in set(open_) - with_account:
+        out.append(Discrepancy(uid, "open reservations without an account", 0, open_[uid]))
+    return int(counted["n"]) if counted else len(accounts), out
