@@ -17,6 +17,7 @@ from handlers import setup_routes
 from server.auth import auth_ctx
 from server.auth.middleware import auth_middleware
 from server.config import ConfigError, Settings
+from server.cors import allowed_origins, setup_cors
 from server.cron import CronJob, cron_ctx
 from server.db import Database
 from server.hub import close_websockets, hub_ctx
@@ -112,10 +113,14 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         middlewares=[envelope_middleware, auth_middleware],
         client_max_size=settings.client_max_size,
+        # A header value up to HTTP_MAX_FIELD_SIZE reaches the app (and its envelope);
+        # beyond, aiohttp's parser answers a plain 400 itself (docs/architecture.md).
+        handler_args={"max_field_size": settings.http_max_field_size},
     )
     app[settings_key] = settings
     app[metrics_key] = Metrics()
     setup_routes(app)
+    setup_cors(app, allowed_origins(settings.cors_allowed_origins))  # every route is declared now
     app.on_response_prepare.append(add_request_id_header)
     app.on_shutdown.append(close_websockets)  # GOING_AWAY to every socket (issue 7)
     app.cleanup_ctx.append(db_ctx)

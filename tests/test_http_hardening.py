@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import ClientSession, web
+from aiohttp import ClientSession, WSServerHandshakeError, web
 from aiohttp.test_utils import TestClient
 from loguru import logger
 
@@ -228,3 +228,105 @@ async def test_a_body_trickled_past_request_body_timeout_answers_408_and_closes(
     headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:])
     assert headers["Connection"] == "close"
     assert envelope_code(body, headers["X-Request-ID"]) == ErrorCode.REQUEST_TIMEOUT.value
+
+
+# --- 7. answers aiohttp would write without the envelope ----------------------------------------
+
+
+async def test_a_9000_byte_authorization_header_reaches_the_app_and_gets_the_401_envelope(
+    client: TestClient[Any, Any],
+) -> None:
+    resp = await client.get("/api/v1/me", headers={"Authorization": "Bearer " + "a" * 8993})
+    await expect_envelope(resp, 401, ErrorCode.UNAUTHENTICATED)
+    assert "aaaaaaaa" not in await resp.text()
+
+
+async def test_a_missing_swagger_asset_answers_the_404_envelope(client: TestClient[Any, Any]) -> None:
+    await expect_envelope(await client.get("/api/docs/static/nonexistent.js"), 404, ErrorCode.NOT_FOUND)
+    await expect_envelope(await client.get("/api/docs/static/../../setup.cfg"), 404, ErrorCode.NOT_FOUND)
+    found = await client.get("/api/docs/static/swagger-ui-bundle.js")
+    assert found.status == 200 and "javascript" in found.content_type
+
+
+# --- 17. CORS through aiohttp-cors ---------------------------------------------------------------
+
+
+@pytest.fixture
+def cors_settings(make_settings: Callable[..., Settings]) -> Settings:
+    return auth_settings(
+        make_settings, cron_enabled=False, cors_allowed_origins=f"{APP_ORIGIN}, https://admin.example.com/"
+    )
+
+
+def preflight(origin: str, method: str, headers: str = "") -> dict[str, str]:
+    asked = {"Origin": origin, "Access-Control-Request-Method": method}
+    if headers:
+        asked["Access-Control-Request-Headers"] = headers
+    return asked
+
+
+async def test_a_preflight_from_an_allowed_origin_is_answered_with_the_allowed_headers(
+    aiohttp_client: Any, cors_settings: Settings
+) -> None:
+    client = await aiohttp_client(create_app(cors_settings))
+    resp = await client.options(
+        "/api/v1/tasks", headers=preflight(APP_ORIGIN, "POST", "authorization, content-type, idempotency-key")
+    )
+    assert resp.status == 200
+    assert resp.headers["Access-Control-Allow-Origin"] == APP_ORIGIN
+    assert resp.headers["Access-Control-Allow-Methods"] == "POST"
+    allowed = {h.strip().lower() for h in resp.headers["Access-Control-Allow-Headers"].split(",")}
+    assert allowed == {"authorization", "content-type", "idempotency-key"}
+    me = await client.options("/api/v1/me", headers=preflight(APP_ORIGIN, "PATCH", "x-request-id"))
+    assert me.status == 200 and me.headers["Access-Control-Allow-Methods"] == "PATCH"
+
+
+async def test_a_preflight_from_another_origin_is_a_403_envelope_without_cors_headers(
+    aiohttp_client: Any, cors_settings: Settings
+) -> None:
+    client = await aiohttp_client(create_app(cors_settings))
+    for origin, method, asked in [
+        ("https://evil.example.com", "GET", ""),  # origin not listed
+        (APP_ORIGIN, "GET", "x-custom"),  # header not allowed
+        (APP_ORIGIN, "DELETE", ""),  # no such route on /api/v1/me
+    ]:
+        resp = await client.options("/api/v1/me", headers=preflight(origin, method, asked))
+        headers = await expect_envelope(resp, 403, ErrorCode.FORBIDDEN)
+        assert not [h for h in headers if h.lower().startswith("access-control-")]
+
+
+async def test_a_request_from_an_allowed_origin_exposes_request_id_and_retry_after(
+    aiohttp_client: Any, cors_settings: Settings
+) -> None:
+    client = await aiohttp_client(create_app(cors_settings))
+    account = await register(client)
+    resp = await client.get("/api/v1/me", headers={"Origin": APP_ORIGIN, **bearer(account["access_token"])})
+    assert resp.status == 200
+    assert resp.headers["Access-Control-Allow-Origin"] == APP_ORIGIN
+    exposed = {h.strip() for h in resp.headers["Access-Control-Expose-Headers"].split(",")}
+    assert exposed == {"X-Request-ID", "Retry-After"}
+    assert "Access-Control-Allow-Credentials" not in resp.headers
+    # An error answer carries them too, or the page could not read why it failed.
+    denied = await client.get("/api/v1/me", headers={"Origin": APP_ORIGIN})
+    assert denied.status == 401 and denied.headers["Access-Control-Allow-Origin"] == APP_ORIGIN
+    other = await client.get("/api/v1/me", headers={"Origin": "https://evil.example.com"})
+    assert "Access-Control-Allow-Origin" not in other.headers
+
+
+async def test_no_origin_is_allowed_by_default(client: TestClient[Any, Any]) -> None:
+    resp = await client.options("/api/v1/me", headers=preflight(APP_ORIGIN, "GET"))
+    await expect_envelope(resp, 403, ErrorCode.FORBIDDEN)
+    resp = await client.get("/healthz", headers={"Origin": APP_ORIGIN})
+    assert resp.status == 200 and "Access-Control-Allow-Origin" not in resp.headers
+
+
+async def test_the_websocket_keeps_its_own_origin_check_and_gets_no_cors_headers(
+    aiohttp_client: Any, cors_settings: Settings
+) -> None:
+    client = await aiohttp_client(create_app(cors_settings))
+    with pytest.raises(WSServerHandshakeError) as refused:
+        await client.ws_connect("/api/v1/ws", origin=APP_ORIGIN)  # not in WS_ALLOWED_ORIGINS
+    assert refused.value.status == 403
+    assert "Access-Control-Allow-Origin" not in (refused.value.headers or {})
+    ws = await client.ws_connect("/api/v1/ws")  # no Origin: the mini-program
+    await ws.close()
