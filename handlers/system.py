@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from server import __version__
+from server.errors import ErrorCode, NotFound
 from server.keys import (
     db_key,
     metrics_key,
@@ -26,6 +27,8 @@ from server.routing import RouteSpec, RouteTable, json_response
 routes = RouteTable(tags=["service"], auth="public")
 
 SWAGGER_DIR = Path(swagger_ui.__file__).parent / "static"
+# The files Swagger UI ships (one flat directory), by name: only these are served.
+SWAGGER_FILES = {p.name: p for p in SWAGGER_DIR.iterdir() if p.is_file()}
 READY_TIMEOUT_S = 2.0
 
 DOCS_HTML = """<!doctype html>
@@ -101,7 +104,21 @@ async def docs(request: web.Request) -> web.Response:
     return web.Response(text=DOCS_HTML, content_type="text/html")
 
 
+@routes.get(
+    "/api/docs/static/{name}",
+    content_type="application/octet-stream",
+    include_in_schema=False,
+    errors=[ErrorCode.NOT_FOUND],
+)
+async def docs_static(request: web.Request) -> web.StreamResponse:
+    """Swagger UI's own files. Not `add_static`: its FileResponse answers a missing file
+    with an empty 404 while the response is sent, past the error envelope."""
+    path = SWAGGER_FILES.get(request.match_info["name"])
+    if path is None:
+        raise NotFound(f"No file {request.match_info['name']!r} in the API docs")
+    return web.FileResponse(path)
+
+
 def setup(app: web.Application, specs: list[RouteSpec]) -> None:
     """Called by the app factory after every route is added, with their declarations."""
     app[openapi_key] = build_spec(specs, version=__version__, server_url=app[settings_key].public_base_url)
-    app.router.add_static("/api/docs/static/", SWAGGER_DIR, name="swagger_static", append_version=False)

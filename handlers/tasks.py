@@ -15,7 +15,7 @@ from server.keys import db_key, features_key, settings_key, storage_key, tasks_k
 from server.media import assets
 from server.media.images import MAX_BYTES
 from server.paging import PageQuery, decode_cursor, encode_cursor
-from server.routing import RouteTable
+from server.routing import RouteTable, json_response
 from server.tasks import store
 
 routes = RouteTable(tags=["tasks"], auth="user")
@@ -134,8 +134,8 @@ async def upload_asset(request: web.Request) -> web.Response:
         raise AppError(ErrorCode.MALFORMED_REQUEST, "The form has no field `file`")
     user_id = principal_of(request).user_id
     asset = await assets.upload(request.app[db_key], request.app[storage_key], None, user_id, data)
-    return web.json_response(
-        asset.public(request.app[storage_key], request.app[settings_key].storage_url_ttl), status=201
+    return json_response(
+        asset.public(request.app[storage_key], request.app[settings_key].storage_url_ttl), 201
     )
 
 
@@ -165,7 +165,7 @@ async def create_task(request: web.Request, body: TaskIn) -> web.Response:
     task, created = await store.create_task(request.app, user_id, key, body.feature, body.inputs)
     if created:
         await request.app[tasks_key].start(task["id"])
-    return web.json_response(task, status=202 if created else 200)
+    return json_response(task, 202 if created else 200)
 
 
 @routes.get("/api/v1/tasks", query=TaskQuery, response=TaskPage)

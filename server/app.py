@@ -23,6 +23,7 @@ from handlers import setup_routes
 from server.auth import open_auth
 from server.auth.middleware import auth_middleware
 from server.config import ConfigError, Settings
+from server.cors import allowed_origins, setup_cors
 from server.credits.facade import Credits
 from server.cron import CronJob, CronRunner
 from server.db import Database
@@ -195,10 +196,14 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         middlewares=[envelope_middleware, auth_middleware],
         client_max_size=settings.client_max_size,
+        # A header value up to HTTP_MAX_FIELD_SIZE reaches the app (and its envelope);
+        # beyond, aiohttp's parser answers a plain 400 itself (docs/architecture.md).
+        handler_args={"max_field_size": settings.http_max_field_size},
     )
     app[settings_key] = settings
     app[metrics_key] = Metrics()
     setup_routes(app)
+    setup_cors(app, allowed_origins(settings.cors_allowed_origins))  # every route is declared now
     app.on_response_prepare.append(add_request_id_header)
     app.on_shutdown.append(close_websockets)  # GOING_AWAY to every socket (issue 7)
     app.cleanup_ctx.append(db_ctx)

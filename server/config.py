@@ -123,6 +123,11 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(5.0, ge=0)
     client_max_size: int = 12 * 1024 * 1024
     json_body_max: int = 256 * 1024
+    # --- HTTP edge (issue 10) ---  docs/architecture.md
+    request_body_timeout: float = Field(30.0, gt=0)  # a body not fully received by then: 408
+    http_max_field_size: int = Field(16 * 1024, ge=8190)  # longest header value aiohttp parses
+    # Browser Origins that may call /api/ from their pages (CORS), comma separated ("*": any).
+    cors_allowed_origins: str = ""
 
     jwt_secret: SecretStr = SecretStr(DEFAULT_JWT_SECRET)
     admin_phone: str | None = None

@@ -5,7 +5,9 @@
         await tx.execute("UPDATE ...", ...)
 
 Acquiring a connection waits at most `DB_ACQUIRE_TIMEOUT` seconds, then answers
-BUSY (503) instead of queueing without bound.
+BUSY (503) instead of queueing without bound. A server that cannot be reached, or
+that drops the connection, is UNAVAILABLE (503); the pool drops the dead connections
+and opens new ones once the server is back.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import aiomysql
 import pymysql
 
 from server.config import DatabaseURL, Settings
-from server.errors import Busy
+from server.errors import Busy, Unavailable
 from server.metrics import Metrics
 
 Row = dict[str, Any]
@@ -36,6 +38,11 @@ DEADLOCK = 1213
 LOCK_WAIT_TIMEOUT = 1205
 DUPLICATE_KEY = 1062
 
+# Error numbers that mean "the server is not there": cannot connect (2002, 2003, also
+# a connect timeout), gone away or lost mid-query (2006, 2013, 2055), shutting down
+# (1053), the connection killed (1927) or timed out by the server (4031).
+UNREACHABLE = frozenset({2002, 2003, 2006, 2013, 2055, 1053, 1927, 4031})
+
 
 def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, pymysql.err.OperationalError) and exc.args[:1] in (
@@ -46,6 +53,13 @@ def is_retryable(exc: BaseException) -> bool:
 
 def is_duplicate(exc: BaseException) -> bool:
     return isinstance(exc, pymysql.err.IntegrityError) and exc.args[:1] == (DUPLICATE_KEY,)
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """The server could not be reached or the connection broke (not a bad statement)."""
+    if isinstance(exc, pymysql.err.InterfaceError):  # a connection already closed
+        return True
+    return isinstance(exc, pymysql.err.OperationalError) and bool(exc.args) and exc.args[0] in UNREACHABLE
 
 
 class Conn:
@@ -141,13 +155,22 @@ class Database:
         except TimeoutError:
             self._metrics.db_acquire_timeouts.inc()
             raise Busy("Database pool exhausted, retry shortly") from None
+        except Exception as exc:
+            if is_unreachable(exc):
+                raise Unavailable("The database", exc) from exc
+            raise
         finally:
             self._waiting -= 1
             self._metrics.db_acquire.observe(time.perf_counter() - started)
         try:
             yield Conn(raw)
+        except Exception as exc:
+            if is_unreachable(exc):
+                raise Unavailable("The database", exc) from exc
+            raise
         finally:
-            # aiomysql closes a connection released in the middle of a transaction.
+            # aiomysql closes a connection released in the middle of a transaction, and
+            # the pool drops one whose server went away.
             self.pool.release(raw)
 
     @asynccontextmanager

@@ -32,6 +32,8 @@ class ErrorCode(enum.StrEnum):
     ACCOUNT_LOCKED = "ACCOUNT_LOCKED"
     RATE_LIMITED = "RATE_LIMITED"
     BUSY = "BUSY"
+    UNAVAILABLE = "UNAVAILABLE"
+    REQUEST_TIMEOUT = "REQUEST_TIMEOUT"
     UPSTREAM_FAILED = "UPSTREAM_FAILED"
     INTERNAL = "INTERNAL"
 
@@ -60,12 +62,16 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.ACCOUNT_LOCKED: 423,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.BUSY: 503,
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.REQUEST_TIMEOUT: 408,
     ErrorCode.UPSTREAM_FAILED: 502,
     ErrorCode.INTERNAL: 500,
 }
 
 # Codes whose answers carry a Retry-After header.
-RETRY_AFTER_CODES = frozenset({ErrorCode.ACCOUNT_LOCKED, ErrorCode.RATE_LIMITED, ErrorCode.BUSY})
+RETRY_AFTER_CODES = frozenset(
+    {ErrorCode.ACCOUNT_LOCKED, ErrorCode.RATE_LIMITED, ErrorCode.BUSY, ErrorCode.UNAVAILABLE}
+)
 
 # The code an aiohttp HTTPException of a given status becomes.
 CODE_FOR_STATUS: dict[int, ErrorCode] = {
@@ -74,6 +80,7 @@ CODE_FOR_STATUS: dict[int, ErrorCode] = {
     403: ErrorCode.FORBIDDEN,
     404: ErrorCode.NOT_FOUND,
     405: ErrorCode.METHOD_NOT_ALLOWED,
+    408: ErrorCode.REQUEST_TIMEOUT,
     409: ErrorCode.CONFLICT,
     413: ErrorCode.PAYLOAD_TOO_LARGE,
     415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
@@ -127,6 +134,28 @@ class Busy(AppError):
 
     def __init__(self, message: str = "Server busy, retry shortly", retry_after: int = 1) -> None:
         super().__init__(ErrorCode.BUSY, message, retry_after=retry_after)
+
+
+class Unavailable(AppError):
+    """503 UNAVAILABLE: the database or Redis cannot be reached (down, restarting, network).
+    Nothing was written; the pools reconnect by themselves once it is back."""
+
+    RETRY_AFTER_S = 5
+
+    def __init__(self, what: str, cause: BaseException) -> None:
+        super().__init__(
+            ErrorCode.UNAVAILABLE, f"{what} is unreachable, retry shortly", retry_after=self.RETRY_AFTER_S
+        )
+        self.cause = f"{type(cause).__name__}: {cause}"
+
+
+class BodyTimeout(AppError, TimeoutError):
+    """408 REQUEST_TIMEOUT: the request body did not arrive within REQUEST_BODY_TIMEOUT.
+    Set on the body stream (server/middleware.py), so whatever reads it raises this. A
+    TimeoutError too: aiohttp's own read of an abandoned body then ends quietly."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(ErrorCode.REQUEST_TIMEOUT, f"The request body did not arrive within {seconds:g} s")
 
 
 class NotFound(AppError):

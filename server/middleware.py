@@ -1,4 +1,5 @@
-"""The outermost middleware: request id, the error envelope, access log, HTTP metrics.
+"""The outermost middleware: request id, the error envelope, access log, HTTP metrics,
+and the deadline of the request body.
 
 Only this module turns exceptions into HTTP answers (STYLE.md rule 10).
 """
@@ -14,15 +15,25 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from loguru import logger
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from server.errors import CODE_FOR_STATUS, AppError, ErrorCode, UnreadableBody
-from server.keys import metrics_key, request_id_key
+from server.errors import (
+    CODE_FOR_STATUS,
+    AppError,
+    BodyTimeout,
+    ErrorCode,
+    Unavailable,
+    UnreadableBody,
+)
+from server.keys import metrics_key, request_id_key, settings_key
 from server.logging import REQUEST_ID
 from server.routing import json_response
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 REQUEST_ID_HEADER = "X-Request-ID"
 UNMATCHED = "<unmatched>"
+CLIENT_CLOSED = 499  # the status nginx logs for a client that went away before the answer
 
 
 def request_id_for(request: web.Request) -> str:
@@ -83,22 +94,46 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.St
     return error_response(request, code, message, retry_after=retry, headers=headers)
 
 
+def _body_deadline(request: web.Request) -> asyncio.TimerHandle | None:
+    """After REQUEST_BODY_TIMEOUT, a body not fully received fails every read of it with
+    BodyTimeout (408): whoever reads it (JSON, multipart, form) gets the same error, and a
+    client trickling a byte at a time cannot hold a handler for ever."""
+    if not request.body_exists:
+        return None
+    body = request.content
+    seconds = request.app[settings_key].request_body_timeout
+
+    def expire() -> None:
+        if not body.is_eof():
+            body.set_exception(BodyTimeout(seconds))
+
+    return asyncio.get_running_loop().call_later(seconds, expire)
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 @web.middleware
 async def envelope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     rid = request_id_for(request)
     started = time.perf_counter()
     status = 500
     rid_token = REQUEST_ID.set(rid)
+    deadline = _body_deadline(request)
     try:
         response = await handler(request)
         status = response.status
         return response
     except AppError as exc:
+        if isinstance(exc, Unavailable):
+            logger.warning("{} {}: {} ({})", request.method, request.path, exc.message, exc.cause)
         response = error_response(
             request, exc.code, exc.message, details=exc.details, retry_after=exc.retry_after
         )
-        if isinstance(exc, UnreadableBody):
-            response.force_close()
+        if isinstance(exc, UnreadableBody | BodyTimeout):
+            response.force_close()  # the rest of the body is not read: the connection is spent
         status = response.status
         return response
     except web.HTTPException as exc:
@@ -106,14 +141,30 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
         status = response.status
         return response
     except asyncio.CancelledError:
-        status = 499  # the client went away
+        status = CLIENT_CLOSED  # the client went away (a server run with handler_cancellation)
         raise
-    except Exception:
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        lost = Unavailable("Redis", exc)
+        logger.warning("{} {}: {} ({})", request.method, request.path, lost.message, lost.cause)
+        response = error_response(request, lost.code, lost.message, retry_after=lost.retry_after)
+        status = response.status
+        return response
+    except Exception as exc:
+        if isinstance(exc, ConnectionError) and _client_gone(request):
+            # The client hung up while its body was read (ConnectionResetError from the
+            # body stream): nobody is left to answer, and nothing went wrong on our side.
+            logger.info("{} {}: the client went away ({!r})", request.method, request.path, exc)
+            response = web.Response(status=CLIENT_CLOSED)
+            response.force_close()
+            status = CLIENT_CLOSED
+            return response
         logger.opt(exception=True).error("unhandled error in {} {}", request.method, request.path)
         response = error_response(request, ErrorCode.INTERNAL, "Internal server error")
         status = 500
         return response
     finally:
+        if deadline is not None:
+            deadline.cancel()
         elapsed = time.perf_counter() - started
         route = route_template(request)
         metrics = request.app[metrics_key]

@@ -14,8 +14,13 @@ REF = "#/components/schemas/{model}"
 
 # Errors every route of a kind can answer, beyond those it declares itself.
 _ALWAYS = (ErrorCode.INTERNAL,)
-_API = (ErrorCode.BUSY,)
-_WITH_BODY = (ErrorCode.MALFORMED_REQUEST, ErrorCode.VALIDATION_FAILED, ErrorCode.PAYLOAD_TOO_LARGE)
+_API = (ErrorCode.BUSY, ErrorCode.UNAVAILABLE)
+_WITH_BODY = (
+    ErrorCode.MALFORMED_REQUEST,
+    ErrorCode.VALIDATION_FAILED,
+    ErrorCode.PAYLOAD_TOO_LARGE,
+    ErrorCode.REQUEST_TIMEOUT,
+)
 _WITH_QUERY = (ErrorCode.VALIDATION_FAILED,)
 _AUTHED = (ErrorCode.UNAUTHENTICATED, ErrorCode.TOKEN_EXPIRED, ErrorCode.TOKEN_REVOKED, ErrorCode.FORBIDDEN)
 

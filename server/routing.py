@@ -118,6 +118,7 @@ def path_id(request: web.Request, name: str, what: str) -> int:
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
+    """Compact JSON (no spaces), as every answer of the API; not `web.json_response`."""
     return web.Response(
         body=json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode(),
         status=status,
@@ -228,13 +229,24 @@ class RouteTable:
 
 def route_spec(request: web.Request) -> RouteSpec | None:
     """The declaration of the route a request matched (None for 404/405 and static files)."""
-    return cast(RouteSpec | None, getattr(request.match_info.handler, "route_spec", None))
+    return route_spec_of(request.match_info.handler)
+
+
+def route_spec_of(handler: Any) -> RouteSpec | None:
+    """The declaration behind a route's handler (None for a route not declared here)."""
+    return cast(RouteSpec | None, getattr(handler, "route_spec", None))
 
 
 def add_routes(app: web.Application, tables: Iterable[RouteTable]) -> list[RouteSpec]:
+    """Every method of one path goes on one resource (named after its first route), as
+    aiohttp-cors needs: it answers a preflight for the methods of the resource it matches."""
     specs: list[RouteSpec] = []
+    resources: dict[str, web.Resource] = {}
     for table in tables:
         for spec in table.specs:
-            app.router.add_route(spec.method, spec.path, spec.handler, name=spec.name)
+            resource = resources.get(spec.path)
+            if resource is None:
+                resource = resources[spec.path] = app.router.add_resource(spec.path, name=spec.name)
+            resource.add_route(spec.method, spec.handler)
             specs.append(spec)
     return specs

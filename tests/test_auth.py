@@ -107,7 +107,7 @@ async def test_register_answers_201_with_a_token_pair_and_the_user_as_api_md_wri
     assert user["role"] == "user" and user["gender"] == "unknown" and user["nickname"] is None
     assert user["profile_completed"] is False and user["membership"] is None and user["referrer_id"] is None
     assert re.fullmatch(r"[A-Z2-9]{6,}", user["invite_code"])
-    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z", user["created_at"])
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z", user["created_at"])
     me = await client.get("/api/v1/me", headers=bearer(result["access_token"]))
     assert await me.json() == user
 

@@ -21,10 +21,11 @@ USER_COLUMNS = (
 
 
 def rfc3339(value: datetime) -> str:
-    """A UTC RFC 3339 string with Z; naive datetimes from MySQL are already UTC."""
+    """A UTC RFC 3339 string with microseconds and Z (the columns are DATETIME(6), as the
+    tasks' are); naive datetimes from MySQL are already UTC."""
     if value.tzinfo is not None:
         value = value.astimezone(UTC).replace(tzinfo=None)
-    return value.replace(microsecond=0).isoformat() + "Z"
+    return value.isoformat(timespec="microseconds") + "Z"
 
 
 def record_of(row: dict[str, Any]) -> dict[str, Any]:
