@@ -92,7 +92,6 @@ async def served(app: web.Application) -> AsyncIterator[tuple[ClientSession, int
 # --- 5. a lost database or Redis: 503 UNAVAILABLE, then recovery by itself ---------------------
 
 
-@pytest.mark.slow
 async def test_a_lost_database_answers_503_unavailable_and_the_server_recovers_when_it_returns(
     aiohttp_client: Any, make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
@@ -124,7 +123,6 @@ async def test_a_lost_database_answers_503_unavailable_and_the_server_recovers_w
         await asyncio.to_thread(mariadb.stop)
 
 
-@pytest.mark.slow
 async def test_a_lost_redis_answers_503_unavailable_and_the_server_recovers_when_it_returns(
     aiohttp_client: Any, make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
