@@ -113,7 +113,7 @@ def _run_db_command(
     from server.migrations import Migrator
 
     async def main() -> int:
-        db = await Database.connect(settings.db(), settings, Metrics())
+        db = await Database.connect(settings.database(), settings, Metrics())
         try:
             if migrated and (pending := await Migrator(db).pending()):
                 raise MigrationError(
@@ -239,7 +239,7 @@ def cmd_grant_credits(settings: Settings, args: argparse.Namespace) -> int:
             raise NotFound(f"no user has the phone {mask_phone(phone)}")
         user_id = int(row["id"])
         redis = connect_redis(str(settings.redis_url), settings)
-        system = ActorSystem(CollectorRegistry(), default_ask_timeout=settings.actor_ask_timeout)
+        system = ActorSystem(CollectorRegistry(), default_ask_timeout=settings.actors.ask_timeout)
         hub = RedisEventHub(redis, settings)
         credits = Credits(system, db, hub, Metrics(), partial(leases.held, redis))
         await system.start()
@@ -247,7 +247,7 @@ def cmd_grant_credits(settings: Settings, args: argparse.Namespace) -> int:
             reason = f"{body.reason} (by run.py grant-credits)"[:200]
             state = await credits.grant(user_id, body.amount, "adjust", reason=reason)
         finally:
-            await system.stop(settings.actor_stop_timeout)
+            await system.stop(settings.actors.stop_timeout)
             await redis.aclose()
         print(
             f"user {user_id}: balance {state.balance}, reserved {state.reserved}, available {state.available}"

@@ -79,7 +79,7 @@ async def main(pairs: int, requesters: int) -> None:
             settings = Settings(  # type: ignore[call-arg]
                 _env_file=None, database_url=mariadb.url("bench"), db_pool_max=requesters + 10
             )
-            db = await Database.connect(settings.db(), settings, Metrics())
+            db = await Database.connect(settings.database(), settings, Metrics())
             await Migrator(db).migrate()
             system = ActorSystem(default_ask_timeout=60)
             system.register(UserActor, lambda: UserActor(db, NullHub()))

@@ -172,7 +172,7 @@ async def ops_login(request: web.Request) -> web.Response:
         await service.logout(result.refresh_token)  # no use for a session the page will not open
         return await _login_form(request, status=403, error=ADMIN_ONLY, phone=phone)
     # Kept only so that logout can end the session; the page never refreshes it.
-    ttl = request.app[settings_key].refresh_token_ttl
+    ttl = request.app[settings_key].auth.refresh_token_ttl
     await request.app[redis_key].set(f"ops:refresh:{principal.sid}", result.refresh_token, ex=ttl)
     resp = _redirect("/ops")
     _set_cookie(request, resp, TOKEN_COOKIE, result.access_token, result.expires_in)

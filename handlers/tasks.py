@@ -135,7 +135,7 @@ async def upload_asset(request: web.Request) -> web.Response:
     user_id = principal_of(request).user_id
     asset = await assets.upload(request.app[db_key], request.app[storage_key], None, user_id, data)
     return json_response(
-        asset.public(request.app[storage_key], request.app[settings_key].storage_url_ttl), 201
+        asset.public(request.app[storage_key], request.app[settings_key].storage.url_ttl), 201
     )
 
 

@@ -37,7 +37,7 @@ def origin_allowed(request: web.Request, settings: Settings) -> bool:
     origin = request.headers.get("Origin")
     if origin is None:
         return True  # not a browser: mini-program, native app, server
-    allowed = {o.strip().rstrip("/").lower() for o in settings.ws_allowed_origins.split(",") if o.strip()}
+    allowed = {o.strip().rstrip("/").lower() for o in settings.ws.allowed_origins.split(",") if o.strip()}
     origin = origin.strip().rstrip("/").lower()
     if "*" in allowed or origin in allowed:
         return True
@@ -73,10 +73,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if not origin_allowed(request, settings):
         raise AppError(ErrorCode.FORBIDDEN, "This Origin may not open the WebSocket")
     ws = web.WebSocketResponse(
-        heartbeat=settings.ws_heartbeat,
+        heartbeat=settings.ws.heartbeat,
         # aiohttp refuses a message of max_msg_size bytes or more; WS_MAX_FRAME is the largest allowed
-        max_msg_size=settings.ws_max_frame + 1,
-        timeout=settings.ws_close_timeout,
+        max_msg_size=settings.ws.max_frame + 1,
+        timeout=settings.ws.close_timeout,
         compress=False,  # small JSON frames: deflate costs more CPU than it saves
     )
     if not ws.can_prepare(request).ok:
@@ -85,7 +85,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     session = hub.open_session(ws, request)
     try:
         session.start()
-        if len(hub.sessions) > settings.ws_max_connections:
+        if len(hub.sessions) > settings.ws.max_connections:
             session.close(TOO_MANY, "too many connections")
         else:
             await _serve(request, ws, session, hub, settings)
@@ -108,7 +108,7 @@ async def _serve(
         after = -1 if parsed is None else parsed
     if token is None:
         try:
-            first = await ws.receive(timeout=settings.ws_auth_timeout)
+            first = await ws.receive(timeout=settings.ws.auth_timeout)
         except TimeoutError:
             session.close(AUTH_TIMEOUT, "no auth frame in time")
             return
@@ -128,7 +128,7 @@ async def _serve(
     except AppError as exc:
         session.close(UNAUTHENTICATED, exc.code.value)
         return
-    if hub.user_sockets(principal.user_id) >= settings.ws_max_per_user:
+    if hub.user_sockets(principal.user_id) >= settings.ws.max_per_user:
         session.close(TOO_MANY, "too many connections for this user")
         return
     session.renew(expires_at)

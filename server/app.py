@@ -57,7 +57,7 @@ from server.vendors.facade import open_vendors
 
 async def db_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[settings_key]
-    url = settings.db()
+    url = settings.database()
     try:
         db = await Database.connect(url, settings, app[metrics_key])
     except Exception as exc:
@@ -99,15 +99,15 @@ async def actors_ctx(app: web.Application) -> AsyncIterator[None]:
     app[instance_id_key] = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
     system = ActorSystem(
         app[metrics_key].registry,
-        default_ask_timeout=settings.actor_ask_timeout,
-        passivate_after={"UserActor": settings.actor_idle_seconds},
+        default_ask_timeout=settings.actors.ask_timeout,
+        passivate_after={"UserActor": settings.actors.idle_seconds},
     )
     await system.start()
     app[actor_system_key] = system
     try:
         yield
     finally:
-        await system.stop(settings.actor_stop_timeout)
+        await system.stop(settings.actors.stop_timeout)
 
 
 async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -195,15 +195,15 @@ async def cron_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         middlewares=[envelope_middleware, auth_middleware],
-        client_max_size=settings.client_max_size,
+        client_max_size=settings.http.client_max_size,
         # A header value up to HTTP_MAX_FIELD_SIZE reaches the app (and its envelope);
         # beyond, aiohttp's parser answers a plain 400 itself (docs/architecture.md).
-        handler_args={"max_field_size": settings.http_max_field_size},
+        handler_args={"max_field_size": settings.http.max_field_size},
     )
     app[settings_key] = settings
     app[metrics_key] = Metrics()
     setup_routes(app)
-    setup_cors(app, allowed_origins(settings.cors_allowed_origins))  # every route is declared now
+    setup_cors(app, allowed_origins(settings.http.cors_allowed_origins))  # every route is declared now
     app.on_response_prepare.append(add_request_id_header)
     app.on_shutdown.append(close_websockets)  # GOING_AWAY to every socket (issue 7)
     app.cleanup_ctx.append(db_ctx)

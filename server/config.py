@@ -1,7 +1,9 @@
 """Configuration from the environment (and `.env`), validated at start.
 
-Every field is an environment variable of the same name in upper case; the
-README's configuration table lists them.
+Settings are grouped by area (`settings.db`, `settings.tasks`, …); every field is still
+one environment variable with the flat name the README's configuration table lists
+(`settings.tasks.timeout` is TASK_TIMEOUT, `settings.auth.access_token_ttl` is
+ACCESS_TOKEN_TTL): `Group.env_name` says which.
 """
 
 from __future__ import annotations
@@ -9,12 +11,21 @@ from __future__ import annotations
 import json
 import types
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from annotated_types import Ge, Gt, Le, Lt
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from server.vendors.config import VendorsSetting  # vendors (issue 6)
 
@@ -81,61 +92,69 @@ class DatabaseURL:
             unix_socket=sock,
         )
 
-    def with_database(self, database: str) -> DatabaseURL:
-        return DatabaseURL(
-            user=self.user,
-            password=self.password,
-            database=database,
-            host=self.host,
-            port=self.port,
-            unix_socket=self.unix_socket,
-        )
-
     def __repr__(self) -> str:
         where = self.unix_socket or f"{self.host}:{self.port}"
         return f"DatabaseURL({self.user}@{where}/{self.database})"
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+class Group(BaseModel):
+    """The settings of one area. Each field is read from one environment variable:
+    `prefix + FIELD` in upper case, unless `env_names` names it otherwise."""
 
-    app_env: Literal["dev", "test", "prod"] = "dev"
-    host: str = "0.0.0.0"
-    port: int = Field(8080, ge=0, le=65535)
-    public_base_url: str | None = None
-    log_level: str = "INFO"
-    var_dir: Path = ROOT / "var"
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    prefix: ClassVar[str] = ""
+    env_names: ClassVar[dict[str, str]] = {}
 
-    database_url: str | None = None
-    redis_url: str | None = None
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        return cls.env_names.get(field) or (cls.prefix + field).upper()
 
-    # MySQL pool. Sizing rule: instances × db_pool_max ≤ 80 % of max_connections.
-    db_pool_min: int = Field(1, ge=0)
-    db_pool_max: int = Field(20, ge=1)
-    db_pool_recycle: int = Field(3600, ge=-1)
-    db_connect_timeout: float = Field(5.0, gt=0)
-    db_acquire_timeout: float = Field(3.0, gt=0)
 
-    redis_timeout: float = Field(3.0, gt=0)
-    redis_max_connections: int = Field(100, ge=1)
+class DbSettings(Group):
+    """The MySQL pool. Sizing rule: instances × DB_POOL_MAX ≤ 80 % of max_connections."""
 
-    migrate_on_start: bool = True
-    shutdown_timeout: float = Field(5.0, ge=0)
+    prefix: ClassVar[str] = "DB_"
+    pool_min: int = Field(1, ge=0)
+    pool_max: int = Field(20, ge=1)
+    pool_recycle: int = Field(3600, ge=-1)
+    connect_timeout: float = Field(5.0, gt=0)
+    acquire_timeout: float = Field(3.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> DbSettings:
+        if self.pool_min > self.pool_max:
+            raise ValueError("DB_POOL_MIN must not exceed DB_POOL_MAX")
+        return self
+
+
+class RedisSettings(Group):
+    prefix: ClassVar[str] = "REDIS_"
+    timeout: float = Field(3.0, gt=0)  # any Redis call
+    max_connections: int = Field(100, ge=1)  # pool bound per process; beyond it waits, then BUSY
+
+
+class HttpSettings(Group):
+    """The HTTP edge (docs/architecture.md)."""
+
+    env_names: ClassVar[dict[str, str]] = {"max_field_size": "HTTP_MAX_FIELD_SIZE"}
     client_max_size: int = 12 * 1024 * 1024
     json_body_max: int = 256 * 1024
-    # --- HTTP edge (issue 10) ---  docs/architecture.md
     request_body_timeout: float = Field(30.0, gt=0)  # a body not fully received by then: 408
-    http_max_field_size: int = Field(16 * 1024, ge=8190)  # longest header value aiohttp parses
+    max_field_size: int = Field(16 * 1024, ge=8190)  # longest header value aiohttp parses
     # Browser Origins that may call /api/ from their pages (CORS), comma separated ("*": any).
     cors_allowed_origins: str = ""
+    # Hops of trusted reverse proxies in front of us: the client IP is read from
+    # X-Forwarded-For that many entries from the right (0: the socket peer).
+    trusted_proxy_hops: int = Field(0, ge=0)
 
+
+class AuthSettings(Group):
+    """Tokens, passwords, login limits, the profile cache (docs/auth.md)."""
+
+    env_names: ClassVar[dict[str, str]] = {"hash_threads": "AUTH_HASH_THREADS"}
     jwt_secret: SecretStr = SecretStr(DEFAULT_JWT_SECRET)
-    admin_phone: str | None = None
-    admin_password: SecretStr | None = None
-
-    # --- auth (issue 4) ---
     # JWT signing keys as "kid:secret,kid:secret", newest first: the first signs, all verify.
-    # Unset: JWT_SECRET alone, under a kid derived from it.
+    # Unset: JWT_SECRET alone.
     jwt_keys: SecretStr = SecretStr("")
     access_token_ttl: int = Field(900, ge=60)
     refresh_token_ttl: int = Field(604800, ge=300)
@@ -143,65 +162,89 @@ class Settings(BaseSettings):
     argon2_time_cost: int = Field(3, ge=1)
     argon2_memory_kib: int = Field(64 * 1024, ge=8)
     argon2_parallelism: int = Field(1, ge=1)
-    auth_hash_threads: int = Field(2, ge=1)
-    # SMS codes: life, wrong tries, and the send limits.
-    sms_provider: Literal["console", "tencent", "disabled"] = "console"
-    sms_code_ttl: int = Field(300, ge=30)
-    sms_code_max_tries: int = Field(5, ge=1)
-    sms_resend_interval: int = Field(60, ge=0)
-    sms_daily_cap: int = Field(10, ge=1)
-    sms_ip_limit: int = Field(30, ge=1)
-    sms_ip_window: int = Field(3600, ge=1)
+    hash_threads: int = Field(2, ge=1)
     # Failed logins: per phone (locks the account) and per IP (rate limit), in one window.
     login_max_failures: int = Field(5, ge=1)
     login_ip_max_failures: int = Field(50, ge=1)
     login_failure_window: int = Field(900, ge=1)
-    # Hops of trusted reverse proxies in front of us: the client IP is read from
-    # X-Forwarded-For that many entries from the right (0: the socket peer).
-    trusted_proxy_hops: int = Field(0, ge=0)
     profile_cache_ttl: int = Field(3600, ge=1)
     # Hot profiles also kept in each process, exact across processes (server/auth/nearcache.py).
     profile_local_cache_size: int = Field(10_000, ge=0)
     profile_local_cache_ttl: float = Field(30.0, gt=0)
-    wechat_appid: str | None = None
-    wechat_secret: SecretStr | None = None
-    wechat_api_base: str = "https://api.weixin.qq.com"
-    wechat_timeout: float = Field(5.0, gt=0)
-    tencent_secret_id: str | None = None
-    tencent_secret_key: SecretStr | None = None
-    tencent_sms_app_id: str | None = None
-    tencent_sms_sign_name: str | None = None
-    tencent_sms_template_id: str | None = None
-    tencent_sms_region: str = "ap-guangzhou"
-    tencent_sms_endpoint: str = "https://sms.tencentcloudapi.com"
-    tencent_sms_timeout: int = Field(10, ge=1)
 
-    # Actors (issue 3): mailbox sizes per kind and idle time before passivation.
-    actor_ask_timeout: float = Field(10.0, gt=0)
-    actor_idle_seconds: float = Field(300.0, gt=0)
-    actor_mailbox_default: int = Field(1000, ge=1)
-    actor_stop_timeout: float = Field(5.0, gt=0)
 
-    # Cron jobs (reservation sweeper, …); off in tests that drive jobs by hand.
-    cron_enabled: bool = True
+class SmsSettings(Group):
+    """SMS codes: life, wrong tries, send limits, and the Tencent Cloud SMS account."""
 
-    # Credits every new account starts with. Unset: 0 in prod, DEV_SIGNUP_CREDITS in dev and
-    # test, so a new user can try every seeded feature (see _signup_default).
-    signup_credits: int = Field(0, ge=0, le=100_000)
+    prefix: ClassVar[str] = "SMS_"
+    env_names: ClassVar[dict[str, str]] = {
+        f"tencent_{name}": f"TENCENT_SMS_{name.upper()}"
+        for name in ("app_id", "sign_name", "template_id", "region", "endpoint", "timeout")
+    }
+    provider: Literal["console", "tencent", "disabled"] = "console"
+    code_ttl: int = Field(300, ge=30)
+    code_max_tries: int = Field(5, ge=1)
+    resend_interval: int = Field(60, ge=0)
+    daily_cap: int = Field(10, ge=1)
+    ip_limit: int = Field(30, ge=1)
+    ip_window: int = Field(3600, ge=1)
+    tencent_app_id: str | None = None
+    tencent_sign_name: str | None = None
+    tencent_template_id: str | None = None
+    tencent_region: str = "ap-guangzhou"
+    tencent_endpoint: str = "https://sms.tencentcloudapi.com"
+    tencent_timeout: int = Field(10, ge=1)
 
-    # --- tasks (issue 6) ---
-    task_concurrency: int = Field(16, ge=1)  # task runs in flight per process
-    task_pending: int = Field(256, ge=1)  # waiting beyond that; more answers BUSY
-    task_timeout: float = Field(600.0, gt=0)  # a run taking longer fails, credits returned
-    task_lease_ttl: float = Field(15.0, gt=0)  # renewed every third of it while running
-    task_max_attempts: int = Field(2, ge=1)  # runs of one task, recovery included
 
-    # --- storage (issue 6) ---
-    # local: files under VAR_DIR/storage served by GET /files/{key}; cos: Tencent Cloud COS.
-    storage_backend: Literal["local", "cos"] = "local"
+class WechatSettings(Group):
+    """Mini-program login (jscode2session)."""
+
+    prefix: ClassVar[str] = "WECHAT_"
+    appid: str | None = None
+    secret: SecretStr | None = None
+    api_base: str = "https://api.weixin.qq.com"
+    timeout: float = Field(5.0, gt=0)
+
+
+class ActorSettings(Group):
+    """The actor runtime (docs/actors.md)."""
+
+    prefix: ClassVar[str] = "ACTOR_"
+    ask_timeout: float = Field(10.0, gt=0)  # default bound of an ask
+    idle_seconds: float = Field(300.0, gt=0)  # a keyed actor (a user's) stops after this idle
+    stop_timeout: float = Field(5.0, gt=0)  # drain at shutdown (actors and task runs)
+
+
+class TaskSettings(Group):
+    """Task runs (docs/tasks.md)."""
+
+    prefix: ClassVar[str] = "TASK_"
+    concurrency: int = Field(16, ge=1)  # task runs in flight per process
+    pending: int = Field(256, ge=1)  # waiting beyond that; more answers BUSY
+    timeout: float = Field(600.0, gt=0)  # a run taking longer fails, credits returned
+    lease_ttl: float = Field(15.0, gt=0)  # renewed every third of it while running
+    max_attempts: int = Field(2, ge=1)  # runs of one task, recovery included
+
+
+class StorageSettings(Group):
+    """Object storage (docs/storage.md). local: files under VAR_DIR/storage served by
+    GET /files/{key}; cos: Tencent Cloud COS."""
+
+    prefix: ClassVar[str] = "STORAGE_"
+    env_names: ClassVar[dict[str, str]] = {
+        **{
+            f"cos_{name}": f"COS_{name.upper()}"
+            for name in (
+                "region", "bucket", "secret_id", "secret_key", "scheme", "domain",
+                "timeout", "retries", "threads", "max_pending",
+            )
+        },
+        "orphan_file_min_age": "ORPHAN_FILE_MIN_AGE",
+    }  # fmt: skip
+    backend: Literal["local", "cos"] = "local"
     # Signs /files URLs (HMAC-SHA256). Empty: derived from JWT_SECRET with HKDF.
-    storage_url_secret: SecretStr | None = None
-    storage_url_ttl: int = Field(3600, ge=60)
+    url_secret: SecretStr | None = None
+    url_ttl: int = Field(3600, ge=60)  # life of the URLs in API answers
     cos_region: str | None = None
     cos_bucket: str | None = None
     cos_secret_id: str | None = None
@@ -212,34 +255,154 @@ class Settings(BaseSettings):
     cos_retries: int = Field(1, ge=0)
     cos_threads: int = Field(8, ge=1)
     cos_max_pending: int = Field(64, ge=1)  # running + queued COS calls before BUSY
+    # The nightly orphan-file cleanup never deletes an asset file younger than this.
+    orphan_file_min_age: int = Field(86_400, ge=3600)
 
-    # --- websocket (issue 7) ---  docs/websocket.md
+
+class WsSettings(Group):
+    """The WebSocket and the per-user event streams (docs/websocket.md)."""
+
+    prefix: ClassVar[str] = "WS_"
+    env_names: ClassVar[dict[str, str]] = {
+        f"events_{name}": f"EVENTS_{name.upper()}" for name in ("retention_hours", "keep_min", "max_per_user")
+    }
     # Browser Origins allowed to open /api/v1/ws, comma separated ("*": any). A request
     # without Origin (mini-program, native app) and a page of this same host always pass.
-    ws_allowed_origins: str = ""
-    ws_auth_timeout: float = Field(10.0, gt=0)  # seconds to send the auth frame, else 4408
-    ws_heartbeat: float = Field(25.0, gt=0)  # ping interval; no pong within half of it closes
-    ws_queue_size: int = Field(256, ge=1)  # frames waiting for one socket before 4429 (too slow)
-    ws_send_timeout: float = Field(10.0, gt=0)  # one frame may take this long to write, else 4429
-    ws_close_timeout: float = Field(5.0, gt=0)  # closing handshake; then the socket is dropped
-    ws_max_per_user: int = Field(10, ge=1)  # sockets of one user on one process, else 4429
-    ws_max_connections: int = Field(10_000, ge=1)  # sockets on one process, else 4429
-    ws_max_frame: int = Field(16 * 1024, ge=1024)  # largest client frame (bytes)
-    ws_expiry_warning: float = Field(60.0, ge=0)  # auth.expiring this long before the token's exp
+    allowed_origins: str = ""
+    auth_timeout: float = Field(10.0, gt=0)  # seconds to send the auth frame, else 4408
+    heartbeat: float = Field(25.0, gt=0)  # ping interval; no pong within half of it closes
+    queue_size: int = Field(256, ge=1)  # frames waiting for one socket before 4429 (too slow)
+    send_timeout: float = Field(10.0, gt=0)  # one frame may take this long to write, else 4429
+    close_timeout: float = Field(5.0, gt=0)  # closing handshake; then the socket is dropped
+    max_per_user: int = Field(10, ge=1)  # sockets of one user on one process, else 4429
+    max_connections: int = Field(10_000, ge=1)  # sockets on one process, else 4429
+    max_frame: int = Field(16 * 1024, ge=1024)  # largest client frame (bytes)
+    expiry_warning: float = Field(60.0, ge=0)  # auth.expiring this long before the token's exp
     # Event retention per user: every event of the last EVENTS_RETENTION_HOURS and at
     # least the last EVENTS_KEEP_MIN, whichever is more, up to EVENTS_MAX_PER_USER.
     events_retention_hours: float = Field(24.0, gt=0)
     events_keep_min: int = Field(1000, ge=1)
     events_max_per_user: int = Field(100_000, ge=1)
 
-    # --- vendors (issue 6) ---  docs/vendors.md
+    @model_validator(mode="after")
+    def _events_bounds(self) -> WsSettings:
+        if self.events_max_per_user < self.events_keep_min:
+            raise ValueError("EVENTS_MAX_PER_USER must be at least EVENTS_KEEP_MIN")
+        return self
+
+
+#: Settings field → its group model. Each group reads its own variables (Group.env_name).
+GROUPS: dict[str, type[Group]] = {
+    "db": DbSettings,
+    "redis": RedisSettings,
+    "http": HttpSettings,
+    "auth": AuthSettings,
+    "sms": SmsSettings,
+    "wechat": WechatSettings,
+    "actors": ActorSettings,
+    "tasks": TaskSettings,
+    "storage": StorageSettings,
+    "ws": WsSettings,
+}
+
+#: flat variable name (lower case) → (group, field), e.g. "db_pool_max" → ("db", "pool_max").
+FLAT: dict[str, tuple[str, str]] = {
+    cls.env_name(field).lower(): (group, field) for group, cls in GROUPS.items() for field in cls.model_fields
+}
+
+
+class _GroupedEnv(PydanticBaseSettingsSource):
+    """Every group's fields from their flat variables (the environment over `.env`)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], *sources: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self.values: dict[str, str | None] = {}
+        for source in sources:  # lowest priority first
+            self.values.update(getattr(source, "env_vars", {}))
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        out: dict[str, dict[str, Any]] = {}
+        for flat, (group, field) in FLAT.items():
+            if self.values.get(flat) is not None:
+                out.setdefault(group, {})[field] = self.values[flat]
+        return out
+
+
+class Settings(BaseSettings):
+    """Every setting, read from environment variables of the same names in upper case
+    (or `.env`); the areas are groups (`settings.db.pool_max` is DB_POOL_MAX). Keyword
+    arguments may use the flat names too: `Settings(db_pool_max=5)`."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    app_env: Literal["dev", "test", "prod"] = "dev"
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65535)
+    public_base_url: str | None = None
+    log_level: str = "INFO"
+    var_dir: Path = ROOT / "var"
+    database_url: str | None = None
+    redis_url: str | None = None
+    migrate_on_start: bool = True
+    shutdown_timeout: float = Field(5.0, ge=0)
+    cron_enabled: bool = True  # cron jobs (sweeper, recovery, …); off in tests that drive them by hand
+    admin_phone: str | None = None
+    admin_password: SecretStr | None = None
+    # Credits every new account starts with. Unset: 0 in prod, DEV_SIGNUP_CREDITS in dev and
+    # test, so a new user can try every seeded feature (see _signup_default).
+    signup_credits: int = Field(0, ge=0, le=100_000)
+    # Tencent Cloud API credentials (SMS; shared by every Tencent Cloud client).
+    tencent_secret_id: str | None = None
+    tencent_secret_key: SecretStr | None = None
     # VENDORS: JSON {name: {kind, base_url, api_key, concurrency, qps, timeout, retries,
     # mailbox, breaker_threshold, …}}; limits left out take their kind's default. The
     # built-in `local` vendor is always there (an entry only tunes its limits).
     vendors: VendorsSetting = Field(default_factory=dict, validate_default=True)
     vendor_input_url_ttl: int = Field(3600, ge=60)  # life of the signed URLs DashScope fetches inputs from
-    # The nightly orphan-file cleanup (server/orphans.py) never deletes an asset file younger than this.
-    orphan_file_min_age: int = Field(86_400, ge=3600)
+
+    db: DbSettings = DbSettings()
+    redis: RedisSettings = RedisSettings()
+    http: HttpSettings = HttpSettings()
+    auth: AuthSettings = AuthSettings()
+    sms: SmsSettings = SmsSettings()
+    wechat: WechatSettings = WechatSettings()
+    actors: ActorSettings = ActorSettings()
+    tasks: TaskSettings = TaskSettings()
+    storage: StorageSettings = StorageSettings()
+    ws: WsSettings = WsSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        grouped = _GroupedEnv(settings_cls, dotenv_settings, env_settings)
+        return init_settings, env_settings, dotenv_settings, grouped, file_secret_settings
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_flat_names(cls, data: Any) -> Any:
+        """`Settings(task_timeout=5)` means `tasks.timeout`; a flat keyword wins over the
+        environment's value of the same setting."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for key in list(out):
+            where = FLAT.get(key)
+            if where is not None:
+                group, field = where
+                nested = out.get(group)
+                nested = dict(nested) if isinstance(nested, dict) else {}
+                nested[field] = out.pop(key)
+                out[group] = nested
+        return out
 
     @field_validator("log_level")
     @classmethod
@@ -281,18 +444,6 @@ class Settings(BaseSettings):
         return v or None
 
     @model_validator(mode="after")
-    def _pool_bounds(self) -> Settings:
-        if self.db_pool_min > self.db_pool_max:
-            raise ValueError("DB_POOL_MIN must not exceed DB_POOL_MAX")
-        return self
-
-    @model_validator(mode="after")
-    def _events_bounds(self) -> Settings:  # websocket (issue 7)
-        if self.events_max_per_user < self.events_keep_min:
-            raise ValueError("EVENTS_MAX_PER_USER must be at least EVENTS_KEEP_MIN")
-        return self
-
-    @model_validator(mode="after")
     def _signup_default(self) -> Settings:
         if "signup_credits" not in self.model_fields_set and not self.is_prod:
             self.signup_credits = DEV_SIGNUP_CREDITS
@@ -310,7 +461,7 @@ class Settings(BaseSettings):
     def embedded_redis(self) -> bool:
         return not self.redis_url
 
-    def db(self) -> DatabaseURL:
+    def database(self) -> DatabaseURL:
         if not self.database_url:
             raise ConfigError("DATABASE_URL is not set and no embedded MariaDB was started")
         return DatabaseURL.parse(self.database_url)
@@ -320,8 +471,8 @@ class Settings(BaseSettings):
         if not self.is_prod:
             return
         problems = []
-        secret = self.jwt_secret.get_secret_value()
-        if not self.jwt_keys.get_secret_value() and (secret == DEFAULT_JWT_SECRET or len(secret) < 32):
+        secret = self.auth.jwt_secret.get_secret_value()
+        if not self.auth.jwt_keys.get_secret_value() and (secret == DEFAULT_JWT_SECRET or len(secret) < 32):
             problems.append("JWT_SECRET must be set to a random value of at least 32 characters")
         problems += self._auth_problems()
         if self.embedded_db:
@@ -340,19 +491,19 @@ class Settings(BaseSettings):
             keys = parse_jwt_keys(self)
         except ValueError as exc:
             return [str(exc)]
-        if self.jwt_keys.get_secret_value() and any(len(k.secret) < 32 for k in keys):
+        if self.auth.jwt_keys.get_secret_value() and any(len(k.secret) < 32 for k in keys):
             problems.append("every JWT_KEYS secret must be at least 32 characters")
-        if self.sms_provider == "console":
+        if self.sms.provider == "console":
             problems.append(
                 "SMS_PROVIDER=console writes codes to the log instead of sending them: "
                 "set SMS_PROVIDER=tencent, or disabled when users log in with WeChat only"
             )
-        if self.sms_provider == "tencent" and not (
+        if self.sms.provider == "tencent" and not (
             self.tencent_secret_id
             and self.tencent_secret_key
-            and self.tencent_sms_app_id
-            and self.tencent_sms_sign_name
-            and self.tencent_sms_template_id
+            and self.sms.tencent_app_id
+            and self.sms.tencent_sign_name
+            and self.sms.tencent_template_id
         ):
             problems.append(
                 "SMS_PROVIDER=tencent needs TENCENT_SECRET_ID, TENCENT_SECRET_KEY, "
@@ -384,13 +535,19 @@ def describe_errors(exc: ValidationError) -> str:
 def _describe(err: Any) -> str:
     loc = [str(part) for part in err["loc"]]
     msg = str(err["msg"]).removeprefix("Value error, ")
+    model: type[BaseModel] = Settings
+    if loc and loc[0] in GROUPS:  # a grouped setting: ("tasks", "timeout") is TASK_TIMEOUT
+        group = GROUPS[loc[0]]
+        if len(loc) == 1:  # a check across the group's settings: its message names them
+            return msg
+        model, loc = group, [group.env_name(loc[1]), *loc[2:]]
     if not loc:  # a check across settings: its message names them
         return msg
     var = loc[0].upper()
     if msg.startswith(var):  # our own validators name the variable
         return msg
     rest = ".".join(loc[1:])
-    expected = _expected(loc[0]) if not rest else None
+    expected = _expected(model, loc[0]) if not rest else None
     if expected is None:
         msg = msg[0].lower() + msg[1:] if msg[:1].isupper() else msg
         return f"{var}: {rest + ': ' if rest else ''}{msg}"
@@ -398,9 +555,11 @@ def _describe(err: Any) -> str:
     return f"{var} must be {expected}" + (f", got {got!r}" if isinstance(got, str | int | float) else "")
 
 
-def _expected(name: str) -> str | None:
+def _expected(model: type[BaseModel], name: str) -> str | None:
     """What a scalar setting takes (from its type and bounds); None for anything else."""
-    field = Settings.model_fields.get(name)
+    if issubclass(model, Group):
+        name = next((f for f in model.model_fields if model.env_name(f) == name.upper()), name)
+    field = model.model_fields.get(name.lower())
     if field is None:
         return None
     ann: Any = field.annotation

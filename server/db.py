@@ -105,7 +105,7 @@ class Conn:
 class Database:
     def __init__(self, pool: aiomysql.Pool, settings: Settings, metrics: Metrics) -> None:
         self.pool = pool
-        self._acquire_timeout = settings.db_acquire_timeout
+        self._acquire_timeout = settings.db.acquire_timeout
         self._metrics = metrics
         self._waiting = 0
         metrics.watch_pool(self.pool_stats)
@@ -116,10 +116,10 @@ class Database:
             {"unix_socket": url.unix_socket} if url.unix_socket else {"host": url.host, "port": url.port}
         )
         pool = await aiomysql.create_pool(
-            minsize=settings.db_pool_min,
-            maxsize=settings.db_pool_max,
-            pool_recycle=settings.db_pool_recycle,
-            connect_timeout=settings.db_connect_timeout,
+            minsize=settings.db.pool_min,
+            maxsize=settings.db.pool_max,
+            pool_recycle=settings.db.pool_recycle,
+            connect_timeout=settings.db.connect_timeout,
             user=url.user,
             password=url.password,
             db=url.database,

@@ -101,7 +101,7 @@ def _body_deadline(request: web.Request) -> asyncio.TimerHandle | None:
     if not request.body_exists:
         return None
     body = request.content
-    seconds = request.app[settings_key].request_body_timeout
+    seconds = request.app[settings_key].http.request_body_timeout
 
     def expire() -> None:
         if not body.is_eof():

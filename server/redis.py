@@ -72,10 +72,10 @@ class _Pool(ConnectionPool):
 def connect_redis(url: str, settings: Settings) -> Redis:
     pool = _Pool.from_url(
         url,
-        max_connections=settings.redis_max_connections,
-        timeout=settings.redis_timeout,  # the wait for a free connection
-        socket_timeout=settings.redis_timeout,
-        socket_connect_timeout=settings.redis_timeout,
+        max_connections=settings.redis.max_connections,
+        timeout=settings.redis.timeout,  # the wait for a free connection
+        socket_timeout=settings.redis.timeout,
+        socket_connect_timeout=settings.redis.timeout,
         health_check_interval=30,
         decode_responses=False,
     )

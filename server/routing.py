@@ -161,7 +161,7 @@ class RouteTable:
             async def handler(request: web.Request) -> web.StreamResponse:
                 kwargs: dict[str, Any] = {}
                 if body is not None:
-                    data = await read_json(request, request.app[settings_key].json_body_max)
+                    data = await read_json(request, request.app[settings_key].http.json_body_max)
                     try:
                         kwargs["body"] = body.model_validate(data)
                     except ValidationError as exc:

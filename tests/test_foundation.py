@@ -154,7 +154,7 @@ async def test_a_valid_body_reaches_the_handler(client: Any) -> None:
 
 
 async def test_an_oversized_json_body_answers_413(client: Any, settings: Settings) -> None:
-    big = b'{"name": "' + b"x" * (settings.json_body_max + 10) + b'", "count": 1}'
+    big = b'{"name": "' + b"x" * (settings.http.json_body_max + 10) + b'", "count": 1}'
     resp = await client.post("/api/v1/_probe/echo", data=big, headers={"Content-Type": "application/json"})
     assert resp.status == 413
     assert (await resp.json())["error"]["code"] == "PAYLOAD_TOO_LARGE"

@@ -529,9 +529,9 @@ async def test_a_client_frame_of_ws_max_frame_bytes_is_accepted_and_one_byte_mor
 ) -> None:
     _, token = await account(client)
     ws, _ = await connect(client, token)
-    await ws.send_str(frame_of(settings.ws_max_frame))
+    await ws.send_str(frame_of(settings.ws.max_frame))
     assert await recv(ws) == {"type": "pong"}
-    await ws.send_str(frame_of(settings.ws_max_frame + 1))
+    await ws.send_str(frame_of(settings.ws.max_frame + 1))
     assert await closed_with(ws) == 1009
 
 

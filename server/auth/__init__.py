@@ -48,12 +48,12 @@ async def open_auth(settings: Settings, db: Database, redis: Redis) -> AsyncIter
     """The auth parts and their thread pools (closed on exit); the ADMIN_PHONE admin made."""
     tokens = TokenIssuer.from_settings(settings)
     passwords = Passwords(settings)
-    sessions = Sessions(db, redis, settings.refresh_token_ttl)
+    sessions = Sessions(db, redis, settings.auth.refresh_token_ttl)
     limits = Limits(redis, settings)
     sms = make_provider(settings, redis)
     codes = SmsCodes(redis, sms, limits, settings)
-    near = NearCache(redis, settings.profile_local_cache_size, settings.profile_local_cache_ttl)
-    profiles = Profiles(db, redis, settings.profile_cache_ttl, near)
+    near = NearCache(redis, settings.auth.profile_local_cache_size, settings.auth.profile_local_cache_ttl)
+    profiles = Profiles(db, redis, settings.auth.profile_cache_ttl, near)
     wechat = WeChatClient(settings)
     auth = Auth(
         tokens=tokens,

@@ -88,7 +88,7 @@ class Limits:
         s = self.settings
         verdict, ms = await self._sms_send(
             keys=[f"auth:sms:gap:{phone}", f"auth:sms:day:{phone}", f"auth:sms:ip:{ip}"],
-            args=[s.sms_resend_interval, s.sms_daily_cap, DAY, s.sms_ip_limit, s.sms_ip_window],
+            args=[s.sms.resend_interval, s.sms.daily_cap, DAY, s.sms.ip_limit, s.sms.ip_window],
         )
         if verdict == 0:
             return
@@ -115,7 +115,7 @@ class Limits:
         s = self.settings
         verdict, ms = await self._login_take(
             keys=self._login_keys(account, ip),
-            args=[s.login_max_failures, s.login_ip_max_failures, s.login_failure_window],
+            args=[s.auth.login_max_failures, s.auth.login_ip_max_failures, s.auth.login_failure_window],
         )
         if verdict == 1:
             raise AppError(

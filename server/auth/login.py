@@ -75,8 +75,8 @@ class AuthService:
         return TokenPair(
             access_token=self.tokens.issue_access(user_id, role, sid),
             refresh_token=refresh_token,
-            expires_in=self.settings.access_token_ttl,
-            refresh_expires_in=self.settings.refresh_token_ttl,
+            expires_in=self.settings.auth.access_token_ttl,
+            refresh_expires_in=self.settings.auth.refresh_token_ttl,
         )
 
     async def _signed_in(self, user_id: int, session: NewSession, *, is_new: bool) -> AuthResult:

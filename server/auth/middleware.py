@@ -47,5 +47,5 @@ def authenticate(app: web.Application, token: str) -> Principal:
 
 def client_of(request: web.Request) -> Client:
     """The caller's address (behind TRUSTED_PROXY_HOPS proxies) and user agent."""
-    hops = request.app[settings_key].trusted_proxy_hops
+    hops = request.app[settings_key].http.trusted_proxy_hops
     return Client(ip=client_ip(request, hops), user_agent=request.headers.get("User-Agent", "")[:255])

@@ -36,13 +36,13 @@ def password_problem(password: str) -> str | None:
 class Passwords:
     def __init__(self, settings: Settings) -> None:
         self.hasher = PasswordHasher(
-            time_cost=settings.argon2_time_cost,
-            memory_cost=settings.argon2_memory_kib,
-            parallelism=settings.argon2_parallelism,
+            time_cost=settings.auth.argon2_time_cost,
+            memory_cost=settings.auth.argon2_memory_kib,
+            parallelism=settings.auth.argon2_parallelism,
             hash_len=32,
             salt_len=16,
         )
-        self.executor = ThreadPoolExecutor(settings.auth_hash_threads, thread_name_prefix="argon2")
+        self.executor = ThreadPoolExecutor(settings.auth.hash_threads, thread_name_prefix="argon2")
         # Verified against when the phone is unknown, so both cases cost the same.
         self._decoy = self.hasher.hash("decoy-password-0")
 

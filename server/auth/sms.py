@@ -116,16 +116,16 @@ class TencentSms:
 
         if not (settings.tencent_secret_id and settings.tencent_secret_key):
             raise AppError(ErrorCode.UPSTREAM_FAILED, "Tencent SMS is not configured")
-        endpoint = urlsplit(settings.tencent_sms_endpoint)
+        endpoint = urlsplit(settings.sms.tencent_endpoint)
         http = HttpProfile(
             protocol=endpoint.scheme or "https",
             endpoint=endpoint.netloc or endpoint.path,
-            reqTimeout=settings.tencent_sms_timeout,
+            reqTimeout=settings.sms.tencent_timeout,
         )
         cred = credential.Credential(
             settings.tencent_secret_id, settings.tencent_secret_key.get_secret_value()
         )
-        self.client = sms_client.SmsClient(cred, settings.tencent_sms_region, ClientProfile(httpProfile=http))
+        self.client = sms_client.SmsClient(cred, settings.sms.tencent_region, ClientProfile(httpProfile=http))
         self.settings = settings
         self.executor = ThreadPoolExecutor(4, thread_name_prefix="tencent-sms")
 
@@ -153,9 +153,9 @@ class TencentSms:
         s = self.settings
         req = models.SendSmsRequest()
         req.PhoneNumberSet = [f"+86{phone}"]
-        req.SmsSdkAppId = s.tencent_sms_app_id
-        req.SignName = s.tencent_sms_sign_name
-        req.TemplateId = s.tencent_sms_template_id
+        req.SmsSdkAppId = s.sms.tencent_app_id
+        req.SignName = s.sms.tencent_sign_name
+        req.TemplateId = s.sms.tencent_template_id
         req.TemplateParamSet = [code, str(max(1, ttl // 60))]
         resp = self.client.SendSms(req)
         statuses = resp.SendStatusSet or []
@@ -166,9 +166,9 @@ class TencentSms:
 
 
 def make_provider(settings: Settings, redis: Redis) -> SmsProvider:
-    if settings.sms_provider == "tencent":
+    if settings.sms.provider == "tencent":
         return TencentSms(settings)
-    if settings.sms_provider == "disabled":
+    if settings.sms.provider == "disabled":
         return DisabledSms()
     if settings.is_prod:
         logger.warning("SMS_PROVIDER=console in prod: codes go to the log, not to phones")
@@ -184,9 +184,9 @@ class SmsCodes:
         self.redis = redis
         self.provider = provider
         self.limits = limits
-        self.ttl = settings.sms_code_ttl
-        self.max_tries = settings.sms_code_max_tries
-        self.resend_interval = settings.sms_resend_interval
+        self.ttl = settings.sms.code_ttl
+        self.max_tries = settings.sms.code_max_tries
+        self.resend_interval = settings.sms.resend_interval
         self._take_try = redis.register_script(_TAKE_TRY)
         self._consume = redis.register_script(_CONSUME)
 

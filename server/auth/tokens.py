@@ -49,9 +49,9 @@ class Principal:
 
 def parse_jwt_keys(settings: Settings) -> list[SigningKey]:
     """JWT_KEYS (`kid:secret,kid:secret`, newest first), or JWT_SECRET under a derived kid."""
-    raw = settings.jwt_keys.get_secret_value().strip()
+    raw = settings.auth.jwt_keys.get_secret_value().strip()
     if not raw:
-        secret = settings.jwt_secret.get_secret_value()
+        secret = settings.auth.jwt_secret.get_secret_value()
         return [SigningKey(hashlib.sha256(secret.encode()).hexdigest()[:8], secret)]
     keys: list[SigningKey] = []
     for item in raw.split(","):
@@ -95,7 +95,7 @@ class TokenIssuer:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenIssuer:
-        return cls(parse_jwt_keys(settings), settings.access_token_ttl)
+        return cls(parse_jwt_keys(settings), settings.auth.access_token_ttl)
 
     def issue_access(self, user_id: int, role: str, sid: str, *, now: float | None = None) -> str:
         iat = int(time.time() if now is None else now)

@@ -35,10 +35,10 @@ class WeChatIdentity:
 
 class WeChatClient:
     def __init__(self, settings: Settings) -> None:
-        self.base = settings.wechat_api_base.rstrip("/")
-        self.appid = settings.wechat_appid
-        self.secret = settings.wechat_secret.get_secret_value() if settings.wechat_secret else None
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.wechat_timeout))
+        self.base = settings.wechat.api_base.rstrip("/")
+        self.appid = settings.wechat.appid
+        self.secret = settings.wechat.secret.get_secret_value() if settings.wechat.secret else None
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.wechat.timeout))
 
     async def close(self) -> None:
         await self.session.close()

@@ -45,18 +45,18 @@ class RedisEventHub:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
-        self.timeout = settings.redis_timeout
+        self.timeout = settings.redis.timeout
         self.clock = clock
         self.streams = EventStreams(
             redis,
-            retention_seconds=settings.events_retention_hours * 3600,
-            keep_min=settings.events_keep_min,
-            max_per_user=settings.events_max_per_user,
+            retention_seconds=settings.ws.events_retention_hours * 3600,
+            keep_min=settings.ws.events_keep_min,
+            max_per_user=settings.ws.events_max_per_user,
             clock=clock,
-            readers=max(1, settings.redis_max_connections // 4),
+            readers=max(1, settings.redis.max_connections // 4),
         )
         self.stats = HubStats()
-        self.live = LiveChannels(redis, self._dispatch, self._reconnected, settings.redis_timeout)
+        self.live = LiveChannels(redis, self._dispatch, self._reconnected, settings.redis.timeout)
         self.sessions: set[Session] = set()  # open sockets (closing ones move to _closing)
         self._closing: set[Session] = set()
         self.by_user: dict[int, set[Session]] = {}
@@ -108,7 +108,7 @@ class RedisEventHub:
             session.close(code, reason)
         closers = [s.closer for s in self._closing if s.closer is not None]
         if closers:
-            await asyncio.wait(closers, timeout=self.settings.ws_close_timeout + 1)
+            await asyncio.wait(closers, timeout=self.settings.ws.close_timeout + 1)
 
     # --- sockets --------------------------------------------------------------------
 

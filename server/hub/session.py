@@ -88,12 +88,12 @@ class Session:
         self.cursor = 0
         self.expires_at: float | None = None  # the access token's exp (epoch seconds)
         self.close_code: int | None = None
-        self.limit = settings.ws_queue_size
+        self.limit = settings.ws.queue_size
         # bytes: a frame for the writer; None: the socket closes, stop after what came before
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(self.limit + CONTROL_SLOTS)
-        self._send_timeout = settings.ws_send_timeout
-        self._close_timeout = settings.ws_close_timeout
-        self._warning = settings.ws_expiry_warning
+        self._send_timeout = settings.ws.send_timeout
+        self._close_timeout = settings.ws.close_timeout
+        self._warning = settings.ws.expiry_warning
         self._warned = False
         self._live = False
         self._started = False  # go_live() ran: `cursor` means something

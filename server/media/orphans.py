@@ -86,7 +86,7 @@ async def clean_orphans(
     now = time.time() if now is None else now
     report = OrphanReport()
     bars = {
-        ASSET_PREFIX: now - settings.orphan_file_min_age,
+        ASSET_PREFIX: now - settings.storage.orphan_file_min_age,
         VENDOR_INPUT_PREFIX: now - settings.vendor_input_url_ttl - VENDOR_INPUT_MARGIN_S,
     }
     for prefix, before in bars.items():

@@ -34,10 +34,10 @@ class TaskManager:
         self.app = app
         self.call = call
         self.scheduler = aiojobs.Scheduler(
-            limit=settings.task_concurrency,
-            pending_limit=settings.task_pending,
-            close_timeout=settings.actor_stop_timeout,
-            wait_timeout=settings.actor_stop_timeout,
+            limit=settings.tasks.concurrency,
+            pending_limit=settings.tasks.pending,
+            close_timeout=settings.actors.stop_timeout,
+            wait_timeout=settings.actors.stop_timeout,
         )
         self.jobs: dict[str, aiojobs.Job[None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -89,7 +89,7 @@ class TaskManager:
         for task_id in ids:
             if task_id in held:
                 continue
-            if not await leases.acquire(redis, task_id, owner, int(settings.task_lease_ttl * 1000)):
+            if not await leases.acquire(redis, task_id, owner, int(settings.tasks.lease_ttl * 1000)):
                 continue  # another instance took it first
             taken += 1
             row = await db.fetchone(_TASK_ROW, task_id)
@@ -99,7 +99,7 @@ class TaskManager:
             elif phase == "confirmed":  # died between the charge and the status: it succeeded
                 await mark_finished(self.app, task_id, "succeeded", None)
                 await leases.release(redis, task_id, owner)
-            elif phase == "reserved" and int(row["attempts"]) < settings.task_max_attempts:
+            elif phase == "reserved" and int(row["attempts"]) < settings.tasks.max_attempts:
                 logger.warning("recovering task {} (attempt {})", task_id, int(row["attempts"]) + 1)
                 await db.execute(
                     "UPDATE tasks SET status = 'queued', progress = 0, runner = %s WHERE id = %s",

@@ -282,7 +282,7 @@ async def run_task(app: web.Application, task: Mapping[str, Any], call: VendorCa
         )
         images = {k: await storage.get(mine[v].storage_key) for k, v in refs.items() if v in mine}
         run = PipelineRun(app, task, feature, images, call)
-        async with asyncio.timeout(settings.task_timeout):
+        async with asyncio.timeout(settings.tasks.timeout):
             out = await run.execute()
         image = ValidatedImage(out.data, out.content_type, *_size(out.data), len(out.data))
         await assets.store(db, storage, user_id, image, kind="output", task_id=task_id)
@@ -292,7 +292,7 @@ async def run_task(app: web.Application, task: Mapping[str, Any], call: VendorCa
         await _fail(
             app,
             task,
-            AppError(ErrorCode.UPSTREAM_FAILED, f"The task took longer than {settings.task_timeout:.0f}s"),
+            AppError(ErrorCode.UPSTREAM_FAILED, f"The task took longer than {settings.tasks.timeout:.0f}s"),
         )
         return
     except AppError as exc:
@@ -321,7 +321,7 @@ def _size(data: bytes) -> tuple[int, int]:
 async def hold_lease(app: web.Application, task_id: str, body: Awaitable[None]) -> None:
     """Run `body` while renewing the task's lease; stop it if the lease is lost."""
     redis, owner = app[redis_key], app[instance_id_key]
-    ttl = app[settings_key].task_lease_ttl
+    ttl = app[settings_key].tasks.lease_ttl
     work = asyncio.ensure_future(body)
     try:
         while not work.done():

@@ -127,11 +127,11 @@ async def create_task(
     task_id = assets.new_id()
     owner = app[instance_id_key]
     # The lease first: from the moment credits are reserved, a live process holds the task.
-    await leases.acquire(app[redis_key], task_id, owner, int(settings.task_lease_ttl * 1000))
+    await leases.acquire(app[redis_key], task_id, owner, int(settings.tasks.lease_ttl * 1000))
     credits = app[credits_key]
     try:
         await credits.reserve(
-            user_id, task_id, feature.cost, ttl=settings.task_timeout + 3 * settings.task_lease_ttl
+            user_id, task_id, feature.cost, ttl=settings.tasks.timeout + 3 * settings.tasks.lease_ttl
         )
     except BaseException:
         await leases.release(app[redis_key], task_id, owner)
@@ -219,7 +219,7 @@ async def render_rows(app: web.Application, rows: list[Row]) -> list[dict[str, A
         outputs[str(o["task_id"])].append(
             {
                 "asset_id": a.id,
-                "url": a.public(storage, app[settings_key].storage_url_ttl)["url"],
+                "url": a.public(storage, app[settings_key].storage.url_ttl)["url"],
                 "kind": "image",
             }
         )

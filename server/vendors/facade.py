@@ -300,7 +300,7 @@ async def open_vendors(
         yield vendors
     finally:
         try:
-            await vendors.close(settings.actor_stop_timeout)
+            await vendors.close(settings.actors.stop_timeout)
         finally:
             if session is not None:
                 await session.close()

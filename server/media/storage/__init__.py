@@ -44,15 +44,15 @@ __all__ = [
 
 def create_storage(settings: Settings) -> Storage:
     """The backend STORAGE_BACKEND names, or ConfigError saying which setting is missing."""
-    if settings.storage_backend == "local":
+    if settings.storage.backend == "local":
         from server.media.storage.local import LocalStorage
 
         return LocalStorage.from_settings(settings)
-    if settings.storage_backend == "cos":
+    if settings.storage.backend == "cos":
         from server.media.storage.cos import CosStorage
 
         return CosStorage.from_settings(settings)
-    raise ConfigError(f"STORAGE_BACKEND must be local or cos, got {settings.storage_backend!r}")
+    raise ConfigError(f"STORAGE_BACKEND must be local or cos, got {settings.storage.backend!r}")
 
 
 @contextlib.asynccontextmanager

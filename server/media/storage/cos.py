@@ -87,31 +87,31 @@ class CosStorage:
         missing = [
             name
             for name, value in (
-                ("COS_BUCKET", settings.cos_bucket),
-                ("COS_SECRET_ID", settings.cos_secret_id),
-                ("COS_SECRET_KEY", settings.cos_secret_key),
+                ("COS_BUCKET", settings.storage.cos_bucket),
+                ("COS_SECRET_ID", settings.storage.cos_secret_id),
+                ("COS_SECRET_KEY", settings.storage.cos_secret_key),
             )
             if not value
         ]
-        if not settings.cos_region and not settings.cos_domain:
+        if not settings.storage.cos_region and not settings.storage.cos_domain:
             missing.append("COS_REGION (or COS_DOMAIN)")
-        if missing or settings.cos_secret_id is None or settings.cos_secret_key is None:
+        if missing or settings.storage.cos_secret_id is None or settings.storage.cos_secret_key is None:
             raise ConfigError("STORAGE_BACKEND=cos needs " + ", ".join(missing))
         config = CosConfig(
-            Region=settings.cos_region,
-            SecretId=settings.cos_secret_id,
-            SecretKey=settings.cos_secret_key.get_secret_value(),
-            Scheme=settings.cos_scheme,
-            Timeout=settings.cos_timeout,
-            Domain=settings.cos_domain,
+            Region=settings.storage.cos_region,
+            SecretId=settings.storage.cos_secret_id,
+            SecretKey=settings.storage.cos_secret_key.get_secret_value(),
+            Scheme=settings.storage.cos_scheme,
+            Timeout=settings.storage.cos_timeout,
+            Domain=settings.storage.cos_domain,
         )
         return cls(
             config,
-            str(settings.cos_bucket),
-            timeout=settings.cos_timeout,
-            threads=settings.cos_threads,
-            retries=settings.cos_retries,
-            max_pending=settings.cos_max_pending,
+            str(settings.storage.cos_bucket),
+            timeout=settings.storage.cos_timeout,
+            threads=settings.storage.cos_threads,
+            retries=settings.storage.cos_retries,
+            max_pending=settings.storage.cos_max_pending,
         )
 
     async def _call(self, op: str, fn: Callable[[], _T], *, missing_is_not_found: bool = False) -> _T:

@@ -48,10 +48,10 @@ def derive_url_secret(jwt_secret: str) -> bytes:
 
 
 def url_secret(settings: Settings) -> bytes:
-    configured = settings.storage_url_secret.get_secret_value() if settings.storage_url_secret else ""
+    configured = settings.storage.url_secret.get_secret_value() if settings.storage.url_secret else ""
     if configured:
         return configured.encode()
-    return derive_url_secret(settings.jwt_secret.get_secret_value())
+    return derive_url_secret(settings.auth.jwt_secret.get_secret_value())
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
