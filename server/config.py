@@ -399,6 +399,8 @@ class Settings(BaseSettings):
             if where is not None:
                 group, field = where
                 nested = out.get(group)
+                if isinstance(nested, BaseModel):
+                    nested = nested.model_dump()
                 nested = dict(nested) if isinstance(nested, dict) else {}
                 nested[field] = out.pop(key)
                 out[group] = nested
@@ -448,6 +450,12 @@ class Settings(BaseSettings):
         if "signup_credits" not in self.model_fields_set and not self.is_prod:
             self.signup_credits = DEV_SIGNUP_CREDITS
         return self
+
+    def updated(self, **changes: Any) -> Settings:
+        """A validated copy with `changes`, by flat name (`sms_ip_limit=1`) or field.
+        (`model_copy(update=...)` neither validates nor knows the flat names.)"""
+        data: dict[str, Any] = {name: getattr(self, name) for name in type(self).model_fields}
+        return type(self).model_validate({**data, **changes})
 
     @property
     def is_prod(self) -> bool:

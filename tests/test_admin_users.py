@@ -45,7 +45,7 @@ async def test_an_existing_user_named_as_admin_phone_becomes_admin_at_once(
 
 
 def auth_settings_without_admin(settings: Settings) -> Settings:
-    return settings.model_copy(update={"admin_phone": None, "admin_password": None})
+    return settings.updated(admin_phone=None, admin_password=None)
 
 
 async def test_users_are_listed_newest_first_in_pages(client: Any, admin: dict[str, str]) -> None:

@@ -61,7 +61,7 @@ async def test_with_sms_disabled_a_code_request_is_404_and_counts_against_no_lim
 ) -> None:
     from server.app import create_app
 
-    app = create_app(settings.model_copy(update={"sms_provider": "disabled", "sms_ip_limit": 1}))
+    app = create_app(settings.updated(sms_provider="disabled", sms_ip_limit=1))
     client = await aiohttp_client(app)
     for _ in range(3):  # past the per-IP limit of 1 and the 60 s resend interval: never 429
         resp = await client.post("/api/v1/auth/sms-codes", json={"phone": "13800138000", "purpose": "login"})

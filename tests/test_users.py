@@ -195,7 +195,7 @@ async def test_an_invite_code_check_is_case_insensitive_and_404s_otherwise(
 async def test_a_profile_change_through_one_process_is_seen_at_once_through_another(
     aiohttp_client: Any, settings: Settings, local_copies: int
 ) -> None:
-    settings = settings.model_copy(update={"profile_local_cache_size": local_copies})
+    settings = settings.updated(profile_local_cache_size=local_copies)
     one = await aiohttp_client(create_app(settings))
     two = await aiohttp_client(create_app(settings))
     account = await register(one)

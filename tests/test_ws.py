@@ -324,7 +324,7 @@ async def test_a_lost_pubsub_connection_is_caught_up_from_the_stream(
 ) -> None:
     """Instance B reaches Redis through a proxy that breaks B's pub/sub connection."""
     proxy = RedisProxy(str(settings.redis_url))
-    proxied = settings.model_copy(update={"redis_url": await proxy.start()})
+    proxied = settings.updated(redis_url=await proxy.start())
     try:
         client_b = await aiohttp_client(create_app(proxied))
         uid, token = await account(client)
@@ -411,7 +411,7 @@ async def test_a_resume_older_than_what_is_kept_gets_a_reset_then_live_events(
 
 async def test_publish_never_raises_when_redis_is_down(settings: Settings, tmp_path: Any) -> None:
     down = Redis.from_url(f"unix://{tmp_path}/nothing.sock", socket_timeout=0.2, socket_connect_timeout=0.2)
-    dead = RedisEventHub(down, settings.model_copy(update={"redis_timeout": 0.2}))
+    dead = RedisEventHub(down, settings.updated(redis_timeout=0.2))
     started = time.monotonic()
     assert await dead.publish(1, "quota.changed", {"balance": 1}) is None
     assert time.monotonic() - started < 2
