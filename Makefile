@@ -33,6 +33,7 @@ $(STAMP):
 lint:
 	$(BIN)/ruff check --config ops/ruff.toml .
 	$(BIN)/ruff format --check --config ops/ruff.toml .
+	PYTHONPATH=. $(BIN)/lint-imports --config setup.cfg
 
 typecheck:
 	$(BIN)/mypy

@@ -197,7 +197,7 @@ def create_app(settings: Settings) -> web.Application:
         middlewares=[envelope_middleware, auth_middleware],
         client_max_size=settings.http.client_max_size,
         # A header value up to HTTP_MAX_FIELD_SIZE reaches the app (and its envelope);
-        # beyond, aiohttp's parser answers a plain 400 itself (docs/architecture.md).
+        # beyond, aiohttp's parser answers a plain 400 itself (docs/infrastructure.md).
         handler_args={"max_field_size": settings.http.max_field_size},
     )
     app[settings_key] = settings

@@ -134,7 +134,7 @@ class RedisSettings(Group):
 
 
 class HttpSettings(Group):
-    """The HTTP edge (docs/architecture.md)."""
+    """The HTTP edge (docs/infrastructure.md)."""
 
     env_names: ClassVar[dict[str, str]] = {"max_field_size": "HTTP_MAX_FIELD_SIZE"}
     client_max_size: int = 12 * 1024 * 1024
