@@ -15,7 +15,7 @@ phase only moves reserved → confirmed or reserved → cancelled.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -89,12 +89,34 @@ class Grant(Message[QuotaState]):
     order_no: str | None = None
 
 
+#: SQL run inside the batch transaction; False means "already applied" (nothing written).
+Effect = Callable[[Conn], Awaitable[bool]]
+
+
+@dataclass(frozen=True, slots=True)
+class EffectOutcome:
+    applied: bool
+    state: QuotaState
+
+
+@dataclass(frozen=True, slots=True)
+class GrantWithEffect(Message[EffectOutcome]):
+    """Run `effect` in the batch transaction (under a savepoint), then `grant` (if any) —
+    unless the effect answers False ("already applied"): then nothing is granted.
+
+    The caller's change (e.g. an order becoming paid) and the credits commit together
+    or not at all; an AppError from the effect undoes the effect alone."""
+
+    effect: Effect
+    grant: Grant | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot(Message[QuotaState]):
     pass
 
 
-QuotaOp = Reserve | Confirm | Cancel | Grant | Snapshot
+QuotaOp = Reserve | Confirm | Cancel | Grant | GrantWithEffect | Snapshot
 
 
 @dataclass(slots=True)
@@ -258,7 +280,8 @@ async def apply_batch(
         )
         known = {str(r["task_id"]): _reservation(r) for r in rows}
     applied_refs: set[tuple[str, str]] = set()
-    refs = sorted({(op.kind, op.ref) for op in ops if isinstance(op, Grant) and op.ref is not None})
+    grants = [op.grant if isinstance(op, GrantWithEffect) else op for op in ops]
+    refs = sorted({(g.kind, g.ref) for g in grants if isinstance(g, Grant) and g.ref is not None})
     if refs:
         where = " OR ".join(["(kind = %s AND ref = %s)"] * len(refs))
         rows = await tx.fetchall(
@@ -278,6 +301,8 @@ async def apply_batch(
                 outcomes.append(batch.cancel(op))
             elif isinstance(op, Grant):
                 outcomes.append(batch.grant(op, applied_refs))
+            elif isinstance(op, GrantWithEffect):
+                outcomes.append(await _with_effect(tx, batch, op, applied_refs))
             else:
                 outcomes.append(QuotaState(batch.balance, batch.reserved))
         except AppError as exc:
@@ -314,6 +339,21 @@ async def apply_batch(
             user_id,
         )
     return BatchResult(outcomes, QuotaState(batch.balance, batch.reserved), bool(batch.ledger))
+
+
+async def _with_effect(
+    tx: Conn, batch: _Batch, op: GrantWithEffect, applied_refs: set[tuple[str, str]]
+) -> EffectOutcome:
+    await tx.execute("SAVEPOINT grant_effect")
+    try:
+        applied = await op.effect(tx)
+        if applied and op.grant is not None:
+            batch.grant(op.grant, applied_refs)
+    except AppError:
+        await tx.execute("ROLLBACK TO SAVEPOINT grant_effect")
+        raise
+    await tx.execute("RELEASE SAVEPOINT grant_effect")
+    return EffectOutcome(applied, QuotaState(batch.balance, batch.reserved))
 
 
 # ---------------------------------------------------------------- reads
