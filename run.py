@@ -4,6 +4,7 @@
     python run.py migrate [--status]               apply (or list) database migrations
     python run.py create-admin --phone P --password W
     python run.py check-quota                      verify balances against the ledger
+    python run.py check-orders                     verify paid orders against their grants
     python run.py clean-files [--dry-run]          delete storage objects nothing refers to
 
 With no DATABASE_URL / REDIS_URL, private MariaDB and Redis servers are started
@@ -155,6 +156,20 @@ def cmd_check_quota(settings: Settings, args: argparse.Namespace) -> int:
     return _run_db_command(settings, go, migrated=True)
 
 
+def cmd_check_orders(settings: Settings, args: argparse.Namespace) -> int:
+    """Every paid order has exactly one grant and every order grant a paid order; exit 1 if not."""
+    from server.payments.checks import check_orders
+
+    async def go(db: Any) -> int:
+        checked, problems = await check_orders(db)
+        for p in problems:
+            print(p)
+        print(f"checked {checked} paid order(s): {len(problems)} problem(s)")
+        return 1 if problems else 0
+
+    return _run_db_command(settings, go, migrated=True)
+
+
 def cmd_clean_files(settings: Settings, args: argparse.Namespace) -> int:
     """The nightly orphan-file cleanup, now; `--dry-run` lists what it would delete."""
     from server.orphans import clean_orphans
@@ -182,6 +197,7 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "migrate": cmd_migrate,
     "create-admin": cmd_create_admin,
     "check-quota": cmd_check_quota,
+    "check-orders": cmd_check_orders,
     "clean-files": cmd_clean_files,
 }
 
@@ -198,6 +214,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     admin.add_argument("--phone", required=True)
     admin.add_argument("--password", required=True)
     sub.add_parser("check-quota", help="verify every balance against the ledger; exit 1 on a difference")
+    sub.add_parser("check-orders", help="verify paid orders against their ledger grants; exit 1 on a problem")
     clean = sub.add_parser("clean-files", help="delete storage objects nothing refers to (the 03:00 job)")
     clean.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
     args = parser.parse_args(argv)

@@ -12,6 +12,7 @@ from handlers import (
     dev,
     files,
     ops,
+    payments,
     quota,
     service,
     tasks,
@@ -35,6 +36,9 @@ ROUTE_TABLES: list[RouteTable] = [
     tasks.routes,
     admin_features.routes,
     ops.routes,
+    payments.public,
+    payments.routes,
+    payments.admin_routes,
 ]
 
 

@@ -34,6 +34,7 @@ from server.metrics import Metrics
 from server.middleware import add_request_id_header, envelope_middleware
 from server.migrations import Migrator
 from server.orphans import clean_orphan_files
+from server.payments import close_stale_orders, payments_ctx
 from server.redis import connect_redis
 from server.storage import storage_ctx
 from server.sweeper import sweep_expired_reservations
@@ -105,6 +106,7 @@ CRON_JOBS = [
     CronJob("reservation-sweeper", "* * * * *", sweep_expired_reservations),
     CronJob("task-recovery", "* * * * *", recover_tasks),
     CronJob("orphan-files", "0 3 * * *", clean_orphan_files, lock_ms=3_600_000),
+    CronJob("pending-orders", "* * * * *", close_stale_orders),
 ]
 
 
@@ -126,6 +128,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(actors_ctx)
     app.cleanup_ctx.append(vendors_ctx)  # needs the actor system
     app.cleanup_ctx.append(tasks_ctx)  # features and task runs: need the vendors
+    app.cleanup_ctx.append(payments_ctx)  # needs the actor system, the hub and auth's profiles
     if settings.cron_enabled:
         app.cleanup_ctx.append(cron_ctx(CRON_JOBS))
     return app

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from server.hub import RedisEventHub
     from server.metrics import Metrics
     from server.migrations import Migrator
+    from server.payments import Payments
     from server.routing import RouteSpec
     from server.storage import Storage
     from server.tasks.manager import TaskManager
@@ -57,3 +58,6 @@ vendors_key: web.AppKey[Vendors] = web.AppKey("vendors")
 
 # Ops dashboard: when this process started serving (time.monotonic()), for its uptime.
 ops_started_key: web.AppKey[float] = web.AppKey("ops_started", float)
+
+# Payments (issue 12): products, orders, providers, settlement (server/payments).
+payments_key: web.AppKey[Payments] = web.AppKey("payments")
