@@ -11,6 +11,7 @@ from server.auth.middleware import principal_of
 from server.errors import ErrorCode, validation_failed
 from server.keys import payments_key
 from server.paging import Page, PageQuery
+from server.payments.orders import Order
 from server.routing import RouteTable, omittable
 from server.tasks.service import check_idempotency_key
 
@@ -88,6 +89,71 @@ class OrderPage(Page[OrderOut]):
     pass
 
 
+class RefundIn(BaseModel):
+    amount_fen: int | None = Field(
+        None, gt=0, le=100_000_000, description="fen to refund; left out: all that is left refundable"
+    )
+    reason: str = Field(min_length=1, max_length=200)
+
+
+class RefundOut(BaseModel):
+    refund_no: str
+    order_no: str
+    amount_fen: int
+    status: Literal["processing", "succeeded", "failed"]
+    reason: str
+    clawback_credits: int = Field(description="credits taken back from the buyer")
+    clawback_shortfall: int = Field(description="credits that could not be taken back (already spent)")
+    created_at: str
+    finished_at: str | None
+
+
+class NotificationOut(BaseModel):
+    id: int
+    provider: str
+    kind: Literal["payment", "refund"]
+    event_id: str | None
+    order_no: str | None
+    verified: bool
+    outcome: Literal["applied", "duplicate", "refused", "error"]
+    reason: str | None = Field(description="why it was refused or failed")
+    created_at: str
+
+
+class AdminOrderOut(OrderOut):
+    user_id: str
+
+
+class AdminOrderDetail(AdminOrderOut):
+    refunds: list[RefundOut]
+    notifications: list[NotificationOut] = Field(
+        description="every notification received for it, newest first"
+    )
+
+
+class AdminOrderPage(Page[AdminOrderOut]):
+    pass
+
+
+class AdminOrderQuery(PageQuery):
+    status: OrderStatus | None = None
+    user_id: int | None = Field(None, ge=1)
+
+
+def notification_view(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": int(row["id"]),
+        "provider": row["provider"],
+        "kind": row["kind"],
+        "event_id": row["event_id"],
+        "order_no": row["order_no"],
+        "verified": bool(row["verified"]),
+        "outcome": row["outcome"],
+        "reason": row["reason"],
+        "created_at": row["created_at"].replace(microsecond=0).isoformat() + "Z",
+    }
+
+
 @public.get("/api/v1/products", response=Catalogue)
 async def list_products(request: web.Request) -> dict[str, Any]:
     """The products on sale, and the payment channels offered."""
@@ -149,7 +215,8 @@ async def close_order(request: web.Request) -> dict[str, Any]:
     return order.public()
 
 
-async def _wechat_notify(request: web.Request) -> web.Response:
+async def _notify_body(request: web.Request) -> bytes | web.Response:
+    """The raw body (≤ 64 KiB), or the FAIL answer to give."""
     if request.content_length is not None and request.content_length > NOTIFY_MAX_BYTES:
         return web.json_response({"code": "FAIL", "message": "body too large"}, status=413)
     try:
@@ -158,6 +225,13 @@ async def _wechat_notify(request: web.Request) -> web.Response:
         return web.json_response({"code": "FAIL", "message": "unreadable body"}, status=400)
     if len(body) > NOTIFY_MAX_BYTES:
         return web.json_response({"code": "FAIL", "message": "body too large"}, status=413)
+    return body
+
+
+async def _wechat_notify(request: web.Request) -> web.Response:
+    body = await _notify_body(request)
+    if isinstance(body, web.Response):
+        return body
     status, message = await request.app[payments_key].wechat_notification(
         request.headers, body, request.remote
     )
@@ -184,6 +258,116 @@ async def wechat_notify(request: web.Request) -> web.Response:
 @public.post("/api/v1/payments/wechat/notify/", status=204, include_in_schema=False)
 async def wechat_notify_slash(request: web.Request) -> web.Response:
     return await _wechat_notify(request)
+
+
+async def _wechat_refund_notify(request: web.Request) -> web.Response:
+    body = await _notify_body(request)
+    if isinstance(body, web.Response):
+        return body
+    status, message = await request.app[payments_key].wechat_refund_notification(
+        request.headers, body, request.remote
+    )
+    if status == 204:
+        return web.Response(status=204)
+    return web.json_response({"code": "FAIL", "message": message or "failed"}, status=status)
+
+
+@public.post(
+    "/api/v1/payments/wechat/refund-notify",
+    status=204,
+    extra_responses={400: "Refused (FAIL); recorded", 500: "Not applied (FAIL); WeChat retries"},
+    content_type="application/json",
+)
+async def wechat_refund_notify(request: web.Request) -> web.Response:
+    """WeChat Pay APIv3 refund notification (REFUND.SUCCESS / ABNORMAL / CLOSED), with the
+    payment notification's rules: signature, serial, timestamp, decryption, then the refund
+    number, order number, amount and merchant id must match our refund. Applied once."""
+    return await _wechat_refund_notify(request)
+
+
+@public.post("/api/v1/payments/wechat/refund-notify/", status=204, include_in_schema=False)
+async def wechat_refund_notify_slash(request: web.Request) -> web.Response:
+    return await _wechat_refund_notify(request)
+
+
+async def _alipay_notify(request: web.Request) -> web.Response:
+    body = await _notify_body(request)
+    if isinstance(body, web.Response):
+        return web.Response(text="failure", content_type="text/plain", status=body.status)
+    applied = await request.app[payments_key].alipay_notification(body, request.remote)
+    return web.Response(text="success" if applied else "failure", content_type="text/plain")
+
+
+@public.post(
+    "/api/v1/payments/alipay/notify",
+    status=200,
+    content_type="text/plain",
+    extra_responses={413: "Body too large (failure)"},
+)
+async def alipay_notify(request: web.Request) -> web.Response:
+    """Alipay asynchronous notification (form-encoded, RSA2 signed).
+
+    Answers the text `success` when applied or applied before; `failure` otherwise (bad
+    signature, another app id, wrong amount or order, not TRADE_SUCCESS/TRADE_FINISHED, or
+    not applied now), so Alipay retries. Every notification is recorded."""
+    return await _alipay_notify(request)
+
+
+@public.post("/api/v1/payments/alipay/notify/", status=200, include_in_schema=False)
+async def alipay_notify_slash(request: web.Request) -> web.Response:
+    return await _alipay_notify(request)
+
+
+@admin_routes.post(
+    "/api/v1/admin/orders/{order_no}/refund",
+    body=RefundIn,
+    response=RefundOut,
+    status=202,
+    errors=[
+        ErrorCode.NOT_FOUND,
+        ErrorCode.CONFLICT,
+        ErrorCode.IDEMPOTENCY_CONFLICT,
+        ErrorCode.UPSTREAM_FAILED,
+        ErrorCode.BUSY,
+    ],
+    extra_responses={200: "A repeat of an earlier request (same Idempotency-Key and body): the same refund"},
+)
+async def refund_order(request: web.Request, body: RefundIn) -> web.Response:
+    """Refund a paid order, in part or in full. Requires an `Idempotency-Key` header.
+
+    409 CONFLICT for an order that is not paid (or already fully refunded); 422 (field
+    `amount_fen`) for more than is left (refunds still processing count as taken). Nothing
+    is written in either case. Alipay refunds answer `succeeded` or `failed` at once; WeChat
+    Pay ones usually `processing` until its refund notification or our query."""
+    key = check_idempotency_key(request.headers.get("Idempotency-Key"))
+    refund, created = await request.app[payments_key].refunds.refund(
+        principal_of(request).user_id, request.match_info["order_no"], key, body.amount_fen, body.reason
+    )
+    return web.json_response(refund.public(), status=202 if created else 200)
+
+
+@admin_routes.get("/api/v1/admin/orders", query=AdminOrderQuery, response=AdminOrderPage)
+async def admin_list_orders(request: web.Request, query: AdminOrderQuery) -> dict[str, Any]:
+    """Every order, newest first; filter by `status` and `user_id`."""
+    items, cursor = await request.app[payments_key].admin_orders(
+        query.status, query.user_id, query.cursor, query.limit
+    )
+    return {"items": [_admin_order(o) for o in items], "next_cursor": cursor}
+
+
+@admin_routes.get("/api/v1/admin/orders/{order_no}", response=AdminOrderDetail, errors=[ErrorCode.NOT_FOUND])
+async def admin_get_order(request: web.Request) -> dict[str, Any]:
+    """One order with its refunds and every notification received about it."""
+    order, refunds, notes = await request.app[payments_key].admin_order(request.match_info["order_no"])
+    return {
+        **_admin_order(order),
+        "refunds": [r.public() for r in refunds],
+        "notifications": [notification_view(n) for n in notes],
+    }
+
+
+def _admin_order(order: Order) -> dict[str, Any]:
+    return {**order.public(), "user_id": str(order.user_id)}
 
 
 @admin_routes.post(

@@ -232,6 +232,13 @@ class Settings(BaseSettings):
     wechatpay_threads: int = Field(8, ge=1)  # threads running the (blocking) SDK
     wechatpay_max_pending: int = Field(64, ge=1)  # running + queued SDK calls before BUSY
     wechatpay_timeout: float = Field(20.0, gt=0)  # a whole SDK call (connect 5 s + read 15 s)
+    alipay_appid: str | None = None
+    alipay_private_key: Path | None = None  # the app's RSA2 private key PEM file
+    alipay_public_key: Path | None = None  # Alipay's public key PEM file
+    alipay_gateway: str = "https://openapi.alipay.com/gateway.do"
+    alipay_threads: int = Field(8, ge=1)  # threads running the (blocking) SDK
+    alipay_max_pending: int = Field(64, ge=1)  # running + queued SDK calls before BUSY
+    alipay_timeout: float = Field(20.0, gt=0)  # a whole SDK call (each HTTP request: 15 s)
 
     @field_validator("log_level")
     @classmethod

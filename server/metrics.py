@@ -117,6 +117,24 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.refunds = Counter(
+            "payment_refunds_total",
+            "Refund status changes by channel and status reached (processing: asked, succeeded, failed)",
+            ["channel", "status"],
+            registry=self.registry,
+        )
+        self.refunded_fen = Counter(
+            "payment_refunded_fen_total",
+            "Money refunded (succeeded refunds), in fen",
+            ["channel"],
+            registry=self.registry,
+        )
+        self.clawback_credits = Counter(
+            "payment_clawback_credits_total",
+            "Credits taken back by refunds (taken), and those that could not be (shortfall)",
+            ["result"],
+            registry=self.registry,
+        )
 
     def watch_pool(self, read: Callable[[], dict[str, int]]) -> None:
         self.registry.register(PoolCollector(read))

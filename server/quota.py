@@ -111,12 +111,27 @@ class GrantWithEffect(Message[EffectOutcome]):
     grant: Grant | None = None
 
 
+#: Like Effect, but given the user's state at that point of the batch (account row locked)
+#: and answering the grant to make with it: a Grant, None (applied, nothing to grant), or
+#: False ("already applied": nothing written).
+SizedEffect = Callable[[Conn, QuotaState], Awaitable[Grant | Literal[False] | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class SizedGrantWithEffect(Message[EffectOutcome]):
+    """GrantWithEffect whose effect sizes its own grant from the user's state: a refund's
+    clawback takes at most what is available and records what it could not take. The
+    effect and the grant commit together or not at all, as for GrantWithEffect."""
+
+    effect: SizedEffect
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot(Message[QuotaState]):
     pass
 
 
-QuotaOp = Reserve | Confirm | Cancel | Grant | GrantWithEffect | Snapshot
+QuotaOp = Reserve | Confirm | Cancel | Grant | GrantWithEffect | SizedGrantWithEffect | Snapshot
 
 
 @dataclass(slots=True)
@@ -303,6 +318,8 @@ async def apply_batch(
                 outcomes.append(batch.grant(op, applied_refs))
             elif isinstance(op, GrantWithEffect):
                 outcomes.append(await _with_effect(tx, batch, op, applied_refs))
+            elif isinstance(op, SizedGrantWithEffect):
+                outcomes.append(await _with_sized_effect(tx, batch, op, applied_refs))
             else:
                 outcomes.append(QuotaState(batch.balance, batch.reserved))
         except AppError as exc:
@@ -354,6 +371,25 @@ async def _with_effect(
         raise
     await tx.execute("RELEASE SAVEPOINT grant_effect")
     return EffectOutcome(applied, QuotaState(batch.balance, batch.reserved))
+
+
+async def _with_sized_effect(
+    tx: Conn, batch: _Batch, op: SizedGrantWithEffect, applied_refs: set[tuple[str, str]]
+) -> EffectOutcome:
+    await tx.execute("SAVEPOINT grant_effect")
+    try:
+        grant = await op.effect(tx, QuotaState(batch.balance, batch.reserved))
+        if grant is not False and grant is not None:
+            if grant.ref is not None and await tx.fetchval(
+                "SELECT 1 FROM quota_ledger WHERE kind = %s AND ref = %s", grant.kind, grant.ref
+            ):
+                applied_refs = applied_refs | {(grant.kind, grant.ref)}
+            batch.grant(grant, applied_refs)
+    except AppError:
+        await tx.execute("ROLLBACK TO SAVEPOINT grant_effect")
+        raise
+    await tx.execute("RELEASE SAVEPOINT grant_effect")
+    return EffectOutcome(grant is not False, QuotaState(batch.balance, batch.reserved))
 
 
 # ---------------------------------------------------------------- reads

@@ -21,9 +21,9 @@ from server.keys import (
     redis_key,
     settings_key,
 )
+from server.payments import alipay, wechat
 from server.payments.providers import Provider
 from server.payments.service import Payments
-from server.payments.wechat import WeChatPayProvider, settings_complete
 
 __all__ = ["Payments", "close_stale_orders", "payments_ctx"]
 
@@ -32,8 +32,10 @@ async def payments_ctx(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx, after the actors: the facade and its providers' thread pools."""
     settings = app[settings_key]
     providers: list[Provider] = []
-    if settings_complete(settings):
-        providers.append(WeChatPayProvider(settings, app[metrics_key]))
+    if wechat.settings_complete(settings):
+        providers.append(wechat.WeChatPayProvider(settings, app[metrics_key]))
+    if alipay.settings_complete(settings):
+        providers.append(alipay.AlipayProvider(settings, app[metrics_key]))
     payments = Payments(
         settings=settings,
         db=app[db_key],
@@ -52,5 +54,7 @@ async def payments_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def close_stale_orders(app: web.Application) -> int:
-    """Cron, every minute: lost notifications (query) and expired orders (close)."""
-    return await app[payments_key].check_pending()
+    """Cron, every minute: lost notifications (query), expired orders (close), and
+    refunds still processing (query)."""
+    payments = app[payments_key]
+    return await payments.check_pending() + await payments.check_refunds()

@@ -1,4 +1,4 @@
-"""What every payment provider adapter offers the facade (WeChat Pay now; Alipay next).
+"""What every payment provider adapter offers the facade (WeChat Pay, Alipay).
 
 A provider owns one or more channels (`wechat_native`, `wechat_jsapi`, `alipay_qr`, …),
 turns an order into the parameters a client pays with, asks the provider about an
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 TradeStatus = Literal["paid", "pending", "closed", "refunded", "unknown"]
+RefundStatus = Literal["processing", "succeeded", "failed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,31 @@ class PayRequest:
     description: str
     expires_at_rfc3339: str
     openid: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RefundRequest:
+    order_no: str
+    refund_no: str
+    amount_fen: int
+    total_fen: int  # the order's amount
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RefundResult:
+    """A provider's view of one refund, from the refund call, a query or a notification.
+
+    `failed` only when the provider said so (no money moved); a call whose outcome is
+    unknown (timeout, network) raises AppError instead and the refund stays processing."""
+
+    refund_no: str
+    status: RefundStatus
+    order_no: str | None = None
+    amount_fen: int | None = None
+    provider_refund_id: str | None = None
+    mchid: str | None = None
+    raw_state: str = ""
 
 
 class NotificationRefused(Exception):
@@ -74,8 +100,20 @@ class Provider(Protocol):
         """Close at the provider: `closed`, or `paid` when the buyer paid first."""
         ...
 
+    async def refund(self, req: RefundRequest) -> RefundResult:
+        """Ask for a refund (idempotent per refund_no): processing, succeeded or failed."""
+        ...
+
+    async def query_refund(self, order_no: str, refund_no: str) -> RefundResult: ...
+
     def verify_notification(self, headers: Mapping[str, str], body: bytes, now: float) -> Notification:
         """Signature, freshness, decryption; raises NotificationRefused. Pure CPU."""
+        ...
+
+    def verify_refund_notification(
+        self, headers: Mapping[str, str], body: bytes, now: float
+    ) -> tuple[RefundResult, str | None]:
+        """A refund notification and its event id; raises NotificationRefused. Pure CPU."""
         ...
 
     async def close_pool(self) -> None: ...

@@ -24,7 +24,7 @@ from actors.runtime import ActorSystem
 from actors.user import UserActor
 from server.auth.users import Profiles
 from server.config import Settings
-from server.db import Conn, Database, is_duplicate
+from server.db import Conn, Database, Row, is_duplicate
 from server.errors import AppError, ErrorCode, NotFound, validation_failed
 from server.events import EventHub
 from server.metrics import Metrics
@@ -34,6 +34,8 @@ from server.payments.commissions import record_commission
 from server.payments.orders import PAID_STATUSES, IllegalTransition, Order
 from server.payments.products import Products
 from server.payments.providers import NotificationRefused, PayRequest, Provider, Trade
+from server.payments.refunding import Refunds
+from server.payments.refunds import Refund
 from server.quota import EffectOutcome, Grant, GrantWithEffect
 
 #: Every channel the API knows; a server offers those its providers are configured for.
@@ -41,6 +43,7 @@ KNOWN_CHANNELS = ("wechat_jsapi", "wechat_native", "alipay_qr")
 MEMBER_TIER = "member"
 STALE_AFTER = dt.timedelta(minutes=1)  # the cron job asks about pending orders this old
 STALE_BATCH = 500
+NOTIFICATION_COLUMNS = "id, provider, kind, event_id, order_no, verified, outcome, reason, remote, created_at"
 
 
 def utcnow() -> dt.datetime:
@@ -81,6 +84,9 @@ class Payments:
         self.products = Products(db)
         self.providers = {p.name: p for p in providers}
         self._by_channel = {c: p for p in providers for c in p.channels}
+        self.refunds = Refunds(
+            db=db, actors=actors, hub=hub, profiles=profiles, metrics=metrics, provider_for=self.provider_for
+        )
 
     async def close(self) -> None:
         for provider in self.providers.values():
@@ -335,16 +341,29 @@ class Payments:
         self, headers: Mapping[str, str], body: bytes, remote: str | None
     ) -> tuple[int, str]:
         """(HTTP status, message): 204 when applied or applied before; else 4xx/5xx (WeChat retries)."""
-        provider = self.providers.get("wechat")
+        return await self._payment_notification("wechat", headers, body, remote)
+
+    async def alipay_notification(self, body: bytes, remote: str | None) -> bool:
+        """True (answer `success`) when applied or applied before; False (`failure`: Alipay retries)."""
+        status, _ = await self._payment_notification("alipay", {}, body, remote)
+        return status == 204
+
+    async def _payment_notification(
+        self, provider_name: str, headers: Mapping[str, str], body: bytes, remote: str | None
+    ) -> tuple[int, str]:
+        """Verify, check against the order, settle, record: (204 | 4xx refused | 5xx error, reason)."""
+        provider = self.providers.get(provider_name)
         verified, order_no, event_id = False, None, None
         try:
             if provider is None:
-                raise NotificationRefused("WeChat Pay is not configured")
+                raise NotificationRefused(f"{provider_name} is not configured")
             note = provider.verify_notification(headers, body, time.time())
             verified, order_no, event_id = True, note.trade.order_no[:64], note.event_id
             order = await self._load(order_no) if 0 < len(order_no) <= 32 else None
             if order is None:
                 raise NotificationRefused("unknown order")
+            if order.channel not in provider.channels:
+                raise NotificationRefused(f"order {order_no} is a {order.channel} order")
             why = self._mismatch(order, note.trade)
             if why is not None:
                 raise NotificationRefused(why)
@@ -359,11 +378,42 @@ class Payments:
         except AppError as exc:
             outcome, reason, status = "error", exc.message, 500 if exc.status < 500 else exc.status
         except Exception as exc:
-            logger.opt(exception=True).error("WeChat Pay notification failed")
+            logger.opt(exception=True).error("{} payment notification failed", provider_name)
             outcome, reason, status = "error", type(exc).__name__, 500
-        await self._record("wechat", "payment", event_id, order_no, verified, outcome, reason, body, remote)
+        await self._record(
+            provider_name, "payment", event_id, order_no, verified, outcome, reason, body, remote
+        )
         if outcome == "refused":
-            logger.warning("WeChat Pay notification refused ({}): {}", order_no, reason)
+            logger.warning("{} payment notification refused ({}): {}", provider_name, order_no, reason)
+        return status, reason or ""
+
+    async def wechat_refund_notification(
+        self, headers: Mapping[str, str], body: bytes, remote: str | None
+    ) -> tuple[int, str]:
+        """A WeChat Pay refund notification, with the pay notification's rules and answers."""
+        provider = self.providers.get("wechat")
+        verified, order_no, event_id = False, None, None
+        try:
+            if provider is None:
+                raise NotificationRefused("WeChat Pay is not configured")
+            applied, order_no, event_id = await self.refunds.wechat_notification(
+                provider, headers, body, time.time()
+            )
+            verified = True
+            outcome, reason, status = ("applied" if applied else "duplicate"), None, 204
+        except NotificationRefused as exc:
+            verified = verified or exc.verified
+            order_no = order_no or exc.order_no
+            outcome, reason, status = "refused", exc.reason, 400
+        except AppError as exc:
+            verified = True
+            outcome, reason, status = "error", exc.message, 500 if exc.status < 500 else exc.status
+        except Exception as exc:
+            logger.opt(exception=True).error("WeChat Pay refund notification failed")
+            outcome, reason, status = "error", type(exc).__name__, 500
+        await self._record("wechat", "refund", event_id, order_no, verified, outcome, reason, body, remote)
+        if outcome == "refused":
+            logger.warning("WeChat Pay refund notification refused ({}): {}", order_no, reason)
         return status, reason or ""
 
     async def _record(
@@ -389,7 +439,52 @@ class Payments:
         except Exception:
             logger.opt(exception=True).error("could not record a {} notification ({})", provider, outcome)
 
-    # ------------------------------------------------------------ the cron job
+    # ------------------------------------------------------------ admin views
+
+    async def admin_orders(
+        self, status: str | None, user_id: int | None, cursor: str | None, limit: int
+    ) -> tuple[list[Order], str | None]:
+        """Every order (or those of one status / one user), newest first."""
+        after = decode_cursor(cursor, str)
+        where, args = ["order_no < %s"], [after[0] if after else "~"]
+        if status is not None:
+            where.append("status = %s")
+            args.append(status)
+        if user_id is not None:
+            where.append("user_id = %s")
+            args.append(str(user_id))
+        rows = await self.db.fetchall(
+            f"SELECT {orders.ORDER_COLUMNS} FROM orders WHERE {' AND '.join(where)} "
+            "ORDER BY order_no DESC LIMIT %s",
+            *args,
+            limit + 1,
+        )
+        items = [Order.of(r) for r in rows[:limit]]
+        more = len(rows) > limit and items
+        return items, encode_cursor(items[-1].order_no) if more else None
+
+    async def admin_order(self, order_no: str) -> tuple[Order, list[Refund], list[Row]]:
+        """An order, its refunds, and every notification received about it (newest first)."""
+        order = await self._load(order_no) if 0 < len(order_no) <= 32 else None
+        if order is None:
+            raise NotFound(f"No order {order_no}")
+        notes = await self.db.fetchall(
+            f"SELECT {NOTIFICATION_COLUMNS} FROM payment_notifications WHERE order_no = %s "
+            "ORDER BY id DESC LIMIT 200",
+            order_no,
+        )
+        return order, await self.refunds.of_order(order_no), notes
+
+    async def latest_notifications(self, limit: int) -> list[Row]:
+        return await self.db.fetchall(
+            f"SELECT {NOTIFICATION_COLUMNS} FROM payment_notifications ORDER BY id DESC LIMIT %s", limit
+        )
+
+    # ------------------------------------------------------------ the cron jobs
+
+    async def check_refunds(self) -> int:
+        """Query refunds still processing; apply what the provider answers."""
+        return await self.refunds.check_processing()
 
     async def check_pending(self) -> int:
         """Ask about every pending order a minute old or older; close those past ORDER_TTL."""

@@ -1,11 +1,10 @@
 """WeChat Pay APIv3 through `wechatpayv3` (sync, requests), public-key mode.
 
-Every SDK network call runs in this provider's ThreadPoolExecutor (WECHATPAY_THREADS),
-never on the event loop; at most WECHATPAY_MAX_PENDING calls may be running or queued,
-one more answers BUSY at once. The SDK's own timeout is (5, 15) s per HTTP request;
-`asyncio.wait_for` bounds the whole call at WECHATPAY_TIMEOUT. A thread cannot be
-stopped when that fires, which is safe: create, query and close are idempotent per
-out_trade_no.
+Every SDK network call runs in this provider's SdkPool (server/payments/pool.py:
+WECHATPAY_THREADS threads, at most WECHATPAY_MAX_PENDING running or queued, the whole
+call bounded by WECHATPAY_TIMEOUT), never on the event loop. The SDK's own timeout is
+(5, 15) s per HTTP request. Create, query, close and refund are idempotent per
+out_trade_no / out_refund_no, so a call abandoned on timeout is harmless.
 
 Notifications are verified on the loop (`callback()` is pure CPU, ≈0.05 ms) but only
 after checking the serial is our platform public key id: for any other serial the SDK
@@ -15,24 +14,29 @@ timestamp, so we refuse one more than 300 s off.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
-import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import requests
-from loguru import logger
 from wechatpayv3 import WeChatPay, WeChatPayType
 
 from server.config import ConfigError, Settings
-from server.errors import AppError, Busy, ErrorCode
+from server.errors import AppError, ErrorCode
 from server.metrics import Metrics
-from server.payments.providers import Notification, NotificationRefused, PayRequest, Trade, TradeStatus
+from server.payments.pool import SdkPool
+from server.payments.providers import (
+    Notification,
+    NotificationRefused,
+    PayRequest,
+    RefundRequest,
+    RefundResult,
+    RefundStatus,
+    Trade,
+    TradeStatus,
+)
 
 _T = TypeVar("_T")
 
@@ -103,51 +107,26 @@ class WeChatPayProvider:
             raise ConfigError(f"WeChat Pay settings rejected by the SDK: {exc}") from exc
         # The SDK hard-codes the real gateway; this attribute is where it keeps it.
         self._wx._core._gate_way = settings.wechatpay_api_base.rstrip("/")
-        self._metrics = metrics
-        self._executor = ThreadPoolExecutor(
-            max_workers=settings.wechatpay_threads, thread_name_prefix="wxpay"
+        self.refund_notify_url = (
+            settings.public_base_url.rstrip("/") + "/api/v1/payments/wechat/refund-notify"
         )
-        self._slots = threading.BoundedSemaphore(settings.wechatpay_max_pending)
-        self._timeout = settings.wechatpay_timeout
+        self._pool = SdkPool(
+            "wechat",
+            "WeChat Pay",
+            threads=settings.wechatpay_threads,
+            max_pending=settings.wechatpay_max_pending,
+            timeout=settings.wechatpay_timeout,
+            metrics=metrics,
+        )
 
     def needs_openid(self, channel: str) -> bool:
         return channel == "wechat_jsapi"
 
     async def close_pool(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
 
     async def _call(self, op: str, fn: Callable[[], _T]) -> _T:
-        if not self._slots.acquire(blocking=False):
-            raise Busy("WeChat Pay calls are saturated, retry shortly")
-        try:
-            future: Future[_T] = self._executor.submit(fn)
-        except RuntimeError:
-            self._slots.release()
-            raise AppError(ErrorCode.UPSTREAM_FAILED, "WeChat Pay client is closed") from None
-        future.add_done_callback(lambda _: self._slots.release())
-        started = time.perf_counter()
-        outcome = "error"
-        try:
-            result = await asyncio.wait_for(asyncio.wrap_future(future), self._timeout)
-            outcome = "ok"
-            return result
-        except TimeoutError:
-            outcome = "timeout"
-            raise AppError(
-                ErrorCode.UPSTREAM_FAILED, f"WeChat Pay {op} took longer than {self._timeout:g} s"
-            ) from None
-        except AppError:
-            raise
-        except (requests.RequestException, OSError) as exc:
-            raise AppError(ErrorCode.UPSTREAM_FAILED, f"WeChat Pay {op} failed: {exc}") from None
-        except Exception as exc:  # the SDK's bare Exception: e.g. a bad answer signature
-            logger.warning("WeChat Pay {} failed: {}", op, exc)
-            raise AppError(ErrorCode.UPSTREAM_FAILED, f"WeChat Pay {op} failed: {exc}") from None
-        finally:
-            self._metrics.payment_provider_calls.labels(self.name, op, outcome).inc()
-            self._metrics.payment_provider_seconds.labels(self.name, op).observe(
-                time.perf_counter() - started
-            )
+        return await self._pool.call(op, fn)
 
     # ------------------------------------------------------------ calls
 
@@ -215,7 +194,77 @@ class WeChatPayProvider:
 
     # ------------------------------------------------------------ notifications
 
+    async def refund(self, req: RefundRequest) -> RefundResult:
+        def call() -> RefundResult:
+            code, text = self._wx.refund(
+                out_refund_no=req.refund_no,
+                amount={"refund": req.amount_fen, "total": req.total_fen, "currency": "CNY"},
+                out_trade_no=req.order_no,
+                reason=req.reason[:80] or None,
+                notify_url=self.refund_notify_url,
+            )
+            answer = _json(text)
+            if code == 200:
+                return _refund(answer, req.refund_no)
+            if 400 <= code < 500 and answer.get("code") not in ("SYSTEM_ERROR", "FREQUENCY_LIMITED"):
+                # A definite refusal (NOT_ENOUGH, INVALID_REQUEST, …): no money moved.
+                return RefundResult(
+                    req.refund_no, "failed", order_no=req.order_no, raw_state=str(answer.get("code", code))
+                )
+            raise AppError(
+                ErrorCode.UPSTREAM_FAILED, f"WeChat Pay refund failed: {code} {answer.get('code')}"
+            )
+
+        return await self._call("refund", call)
+
+    async def query_refund(self, order_no: str, refund_no: str) -> RefundResult:
+        def call() -> RefundResult:
+            code, text = self._wx.query_refund(out_refund_no=refund_no)
+            answer = _json(text)
+            if code == 404:  # never reached WeChat Pay: it cannot succeed any more
+                return RefundResult(refund_no, "failed", order_no=order_no, raw_state="RESOURCE_NOT_EXISTS")
+            if code != 200:
+                raise AppError(
+                    ErrorCode.UPSTREAM_FAILED, f"WeChat Pay refund query failed: {code} {answer.get('code')}"
+                )
+            return _refund(answer, refund_no)
+
+        return await self._call("query_refund", call)
+
+    def verify_refund_notification(
+        self, headers: Mapping[str, str], body: bytes, now: float
+    ) -> tuple[RefundResult, str | None]:
+        """A refund notification (REFUND.SUCCESS / ABNORMAL / CLOSED), verified and decrypted,
+        and its event id."""
+        data = self._callback(headers, body, now)
+        resource = data.get("resource")
+        if not isinstance(resource, dict) or not resource.get("out_refund_no"):
+            raise NotificationRefused("no refund resource", verified=True)
+        result = _refund(resource, str(resource["out_refund_no"]), state_key="refund_status")
+        if not str(data.get("event_type", "")).startswith("REFUND.") or result.raw_state == "":
+            raise NotificationRefused(
+                f"not a refund notification: {data.get('event_type')}",
+                verified=True,
+                order_no=result.order_no,
+            )
+        return result, str(data.get("id") or "")[:64] or None
+
     def verify_notification(self, headers: Mapping[str, str], body: bytes, now: float) -> Notification:
+        data = self._callback(headers, body, now)
+        resource = data.get("resource")
+        if not isinstance(resource, dict):
+            raise NotificationRefused("no resource", verified=True)
+        trade = _trade(resource)
+        if data.get("event_type") != "TRANSACTION.SUCCESS" or trade.status != "paid":
+            raise NotificationRefused(
+                f"not a payment success: {data.get('event_type')} {trade.raw_state}",
+                verified=True,
+                order_no=trade.order_no,
+            )
+        return Notification(trade=trade, event_id=str(data.get("id") or "")[:64] or None)
+
+    def _callback(self, headers: Mapping[str, str], body: bytes, now: float) -> dict[str, Any]:
+        """Headers, serial, freshness, then the SDK's signature check and decryption."""
         names = ("Signature", "Timestamp", "Nonce", "Serial", "Signature-Type")
         got = {f"Wechatpay-{n}": headers.get(f"Wechatpay-{n}", "") for n in names}
         missing = [k for k, v in got.items() if not v]
@@ -237,17 +286,7 @@ class WeChatPayProvider:
             raise NotificationRefused(f"unreadable notification: {type(exc).__name__}") from None
         if not data:
             raise NotificationRefused("bad signature, or the resource did not decrypt")
-        resource = data.get("resource")
-        if not isinstance(resource, dict):
-            raise NotificationRefused("no resource", verified=True)
-        trade = _trade(resource)
-        if data.get("event_type") != "TRANSACTION.SUCCESS" or trade.status != "paid":
-            raise NotificationRefused(
-                f"not a payment success: {data.get('event_type')} {trade.raw_state}",
-                verified=True,
-                order_no=trade.order_no,
-            )
-        return Notification(trade=trade, event_id=str(data.get("id") or "")[:64] or None)
+        return dict(data)
 
 
 def _json(text: Any) -> dict[str, Any]:
@@ -272,6 +311,29 @@ def _trade(answer: Mapping[str, Any]) -> Trade:
         amount_fen=total if isinstance(total, int) and not isinstance(total, bool) else None,
         txn_id=str(answer["transaction_id"]) if answer.get("transaction_id") else None,
         appid=answer.get("appid"),
+        mchid=answer.get("mchid"),
+        raw_state=state,
+    )
+
+
+_REFUND_STATES: dict[str, RefundStatus] = {
+    "SUCCESS": "succeeded",
+    "PROCESSING": "processing",
+    "CLOSED": "failed",
+    "ABNORMAL": "failed",  # the buyer's account cannot take it; an operator must act
+}
+
+
+def _refund(answer: Mapping[str, Any], refund_no: str, state_key: str = "status") -> RefundResult:
+    amount = answer.get("amount")
+    refund = amount.get("refund") if isinstance(amount, dict) else None
+    state = str(answer.get(state_key, ""))
+    return RefundResult(
+        refund_no=str(answer.get("out_refund_no") or refund_no),
+        status=_REFUND_STATES.get(state, "processing"),
+        order_no=str(answer["out_trade_no"]) if answer.get("out_trade_no") else None,
+        amount_fen=refund if isinstance(refund, int) and not isinstance(refund, bool) else None,
+        provider_refund_id=str(answer["refund_id"]) if answer.get("refund_id") else None,
         mchid=answer.get("mchid"),
         raw_state=state,
     )

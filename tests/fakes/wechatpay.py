@@ -97,6 +97,8 @@ class FakeWeChatPay:
     calls: list[str] = field(default_factory=list)
     refused: int = 0  # requests whose Authorization did not verify
     delay: float = 0.0  # seconds each answer waits (latency)
+    refunds: dict[str, dict[str, Any]] = field(default_factory=dict)  # out_refund_no → refund
+    refuse_refunds: str | None = None  # a code every refund is refused with (403)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -104,6 +106,8 @@ class FakeWeChatPay:
         app.router.add_post("/v3/pay/transactions/jsapi", self.order)
         app.router.add_get("/v3/pay/transactions/out-trade-no/{no}", self.query)
         app.router.add_post("/v3/pay/transactions/out-trade-no/{no}/close", self.close)
+        app.router.add_post("/v3/refund/domestic/refunds", self.refund)
+        app.router.add_get("/v3/refund/domestic/refunds/{no}", self.query_refund)
         return app
 
     # ------------------------------------------------------------ test controls
@@ -131,22 +135,56 @@ class FakeWeChatPay:
             trade["amount"] = {**trade["amount"], "total": amount, "payer_total": amount}
         if appid is not None:
             trade["appid"] = appid
+        return self._event("TRANSACTION.SUCCESS", "transaction", trade, timestamp)
+
+    def finish_refund(self, refund_no: str, status: str = "SUCCESS") -> dict[str, Any]:
+        """The refund reaches the buyer (or fails: ABNORMAL, CLOSED); no notification is sent."""
+        refund = self.refunds[refund_no]
+        refund["status"] = status
+        if status == "SUCCESS":
+            refund["success_time"] = time.strftime("%Y-%m-%dT%H:%M:%S+08:00")
+        return refund
+
+    def refund_notification(
+        self, refund_no: str, *, amount: int | None = None, mchid: str | None = None
+    ) -> tuple[dict[str, str], bytes]:
+        """(headers, body) of the REFUND.<status> notification for a refund."""
+        refund = self.refunds[refund_no]
+        resource = {
+            "mchid": mchid or MCHID,
+            "out_trade_no": refund["out_trade_no"],
+            "transaction_id": refund["transaction_id"],
+            "out_refund_no": refund_no,
+            "refund_id": refund["refund_id"],
+            "refund_status": refund["status"],
+            "success_time": refund.get("success_time"),
+            "user_received_account": "支付用户零钱",
+            "amount": {
+                **refund["amount"],
+                "refund": refund["amount"]["refund"] if amount is None else amount,
+            },
+        }
+        return self._event(f"REFUND.{refund['status']}", "refund", resource, None)
+
+    def _event(
+        self, event_type: str, kind: str, resource: dict[str, Any], timestamp: int | None
+    ) -> tuple[dict[str, str], bytes]:
         nonce = secrets.token_hex(6)  # 12 ASCII characters, as WeChat Pay sends
         ciphertext = AESGCM(APIV3_KEY.encode()).encrypt(
-            nonce.encode(), json.dumps(trade).encode(), b"transaction"
+            nonce.encode(), json.dumps(resource).encode(), kind.encode()
         )
         body = json.dumps(
             {
                 "id": secrets.token_hex(18),
                 "create_time": time.strftime("%Y-%m-%dT%H:%M:%S+08:00"),
                 "resource_type": "encrypt-resource",
-                "event_type": "TRANSACTION.SUCCESS",
-                "summary": "支付成功",
+                "event_type": event_type,
+                "summary": "支付成功" if kind == "transaction" else "退款成功",
                 "resource": {
-                    "original_type": "transaction",
+                    "original_type": kind,
                     "algorithm": "AEAD_AES_256_GCM",
                     "ciphertext": base64.b64encode(ciphertext).decode(),
-                    "associated_data": "transaction",
+                    "associated_data": kind,
                     "nonce": nonce,
                 },
             },
@@ -250,3 +288,59 @@ class FakeWeChatPay:
             return self._answer(400, {"code": "ORDERPAID", "message": "order paid"})
         trade["trade_state"] = "CLOSED"
         return self._answer(204)
+
+    async def refund(self, request: web.Request) -> web.Response:
+        ok, raw = await self._authorized(request)
+        self.calls.append("refund")
+        if not ok:
+            return self._answer(401, {"code": "SIGN_ERROR", "message": "signature mismatch"})
+        data = json.loads(raw)
+        no = data.get("out_refund_no", "")
+        if no in self.refunds:  # a repeat: the refund as it is
+            return self._answer(200, self._refund_view(self.refunds[no]))
+        if not data.get("notify_url", "").startswith("https://"):
+            return self._answer(400, {"code": "PARAM_ERROR", "message": "notify_url"})
+        if self.refuse_refunds:
+            return self._answer(403, {"code": self.refuse_refunds, "message": "refused"})
+        trade = self.trades.get(data.get("out_trade_no", ""))
+        if trade is None or trade["trade_state"] not in ("SUCCESS", "REFUND"):
+            return self._answer(404, {"code": "RESOURCE_NOT_EXISTS", "message": "no such paid order"})
+        amount = data["amount"]
+        done = sum(
+            r["amount"]["refund"] for r in self.refunds.values() if r["out_trade_no"] == data["out_trade_no"]
+        )
+        if amount["total"] != trade["amount"]["total"] or amount["refund"] > amount["total"] - done:
+            return self._answer(400, {"code": "INVALID_REQUEST", "message": "amount"})
+        trade["trade_state"] = "REFUND"
+        refund = {
+            "refund_id": "50300" + secrets.token_hex(10),
+            "out_refund_no": no,
+            "transaction_id": trade["transaction_id"],
+            "out_trade_no": data["out_trade_no"],
+            "channel": "ORIGINAL",
+            "status": "PROCESSING",
+            "create_time": time.strftime("%Y-%m-%dT%H:%M:%S+08:00"),
+            "amount": {
+                "total": amount["total"],
+                "refund": amount["refund"],
+                "payer_total": amount["total"],
+                "payer_refund": amount["refund"],
+                "currency": "CNY",
+            },
+        }
+        self.refunds[no] = refund
+        return self._answer(200, self._refund_view(refund))
+
+    async def query_refund(self, request: web.Request) -> web.Response:
+        ok, _ = await self._authorized(request)
+        self.calls.append(f"query_refund {request.match_info['no']}")
+        if not ok:
+            return self._answer(401, {"code": "SIGN_ERROR", "message": "signature mismatch"})
+        refund = self.refunds.get(request.match_info["no"])
+        if refund is None:
+            return self._answer(404, {"code": "RESOURCE_NOT_EXISTS", "message": "no such refund"})
+        return self._answer(200, self._refund_view(refund))
+
+    @staticmethod
+    def _refund_view(refund: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in refund.items() if v is not None}
