@@ -32,6 +32,7 @@ from server.keys import (
     tasks_key,
 )
 from server.quota import Cancel, Reserve
+from server.tasks.pricing import task_cost
 
 ACTIVE = ("queued", "running")
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -130,10 +131,9 @@ async def create_task(
     # The lease first: from the moment credits are reserved, a live process holds the task.
     await leases.acquire(app[redis_key], task_id, owner, int(settings.task_lease_ttl * 1000))
     user = app[actor_system_key].ref(UserActor, user_id)
+    cost = await task_cost(app, user_id, feature)
     try:
-        await user.ask(
-            Reserve(task_id, feature.cost, ttl=settings.task_timeout + 3 * settings.task_lease_ttl)
-        )
+        await user.ask(Reserve(task_id, cost, ttl=settings.task_timeout + 3 * settings.task_lease_ttl))
     except BaseException:
         await leases.release(app[redis_key], task_id, owner)
         raise
@@ -146,7 +146,7 @@ async def create_task(
             user_id,
             feature.slug,
             feature.version,
-            feature.cost,
+            cost,
             json.dumps(inputs),
             key,
             digest,
