@@ -5,6 +5,7 @@
     python run.py create-admin --phone P --password W
     python run.py grant-credits --phone P --amount N --reason R
     python run.py check-quota                      verify balances against the ledger
+    python run.py check-orders                     verify paid orders against their grants
     python run.py clean-files [--dry-run]          delete storage objects nothing refers to
 
 With no DATABASE_URL / REDIS_URL, private MariaDB and Redis servers are started
@@ -271,6 +272,20 @@ def cmd_check_quota(settings: Settings, args: argparse.Namespace) -> int:
     return _run_db_command(settings, go, migrated=True)
 
 
+def cmd_check_orders(settings: Settings, args: argparse.Namespace) -> int:
+    """Every paid order has exactly one grant and every order grant a paid order; exit 1 if not."""
+    from server.payments.checks import check_orders
+
+    async def go(db: Any) -> int:
+        checked, problems = await check_orders(db)
+        for p in problems:
+            print(p)
+        print(f"checked {checked} paid order(s): {len(problems)} problem(s)")
+        return 1 if problems else 0
+
+    return _run_db_command(settings, go, migrated=True)
+
+
 def cmd_clean_files(settings: Settings, args: argparse.Namespace) -> int:
     """The nightly orphan-file cleanup, now; `--dry-run` lists what it would delete."""
     from server.media.orphans import clean_orphans
@@ -299,6 +314,7 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "create-admin": cmd_create_admin,
     "grant-credits": cmd_grant_credits,
     "check-quota": cmd_check_quota,
+    "check-orders": cmd_check_orders,
     "clean-files": cmd_clean_files,
 }
 
@@ -321,6 +337,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     grant.add_argument("--amount", type=int, required=True, help="credits to add (negative: remove)")
     grant.add_argument("--reason", required=True, help="kept in the ledger row")
     sub.add_parser("check-quota", help="verify every balance against the ledger; exit 1 on a difference")
+    sub.add_parser("check-orders", help="verify paid orders against their ledger grants; exit 1 on a problem")
     clean = sub.add_parser("clean-files", help="delete storage objects nothing refers to (the 03:00 job)")
     clean.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
     args = parser.parse_args(argv)

@@ -21,7 +21,7 @@ from server.hub.events import EventHub
 
 
 class UserActor(Actor[QuotaOp]):
-    """Serialises and group-commits Reserve / Confirm / Cancel / Grant / Snapshot."""
+    """Serialises and group-commits Reserve / Confirm / Cancel / Grant / (Sized)GrantWithEffect / Snapshot."""
 
     mailbox_size: ClassVar[int] = 512
     batch_max: ClassVar[int] = 256

@@ -14,6 +14,7 @@ from handlers import (
     dev,
     files,
     ops,
+    payments,
     system,
     tasks,
     users,
@@ -37,6 +38,9 @@ ROUTE_TABLES: list[RouteTable] = [
     admin_features.routes,
     admin_vendors.routes,
     ops.routes,
+    payments.public,
+    payments.routes,
+    payments.admin_routes,
 ]
 
 

@@ -23,6 +23,9 @@ class FeatureIn(BaseModel):
     name: str = Field(min_length=1, max_length=100)
     description: str = Field("", max_length=1000)
     cost: int = Field(ge=0, le=100_000)
+    member_cost: int | None = Field(
+        None, ge=0, le=100_000, description="what a member's task costs; null: cost"
+    )
     inputs: dict[str, Any]
     pipeline: dict[str, Any]
     enabled: bool = True
@@ -32,14 +35,17 @@ class FeaturePatch(BaseModel):
     name: str | None = omittable(min_length=1, max_length=100)
     description: str | None = omittable(max_length=1000)
     cost: int | None = omittable(ge=0, le=100_000)
+    member_cost: int | None = Field(
+        None, ge=0, le=100_000, description="left out: kept; null: members pay cost"
+    )
     inputs: dict[str, Any] | None = omittable()
     pipeline: dict[str, Any] | None = omittable()
     enabled: bool | None = omittable()
 
-    @field_validator("*", mode="before")
+    @field_validator("name", "description", "cost", "inputs", "pipeline", "enabled", mode="before")
     @classmethod
     def _not_null(cls, value: Any) -> Any:
-        """Leave a field out to keep it; none of them can be set to null."""
+        """Leave a field out to keep it; none of them but member_cost can be set to null."""
         if value is None:
             raise ValueError("may be left out, not set to null")
         return value
@@ -50,6 +56,7 @@ class AdminFeature(BaseModel):
     name: str
     description: str
     cost: int
+    member_cost: int | None
     inputs: dict[str, Any]
     pipeline: dict[str, Any]
     enabled: bool
@@ -62,6 +69,7 @@ def _admin_view(f: Feature) -> AdminFeature:
         name=f.name,
         description=f.description,
         cost=f.cost,
+        member_cost=f.member_cost,
         inputs={k: v.model_dump(exclude_none=True) for k, v in f.inputs.items()},
         pipeline=f.pipeline.model_dump(exclude_defaults=True),
         enabled=f.enabled,

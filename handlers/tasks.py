@@ -36,6 +36,7 @@ class FeatureOut(BaseModel):
     name: str
     description: str
     cost: int
+    member_cost: int | None = Field(None, description="what a member's task costs instead (null: cost)")
     inputs: dict[str, FeatureInput]
 
 

@@ -38,6 +38,7 @@ from server.keys import (
     instance_id_key,
     metrics_key,
     migrator_key,
+    payments_key,
     redis_key,
     settings_key,
     storage_key,
@@ -49,6 +50,7 @@ from server.media.storage import open_storage
 from server.metrics import Metrics
 from server.middleware import add_request_id_header, envelope_middleware
 from server.migrations import Migrator
+from server.payments.facade import open_payments
 from server.redis import connect_redis
 from server.tasks import leases
 from server.tasks.manager import tasks_ctx
@@ -147,6 +149,21 @@ async def credits_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+async def payments_ctx(app: web.Application) -> AsyncIterator[None]:
+    """After credits, the hub and auth (a paid order updates the buyer's cached profile)."""
+    async with open_payments(
+        app[settings_key],
+        app[db_key],
+        app[redis_key],
+        app[credits_key],
+        app[hub_key],
+        app[auth_key].profiles,
+        app[metrics_key],
+    ) as payments:
+        app[payments_key] = payments
+        yield
+
+
 async def vendors_ctx(app: web.Application) -> AsyncIterator[None]:
     async with open_vendors(app[settings_key], app[actor_system_key], app.get(storage_key)) as vendors:
         app[vendors_key] = vendors
@@ -170,10 +187,17 @@ async def _clean_orphan_files(app: web.Application) -> int:
     )
 
 
+async def _close_stale_orders(app: web.Application) -> int:
+    """Lost notifications (query), expired orders (close), refunds still processing (query)."""
+    payments = app[payments_key]
+    return await payments.check_pending() + await payments.check_refunds()
+
+
 CRON_JOBS = [
     CronJob("reservation-sweeper", "* * * * *", _sweep_reservations),
     CronJob("task-recovery", "* * * * *", _recover_tasks),
     CronJob("orphan-files", "0 3 * * *", _clean_orphan_files, lock_ms=3_600_000),
+    CronJob("pending-orders", "* * * * *", _close_stale_orders),
 ]
 
 
@@ -215,6 +239,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(credits_ctx)  # the UserActor kind and the Credits facade
     app.cleanup_ctx.append(vendors_ctx)  # needs the actor system
     app.cleanup_ctx.append(tasks_ctx)  # features and task runs: need the vendors
+    app.cleanup_ctx.append(payments_ctx)  # needs the actor system, the hub and auth's profiles
     if settings.cron_enabled:
         app.cleanup_ctx.append(cron_ctx)
     return app

@@ -406,6 +406,30 @@ class Settings(BaseSettings):
                 out[group] = nested
         return out
 
+    # --- payments (issue 12) ---  docs/payments.md
+    order_ttl: int = Field(1800, ge=60)  # a pending order closes after this many seconds
+    # A pending order read this long after its creation asks the provider, at most once per
+    # this many seconds per order (API.md: 10 s).
+    order_query_interval: float = Field(10.0, gt=0)
+    wechatpay_mchid: str | None = None
+    wechatpay_appid: str | None = None  # default WECHAT_APPID
+    wechatpay_private_key: Path | None = None  # the merchant's PKCS#8 PEM file
+    wechatpay_cert_serial_no: str | None = None
+    wechatpay_apiv3_key: SecretStr | None = None
+    wechatpay_public_key: Path | None = None  # WeChat Pay's platform public key PEM file
+    wechatpay_public_key_id: str | None = None
+    wechatpay_api_base: str = "https://api.mch.weixin.qq.com"
+    wechatpay_threads: int = Field(8, ge=1)  # threads running the (blocking) SDK
+    wechatpay_max_pending: int = Field(64, ge=1)  # running + queued SDK calls before BUSY
+    wechatpay_timeout: float = Field(20.0, gt=0)  # a whole SDK call (connect 5 s + read 15 s)
+    alipay_appid: str | None = None
+    alipay_private_key: Path | None = None  # the app's RSA2 private key PEM file
+    alipay_public_key: Path | None = None  # Alipay's public key PEM file
+    alipay_gateway: str = "https://openapi.alipay.com/gateway.do"
+    alipay_threads: int = Field(8, ge=1)  # threads running the (blocking) SDK
+    alipay_max_pending: int = Field(64, ge=1)  # running + queued SDK calls before BUSY
+    alipay_timeout: float = Field(20.0, gt=0)  # a whole SDK call (each HTTP request: 15 s)
+
     @field_validator("log_level")
     @classmethod
     def _upper(cls, v: str) -> str:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from server.media.storage import Storage
     from server.metrics import Metrics
     from server.migrations import Migrator
+    from server.payments.facade import Payments
     from server.tasks.features import FeatureStore
     from server.tasks.manager import TaskManager
     from server.vendors.facade import Vendors
@@ -55,3 +56,6 @@ credits_key: web.AppKey[Credits] = web.AppKey("credits")
 
 # Ops dashboard: when this process started serving (time.monotonic()), for its uptime.
 ops_started_key: web.AppKey[float] = web.AppKey("ops_started", float)
+
+# Payments (issue 12): products, orders, providers, settlement (server/payments).
+payments_key: web.AppKey[Payments] = web.AppKey("payments")

@@ -85,5 +85,56 @@ class Metrics:
             registry=self.registry,
         )
 
+        # Payments (issue 12).
+        self.orders = Counter(
+            "payment_orders_total",
+            "Order status changes by channel and the status reached (pending: created)",
+            ["channel", "status"],
+            registry=self.registry,
+        )
+        self.paid_fen = Counter(
+            "payment_paid_fen_total",
+            "Money received on paid orders, in fen",
+            ["channel"],
+            registry=self.registry,
+        )
+        self.notifications = Counter(
+            "payment_notifications_total",
+            "Payment notifications received, by provider and outcome (applied, duplicate, refused, error)",
+            ["provider", "outcome"],
+            registry=self.registry,
+        )
+        self.payment_provider_calls = Counter(
+            "payment_provider_calls_total",
+            "Calls to a payment provider by operation and outcome (ok, error, timeout)",
+            ["provider", "op", "outcome"],
+            registry=self.registry,
+        )
+        self.payment_provider_seconds = Histogram(
+            "payment_provider_call_seconds",
+            "Time a payment provider call took",
+            ["provider", "op"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.refunds = Counter(
+            "payment_refunds_total",
+            "Refund status changes by channel and status reached (processing: asked, succeeded, failed)",
+            ["channel", "status"],
+            registry=self.registry,
+        )
+        self.refunded_fen = Counter(
+            "payment_refunded_fen_total",
+            "Money refunded (succeeded refunds), in fen",
+            ["channel"],
+            registry=self.registry,
+        )
+        self.clawback_credits = Counter(
+            "payment_clawback_credits_total",
+            "Credits taken back by refunds (taken), and those that could not be (shortfall)",
+            ["result"],
+            registry=self.registry,
+        )
+
     def watch_pool(self, read: Callable[[], dict[str, int]]) -> None:
         self.registry.register(PoolCollector(read))

@@ -16,7 +16,8 @@ RoleName = Literal["user", "admin"]
 # The columns a user record (and the profile cache) holds; never the password hash.
 USER_COLUMNS = (
     "id, phone, nickname, avatar_url, gender, role, status, invite_code, referrer_id, created_at, "
-    "password_hash IS NOT NULL AS has_password, wechat_openid IS NOT NULL AS has_wechat"
+    "password_hash IS NOT NULL AS has_password, wechat_openid IS NOT NULL AS has_wechat, "
+    "membership_tier, membership_expires_at"
 )
 
 
@@ -43,7 +44,20 @@ def record_of(row: dict[str, Any]) -> dict[str, Any]:
         "created_at": rfc3339(row["created_at"]),
         "has_password": bool(row["has_password"]),
         "has_wechat": bool(row["has_wechat"]),
+        "membership_tier": row["membership_tier"],
+        "membership_expires_at": (
+            None if row["membership_expires_at"] is None else rfc3339(row["membership_expires_at"])
+        ),
     }
+
+
+def membership_json(record: dict[str, Any], now: datetime | None = None) -> dict[str, str] | None:
+    """`{tier, expires_at}` while a membership lasts (payments, issue 12), else None."""
+    tier, expires = record.get("membership_tier"), record.get("membership_expires_at")
+    if not tier or not expires:
+        return None
+    now_s = rfc3339(now or datetime.now(UTC))
+    return {"tier": tier, "expires_at": expires} if expires > now_s else None
 
 
 def normalized_phone(raw: str) -> str:
@@ -88,7 +102,7 @@ def user_json(record: dict[str, Any]) -> dict[str, Any]:
         "invite_code": record["invite_code"],
         "referrer_id": None if record["referrer_id"] is None else str(record["referrer_id"]),
         "profile_completed": bool(record["nickname"]) and record["gender"] != "unknown",
-        "membership": None,  # payments (wave 2) fill it
+        "membership": membership_json(record),
         "created_at": record["created_at"],
     }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Literal
 
 from loguru import logger
 
@@ -19,6 +20,8 @@ from actors.user import UserActor
 from server.credits.ledger import (
     Cancel,
     Confirm,
+    Effect,
+    EffectOutcome,
     Grant,
     GrantKind,
     QuotaOp,
@@ -26,9 +29,10 @@ from server.credits.ledger import (
     Reservation,
     Reserve,
     Snapshot,
+    WithEffect,
     utcnow,
 )
-from server.db import Database, Row
+from server.db import Conn, Database, Row
 from server.hub.events import EventHub
 from server.metrics import Metrics
 
@@ -82,6 +86,22 @@ class Credits:
     ) -> QuotaState:
         """Add (or, for `refund`/`adjust`, remove) credits; a `ref` is applied once."""
         return await self._user(user_id).ask(Grant(amount, kind, ref=ref, reason=reason, order_no=order_no))
+
+    async def apply(self, user_id: int, effect: Effect) -> EffectOutcome:
+        """Run another capability's SQL in this user's credit transaction (the account row
+        locked first), then the grant it answers; both commit or neither (see WithEffect)."""
+        return await self._user(user_id).ask(WithEffect(effect))
+
+    async def grant_after(
+        self, user_id: int, effect: Callable[[Conn], Awaitable[bool]], grant: Grant | None
+    ) -> EffectOutcome:
+        """`effect`, then `grant`, in one transaction, unless the effect answers False
+        ("already applied": nothing is granted). How a paid order credits its buyer."""
+
+        async def sized(conn: Conn, _: QuotaState) -> Grant | Literal[False] | None:
+            return grant if await effect(conn) else False
+
+        return await self.apply(user_id, sized)
 
     async def balance(self, user_id: int) -> QuotaState:
         return await self._user(user_id).ask(Snapshot())

@@ -15,7 +15,7 @@ phase only moves reserved → confirmed or reserved → cancelled.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -90,11 +90,32 @@ class Grant(Message[QuotaState]):
 
 
 @dataclass(frozen=True, slots=True)
+class EffectOutcome:
+    applied: bool
+    state: QuotaState
+
+
+#: Another capability's SQL, run inside a user's credit batch (the account row locked
+#: first). Given the user's state at that point, it answers the grant to make with it:
+#: a Grant, None (applied, nothing to grant), or False ("already applied": nothing written).
+Effect = Callable[[Conn, QuotaState], Awaitable[Grant | Literal[False] | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class WithEffect(Message[EffectOutcome]):
+    """Run `effect` in the batch transaction (under a savepoint), then the grant it answers.
+    The caller's change (an order becoming paid, a refund succeeding) and the credits commit
+    together or not at all; an AppError from the effect undoes the effect alone."""
+
+    effect: Effect
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot(Message[QuotaState]):
     pass
 
 
-QuotaOp = Reserve | Confirm | Cancel | Grant | Snapshot
+QuotaOp = Reserve | Confirm | Cancel | Grant | WithEffect | Snapshot
 
 
 @dataclass(slots=True)
@@ -278,6 +299,8 @@ async def apply_batch(
                 outcomes.append(batch.cancel(op))
             elif isinstance(op, Grant):
                 outcomes.append(batch.grant(op, applied_refs))
+            elif isinstance(op, WithEffect):
+                outcomes.append(await _with_effect(tx, batch, op, applied_refs))
             else:
                 outcomes.append(QuotaState(batch.balance, batch.reserved))
         except AppError as exc:
@@ -314,6 +337,25 @@ async def apply_batch(
             user_id,
         )
     return BatchResult(outcomes, QuotaState(batch.balance, batch.reserved), bool(batch.ledger))
+
+
+async def _with_effect(
+    tx: Conn, batch: _Batch, op: WithEffect, applied_refs: set[tuple[str, str]]
+) -> EffectOutcome:
+    await tx.execute("SAVEPOINT grant_effect")
+    try:
+        grant = await op.effect(tx, QuotaState(batch.balance, batch.reserved))
+        if grant is not False and grant is not None:
+            if grant.ref is not None and await tx.fetchval(
+                "SELECT 1 FROM quota_ledger WHERE kind = %s AND ref = %s", grant.kind, grant.ref
+            ):
+                applied_refs = applied_refs | {(grant.kind, grant.ref)}
+            batch.grant(grant, applied_refs)
+    except AppError:
+        await tx.execute("ROLLBACK TO SAVEPOINT grant_effect")
+        raise
+    await tx.execute("RELEASE SAVEPOINT grant_effect")
+    return EffectOutcome(grant is not False, QuotaState(batch.balance, batch.reserved))
 
 
 # ---------------------------------------------------------------- reads

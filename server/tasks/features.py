@@ -45,6 +45,7 @@ class Feature:
     pipeline: Pipeline
     enabled: bool
     version: int
+    member_cost: int | None = None  # what a member's task reserves instead of `cost`
 
     def public(self) -> dict[str, Any]:
         return {
@@ -52,6 +53,7 @@ class Feature:
             "name": self.name,
             "description": self.description,
             "cost": self.cost,
+            "member_cost": self.member_cost,
             "inputs": {k: v.model_dump(exclude_none=True) for k, v in self.inputs.items()},
         }
 
@@ -87,10 +89,11 @@ def _from_row(row: Row, catalog: Catalog) -> Feature:
         pipeline=pipeline,
         enabled=bool(row["enabled"]),
         version=int(row["version"]),
+        member_cost=None if row.get("member_cost") is None else int(row["member_cost"]),
     )
 
 
-_COLUMNS = "id, slug, name, description, cost, inputs, pipeline, enabled, version"
+_COLUMNS = "id, slug, name, description, cost, inputs, pipeline, enabled, version, member_cost"
 
 
 class FeatureStore:
@@ -134,8 +137,9 @@ class FeatureStore:
         """Insert or update one feature inside the caller's transaction (fields already validated)."""
         if create:
             await tx.execute(
-                "INSERT INTO features (slug, name, description, cost, inputs, pipeline, enabled) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                "INSERT INTO features (slug, name, description, cost, inputs, pipeline, enabled, "
+                "member_cost) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
                 slug,
                 fields["name"],
                 fields["description"],
@@ -143,6 +147,7 @@ class FeatureStore:
                 fields["inputs"],
                 fields["pipeline"],
                 fields["enabled"],
+                fields.get("member_cost"),
             )
             return
         sets = ", ".join(f"{k} = %s" for k in fields)

@@ -31,6 +31,7 @@ from server.keys import (
 from server.media import assets
 from server.tasks import leases
 from server.tasks.features import Feature
+from server.tasks.pricing import task_cost
 
 ACTIVE = ("queued", "running")
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -129,9 +130,10 @@ async def create_task(
     # The lease first: from the moment credits are reserved, a live process holds the task.
     await leases.acquire(app[redis_key], task_id, owner, int(settings.tasks.lease_ttl * 1000))
     credits = app[credits_key]
+    cost = await task_cost(app, user_id, feature)
     try:
         await credits.reserve(
-            user_id, task_id, feature.cost, ttl=settings.tasks.timeout + 3 * settings.tasks.lease_ttl
+            user_id, task_id, cost, ttl=settings.tasks.timeout + 3 * settings.tasks.lease_ttl
         )
     except BaseException:
         await leases.release(app[redis_key], task_id, owner)
@@ -145,7 +147,7 @@ async def create_task(
             user_id,
             feature.slug,
             feature.version,
-            feature.cost,
+            cost,
             json.dumps(inputs),
             key,
             digest,

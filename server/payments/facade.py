@@ -1,0 +1,545 @@
+"""The payments facade: products, orders, notifications, and the one settle function.
+
+Paying an order is `settle()`, whoever noticed the money (a notification, a query, a
+close answered "already paid", the dev endpoint): one transaction, run by the buyer's
+UserActor inside its credit batch (Credits.grant_after): the order's
+conditional `pending|closed → paid`, the ledger `grant` (ref = order number), the
+membership extension and the commission hook. Of any number of racers one moves the
+order; the rest answer "already applied" and grant nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+from loguru import logger
+from redis.asyncio import Redis
+
+from server.auth.users import Profiles
+from server.config import Settings
+from server.credits.facade import Credits
+from server.credits.ledger import Grant
+from server.db import Conn, Database, Row, is_duplicate
+from server.errors import AppError, ErrorCode, NotFound, validation_failed
+from server.hub.events import EventHub
+from server.metrics import Metrics
+from server.paging import decode_cursor, encode_cursor
+from server.payments import alipay, orders, wechat
+from server.payments.commissions import record_commission
+from server.payments.orders import PAID_STATUSES, IllegalTransition, Order
+from server.payments.products import Products
+from server.payments.providers import NotificationRefused, PayRequest, Provider, Trade
+from server.payments.refunding import Refunds
+from server.payments.refunds import Refund
+
+#: Every channel the API knows; a server offers those its providers are configured for.
+KNOWN_CHANNELS = ("wechat_jsapi", "wechat_native", "alipay_qr")
+MEMBER_TIER = "member"
+STALE_AFTER = dt.timedelta(minutes=1)  # the cron job asks about pending orders this old
+STALE_BATCH = 500
+NOTIFICATION_COLUMNS = "id, provider, kind, event_id, order_no, verified, outcome, reason, remote, created_at"
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def request_hash(product_id: str, channel: str) -> str:
+    raw = json.dumps({"product_id": product_id, "channel": channel}, sort_keys=True)
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    order: Order
+    applied: bool  # False: it was paid already (a replay)
+
+
+class Payments:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        db: Database,
+        redis: Redis,
+        credits: Credits,
+        hub: EventHub,
+        profiles: Profiles,
+        metrics: Metrics,
+        providers: list[Provider],
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.redis = redis
+        self.credits = credits
+        self.hub = hub
+        self.profiles = profiles
+        self.metrics = metrics
+        self.products = Products(db)
+        self.providers = {p.name: p for p in providers}
+        self._by_channel = {c: p for p in providers for c in p.channels}
+        self.refunds = Refunds(
+            db=db,
+            credits=credits,
+            hub=hub,
+            profiles=profiles,
+            metrics=metrics,
+            provider_for=self.provider_for,
+        )
+
+    async def close(self) -> None:
+        for provider in self.providers.values():
+            await provider.close_pool()
+
+    def channels(self) -> list[str]:
+        return [c for c in KNOWN_CHANNELS if c in self._by_channel]
+
+    def provider_for(self, channel: str) -> Provider | None:
+        return self._by_channel.get(channel)
+
+    # ------------------------------------------------------------ orders
+
+    async def _load(self, order_no: str) -> Order | None:
+        async with self.db.connection() as conn:
+            return await orders.load(conn, order_no)
+
+    async def _own(self, user_id: int, order_no: str) -> Order:
+        order = await self._load(order_no) if 0 < len(order_no) <= 32 else None
+        if order is None or order.user_id != user_id:
+            raise NotFound(f"No order {order_no}")
+        return order
+
+    async def _by_key(self, user_id: int, key: str, digest: str) -> Order | None:
+        row = await self.db.fetchone(
+            "SELECT order_no FROM orders WHERE user_id = %s AND idempotency_key = %s", user_id, key
+        )
+        if row is None:
+            return None
+        order = await self._load(str(row["order_no"]))
+        assert order is not None
+        if order.request_hash != digest:
+            raise AppError(
+                ErrorCode.IDEMPOTENCY_CONFLICT, "This Idempotency-Key was used with a different request body"
+            )
+        return order
+
+    async def create_order(self, user_id: int, key: str, product_id: str, channel: str) -> tuple[Order, bool]:
+        """(order, created). A repeat of a key with the same body answers the first order."""
+        digest = request_hash(product_id, channel)
+        found = await self._by_key(user_id, key, digest)
+        if found is not None:
+            return found, False
+        provider = self.provider_for(channel)
+        if provider is None:
+            offered = ", ".join(self.channels()) or "none"
+            raise validation_failed(
+                [
+                    {
+                        "field": "channel",
+                        "message": f"{channel} is not configured on this server (offered: {offered})",
+                    }
+                ]
+            )
+        product = await self.products.get(product_id)
+        if product is None or not product.enabled:
+            what = "no such product" if product is None else "this product is not on sale"
+            raise validation_failed([{"field": "product_id", "message": what}])
+        openid = None
+        if provider.needs_openid(channel):
+            openid = await self.db.fetchval("SELECT wechat_openid FROM users WHERE id = %s", user_id)
+            if not openid:
+                raise validation_failed(
+                    [{"field": "channel", "message": f"{channel} needs an account signed in with WeChat"}]
+                )
+        now = utcnow().replace(microsecond=0)
+        expires = now + dt.timedelta(seconds=self.settings.order_ttl)
+        order_no = orders.new_order_no()
+        pay_params = await provider.create(
+            PayRequest(
+                order_no=order_no,
+                channel=channel,
+                amount_fen=product.price_fen,
+                description=product.name[:40],
+                expires_at_rfc3339=expires.isoformat() + "+00:00",
+                openid=str(openid) if openid else None,
+            )
+        )
+        try:
+            await self.db.execute(
+                "INSERT INTO orders (order_no, user_id, product_id, product_kind, credits, "
+                "membership_days, channel, amount_fen, status, pay_params, idempotency_key, request_hash, "
+                "created_at, expires_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 'pending', %s, %s, %s, %s, %s)",
+                order_no, user_id, product.id, product.kind, product.credits, product.membership_days,
+                channel, product.price_fen, json.dumps(pay_params), key, digest, now, expires,
+            )  # fmt: skip
+        except Exception as exc:
+            if not is_duplicate(exc):
+                raise
+            # A racing request with the same key won; its order is the answer (ours expires unpaid).
+            found = await self._by_key(user_id, key, digest)
+            assert found is not None
+            return found, False
+        self.metrics.orders.labels(channel, "pending").inc()
+        order = await self._load(order_no)
+        assert order is not None
+        return order, True
+
+    async def list_orders(
+        self, user_id: int, cursor: str | None, limit: int
+    ) -> tuple[list[Order], str | None]:
+        after = decode_cursor(cursor, str)
+        rows = await self.db.fetchall(
+            f"SELECT {orders.ORDER_COLUMNS} FROM orders WHERE user_id = %s AND order_no < %s "
+            "ORDER BY order_no DESC LIMIT %s",
+            user_id,
+            after[0] if after else "~",
+            limit + 1,
+        )
+        items = [Order.of(r) for r in rows[:limit]]
+        more = len(rows) > limit and items
+        return items, encode_cursor(items[-1].order_no) if more else None
+
+    async def get_order(self, user_id: int, order_no: str) -> Order:
+        """The caller's order; a pending one old enough asks the provider (throttled)."""
+        order = await self._own(user_id, order_no)
+        interval = self.settings.order_query_interval
+        if order.status != "pending" or utcnow() - order.created_at < dt.timedelta(seconds=interval):
+            return order
+        provider = self.provider_for(order.channel)
+        if provider is None:
+            return order
+        if not await self.redis.set(f"order:query:{order_no}", b"1", nx=True, px=int(interval * 1000)):
+            return order
+        try:
+            trade = await provider.query(order_no)
+        except AppError as exc:
+            logger.warning("query of order {} failed: {}", order_no, exc.message)
+            return order
+        return await self._apply_trade(order, trade, "query")
+
+    async def close_order(self, user_id: int, order_no: str) -> Order:
+        order = await self._own(user_id, order_no)
+        if order.status == "closed":
+            return order
+        if order.status != "pending":
+            raise IllegalTransition(order_no, order.status, "closed")
+        return await self._close(order, "close")
+
+    async def _close(self, order: Order, source: str) -> Order:
+        """Close at the provider first; one that answers "already paid" makes the order paid."""
+        provider = self.provider_for(order.channel)
+        if provider is not None:
+            trade = await provider.close(order.order_no)
+            if trade.status == "paid":
+                return await self._apply_trade(order, trade, source)
+        async with self.db.transaction() as tx:
+            try:
+                moved = await orders.transition(tx, order.order_no, "closed", closed_at=utcnow())
+            except IllegalTransition as exc:
+                if exc.current not in PAID_STATUSES:
+                    raise
+                moved = False  # paid meanwhile: paid wins
+        if moved:
+            self.metrics.orders.labels(order.channel, "closed").inc()
+        reloaded = await self._load(order.order_no)
+        assert reloaded is not None
+        return reloaded
+
+    def _mismatch(self, order: Order, trade: Trade) -> str | None:
+        """Why a provider's answer does not belong to this order, or None when it does."""
+        provider = self.provider_for(order.channel)
+        if provider is None:
+            return f"no provider for channel {order.channel}"
+        for name, expected in provider.expected_ids.items():
+            got = getattr(trade, name)
+            if got != expected:
+                return f"{name} {str(got)[:40]!r} is not ours"
+        if trade.order_no != order.order_no:
+            return "order number differs"
+        if trade.amount_fen != order.amount_fen:
+            return f"amount {trade.amount_fen} differs from the order's {order.amount_fen}"
+        return None
+
+    async def _apply_trade(self, order: Order, trade: Trade, source: str) -> Order:
+        if trade.status != "paid":
+            return order
+        why = self._mismatch(order, trade)
+        if why is not None:
+            logger.error("{} answer for order {} refused: {}", source, order.order_no, why)
+            return order
+        return (
+            await self.settle(order.order_no, source, txn_id=trade.txn_id, amount_fen=trade.amount_fen)
+        ).order
+
+    # ------------------------------------------------------------ settlement
+
+    async def settle(
+        self, order_no: str, source: str, *, txn_id: str | None, amount_fen: int | None
+    ) -> Settled:
+        """Pay the order once: see the module docstring. Callers have verified the money."""
+        order = await self._load(order_no)
+        if order is None:
+            raise NotFound(f"No order {order_no}")
+        if amount_fen != order.amount_fen:
+            raise AppError(
+                ErrorCode.CONFLICT, f"amount {amount_fen} differs from the order's {order.amount_fen}"
+            )
+        if order.status in PAID_STATUSES:
+            return Settled(order, applied=False)
+        paid_at = utcnow()
+
+        async def effect(tx: Conn) -> bool:
+            try:
+                moved = await orders.transition(
+                    tx, order_no, "paid", paid_at=paid_at, provider_txn_id=txn_id, paid_source=source
+                )
+            except IllegalTransition as exc:
+                if exc.current in PAID_STATUSES:
+                    return False  # paid and then refunded already
+                raise
+            if not moved:
+                return False
+            if order.membership_days:
+                await tx.execute(
+                    "UPDATE users SET membership_tier = %s, membership_expires_at = DATE_ADD("
+                    "GREATEST(COALESCE(membership_expires_at, %s), %s), INTERVAL %s DAY) WHERE id = %s",
+                    MEMBER_TIER, paid_at, paid_at, order.membership_days, order.user_id,
+                )  # fmt: skip
+            await record_commission(tx, order)
+            return True
+
+        grant = None
+        if order.credits > 0:
+            grant = Grant(order.credits, "grant", ref=order_no, reason=f"order {order_no}", order_no=order_no)
+        outcome = await self.credits.grant_after(order.user_id, effect, grant)
+        reloaded = await self._load(order_no)
+        assert reloaded is not None
+        if outcome.applied:
+            self.metrics.orders.labels(order.channel, "paid").inc()
+            self.metrics.paid_fen.labels(order.channel).inc(order.amount_fen)
+            logger.info("order {} paid ({}), {} credits granted", order_no, source, order.credits)
+            if order.membership_days:
+                await self.profiles.invalidate(order.user_id)
+            await self.hub.publish(order.user_id, "order.paid", reloaded.public())
+        return Settled(reloaded, outcome.applied)
+
+    async def dev_paid(self, order_no: str) -> Order:
+        """The dev endpoint: pay an order as a verified notification would."""
+        order = await self._load(order_no) if 0 < len(order_no) <= 32 else None
+        if order is None:
+            raise NotFound(f"No order {order_no}")
+        settled = await self.settle(order_no, "dev", txn_id=f"dev-{order_no}", amount_fen=order.amount_fen)
+        return settled.order
+
+    # ------------------------------------------------------------ notifications
+
+    async def wechat_notification(
+        self, headers: Mapping[str, str], body: bytes, remote: str | None
+    ) -> tuple[int, str]:
+        """(HTTP status, message): 204 when applied or applied before; else 4xx/5xx (WeChat retries)."""
+        return await self._payment_notification("wechat", headers, body, remote)
+
+    async def alipay_notification(self, body: bytes, remote: str | None) -> bool:
+        """True (answer `success`) when applied or applied before; False (`failure`: Alipay retries)."""
+        status, _ = await self._payment_notification("alipay", {}, body, remote)
+        return status == 204
+
+    async def _payment_notification(
+        self, provider_name: str, headers: Mapping[str, str], body: bytes, remote: str | None
+    ) -> tuple[int, str]:
+        """Verify, check against the order, settle, record: (204 | 4xx refused | 5xx error, reason)."""
+        provider = self.providers.get(provider_name)
+        verified, order_no, event_id = False, None, None
+        try:
+            if provider is None:
+                raise NotificationRefused(f"{provider_name} is not configured")
+            note = provider.verify_notification(headers, body, time.time())
+            verified, order_no, event_id = True, note.trade.order_no[:64], note.event_id
+            order = await self._load(order_no) if 0 < len(order_no) <= 32 else None
+            if order is None:
+                raise NotificationRefused("unknown order")
+            if order.channel not in provider.channels:
+                raise NotificationRefused(f"order {order_no} is a {order.channel} order")
+            why = self._mismatch(order, note.trade)
+            if why is not None:
+                raise NotificationRefused(why)
+            settled = await self.settle(
+                order.order_no, "notify", txn_id=note.trade.txn_id, amount_fen=note.trade.amount_fen
+            )
+            outcome, reason, status = ("applied" if settled.applied else "duplicate"), None, 204
+        except NotificationRefused as exc:
+            verified = verified or exc.verified
+            order_no = order_no or exc.order_no
+            outcome, reason, status = "refused", exc.reason, 400
+        except AppError as exc:
+            outcome, reason, status = "error", exc.message, 500 if exc.status < 500 else exc.status
+        except Exception as exc:
+            logger.opt(exception=True).error("{} payment notification failed", provider_name)
+            outcome, reason, status = "error", type(exc).__name__, 500
+        await self._record(
+            provider_name, "payment", event_id, order_no, verified, outcome, reason, body, remote
+        )
+        if outcome == "refused":
+            logger.warning("{} payment notification refused ({}): {}", provider_name, order_no, reason)
+        return status, reason or ""
+
+    async def wechat_refund_notification(
+        self, headers: Mapping[str, str], body: bytes, remote: str | None
+    ) -> tuple[int, str]:
+        """A WeChat Pay refund notification, with the pay notification's rules and answers."""
+        provider = self.providers.get("wechat")
+        verified, order_no, event_id = False, None, None
+        try:
+            if provider is None:
+                raise NotificationRefused("WeChat Pay is not configured")
+            applied, order_no, event_id = await self.refunds.wechat_notification(
+                provider, headers, body, time.time()
+            )
+            verified = True
+            outcome, reason, status = ("applied" if applied else "duplicate"), None, 204
+        except NotificationRefused as exc:
+            verified = verified or exc.verified
+            order_no = order_no or exc.order_no
+            outcome, reason, status = "refused", exc.reason, 400
+        except AppError as exc:
+            verified = True
+            outcome, reason, status = "error", exc.message, 500 if exc.status < 500 else exc.status
+        except Exception as exc:
+            logger.opt(exception=True).error("WeChat Pay refund notification failed")
+            outcome, reason, status = "error", type(exc).__name__, 500
+        await self._record("wechat", "refund", event_id, order_no, verified, outcome, reason, body, remote)
+        if outcome == "refused":
+            logger.warning("WeChat Pay refund notification refused ({}): {}", order_no, reason)
+        return status, reason or ""
+
+    async def _record(
+        self,
+        provider: str,
+        kind: str,
+        event_id: str | None,
+        order_no: str | None,
+        verified: bool,
+        outcome: str,
+        reason: str | None,
+        body: bytes,
+        remote: str | None,
+    ) -> None:
+        self.metrics.notifications.labels(provider, outcome).inc()
+        try:
+            await self.db.execute(
+                "INSERT INTO payment_notifications (provider, kind, event_id, order_no, verified, outcome, "
+                "reason, body, remote) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                provider, kind, event_id, order_no, verified, outcome, (reason or "")[:200] or None,
+                body[:1_000_000].decode("utf-8", "replace"), (remote or "")[:64] or None,
+            )  # fmt: skip
+        except Exception:
+            logger.opt(exception=True).error("could not record a {} notification ({})", provider, outcome)
+
+    # ------------------------------------------------------------ admin views
+
+    async def admin_orders(
+        self, status: str | None, user_id: int | None, cursor: str | None, limit: int
+    ) -> tuple[list[Order], str | None]:
+        """Every order (or those of one status / one user), newest first."""
+        after = decode_cursor(cursor, str)
+        where, args = ["order_no < %s"], [after[0] if after else "~"]
+        if status is not None:
+            where.append("status = %s")
+            args.append(status)
+        if user_id is not None:
+            where.append("user_id = %s")
+            args.append(str(user_id))
+        rows = await self.db.fetchall(
+            f"SELECT {orders.ORDER_COLUMNS} FROM orders WHERE {' AND '.join(where)} "
+            "ORDER BY order_no DESC LIMIT %s",
+            *args,
+            limit + 1,
+        )
+        items = [Order.of(r) for r in rows[:limit]]
+        more = len(rows) > limit and items
+        return items, encode_cursor(items[-1].order_no) if more else None
+
+    async def admin_order(self, order_no: str) -> tuple[Order, list[Refund], list[Row]]:
+        """An order, its refunds, and every notification received about it (newest first)."""
+        order = await self._load(order_no) if 0 < len(order_no) <= 32 else None
+        if order is None:
+            raise NotFound(f"No order {order_no}")
+        notes = await self.db.fetchall(
+            f"SELECT {NOTIFICATION_COLUMNS} FROM payment_notifications WHERE order_no = %s "
+            "ORDER BY id DESC LIMIT 200",
+            order_no,
+        )
+        return order, await self.refunds.of_order(order_no), notes
+
+    async def latest_notifications(self, limit: int) -> list[Row]:
+        return await self.db.fetchall(
+            f"SELECT {NOTIFICATION_COLUMNS} FROM payment_notifications ORDER BY id DESC LIMIT %s", limit
+        )
+
+    # ------------------------------------------------------------ the cron jobs
+
+    async def check_refunds(self) -> int:
+        """Query refunds still processing; apply what the provider answers."""
+        return await self.refunds.check_processing()
+
+    async def check_pending(self) -> int:
+        """Ask about every pending order a minute old or older; close those past ORDER_TTL."""
+        now = utcnow()
+        rows = await self.db.fetchall(
+            f"SELECT {orders.ORDER_COLUMNS} FROM orders WHERE status = 'pending' AND created_at <= %s "
+            "ORDER BY created_at LIMIT %s",
+            now - STALE_AFTER,
+            STALE_BATCH,
+        )
+        done = 0
+        for order in (Order.of(r) for r in rows):
+            provider = self.provider_for(order.channel)
+            try:
+                after = order
+                if provider is not None:
+                    after = await self._apply_trade(order, await provider.query(order.order_no), "cron")
+                if after.status == "pending" and order.expires_at <= now:
+                    after = await self._close(order, "cron")
+                done += after.status != "pending"
+            except AppError as exc:
+                logger.warning("pending order {}: {}", order.order_no, exc.message)
+        return done
+
+
+@contextlib.asynccontextmanager
+async def open_payments(
+    settings: Settings,
+    db: Database,
+    redis: Redis,
+    credits: Credits,
+    hub: EventHub,
+    profiles: Profiles,
+    metrics: Metrics,
+) -> AsyncIterator[Payments]:
+    """The facade with one provider per configured provider; their thread pools close on exit."""
+    providers: list[Provider] = []
+    if wechat.settings_complete(settings):
+        providers.append(wechat.WeChatPayProvider(settings, metrics))
+    if alipay.settings_complete(settings):
+        providers.append(alipay.AlipayProvider(settings, metrics))
+    payments = Payments(
+        settings=settings,
+        db=db,
+        redis=redis,
+        credits=credits,
+        hub=hub,
+        profiles=profiles,
+        metrics=metrics,
+        providers=providers,
+    )
+    try:
+        yield payments
+    finally:
+        await payments.close()

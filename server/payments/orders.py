@@ -1,0 +1,165 @@
+"""The order state machine: the legal transitions in one table, one function that applies one.
+
+    pending ──▶ paid ──▶ partially_refunded ──▶ refunded
+       │         ▲  └──────────────────────────────▲
+       ▼         │
+     closed ─────┘   (the money arrived after all: a verified payment wins over a close)
+
+Every change is a conditional UPDATE (`WHERE status IN (the legal sources)`), so of any
+number of racing notifications, queries, closes and instances exactly one moves an order;
+the others find it moved and get either "already there" or the exact IllegalTransition.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from server.db import Conn, Row
+from server.errors import Conflict, NotFound
+
+Status = Literal["pending", "paid", "partially_refunded", "refunded", "closed"]
+STATUSES: tuple[Status, ...] = ("pending", "paid", "partially_refunded", "refunded", "closed")
+
+#: (from, to): the only moves an order makes.
+TRANSITIONS: frozenset[tuple[Status, Status]] = frozenset(
+    {
+        ("pending", "paid"),
+        ("closed", "paid"),
+        ("pending", "closed"),
+        ("paid", "partially_refunded"),
+        ("paid", "refunded"),
+        ("partially_refunded", "partially_refunded"),  # a second partial refund
+        ("partially_refunded", "refunded"),
+    }
+)
+
+#: Statuses in which the order's money has arrived.
+PAID_STATUSES: frozenset[Status] = frozenset({"paid", "partially_refunded", "refunded"})
+
+ORDER_COLUMNS = (
+    "order_no, user_id, product_id, product_kind, credits, membership_days, channel, amount_fen, status, "
+    "pay_params, idempotency_key, request_hash, provider_txn_id, paid_source, refunded_fen, created_at, "
+    "expires_at, paid_at, closed_at"
+)
+
+
+class IllegalTransition(Conflict):
+    """409 CONFLICT: the order is not in a state this change may start from."""
+
+    def __init__(self, order_no: str, current: str, to: str) -> None:
+        super().__init__(
+            f"order {order_no} is {current}; it cannot become {to}",
+            details={"order_no": order_no, "status": current, "to": to},
+        )
+        self.current = current
+        self.to = to
+
+
+def sources(to: Status) -> tuple[Status, ...]:
+    return tuple(frm for frm in STATUSES if (frm, to) in TRANSITIONS)
+
+
+def new_order_no(now: dt.datetime | None = None) -> str:
+    """32 characters of [0-9a-f]: the UTC second (14 digits) and 72 random bits.
+
+    Sortable by time for an operator, unguessable, and within both WeChat Pay's
+    (6..32, [0-9A-Za-z_-|*]) and Alipay's (≤ 64) rules."""
+    now = now or dt.datetime.now(dt.UTC)
+    return now.strftime("%Y%m%d%H%M%S") + secrets.token_hex(9)
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    order_no: str
+    user_id: int
+    product_id: str
+    product_kind: str
+    credits: int
+    membership_days: int
+    channel: str
+    amount_fen: int
+    status: Status
+    pay_params: dict[str, Any] | None
+    request_hash: str
+    provider_txn_id: str | None
+    refunded_fen: int
+    created_at: dt.datetime
+    expires_at: dt.datetime
+    paid_at: dt.datetime | None
+
+    @classmethod
+    def of(cls, row: Row) -> Order:
+        return cls(
+            order_no=str(row["order_no"]),
+            user_id=int(row["user_id"]),
+            product_id=str(row["product_id"]),
+            product_kind=str(row["product_kind"]),
+            credits=int(row["credits"]),
+            membership_days=int(row["membership_days"]),
+            channel=str(row["channel"]),
+            amount_fen=int(row["amount_fen"]),
+            status=row["status"],
+            pay_params=json.loads(row["pay_params"]) if row["pay_params"] else None,
+            request_hash=str(row["request_hash"]),
+            provider_txn_id=row["provider_txn_id"],
+            refunded_fen=int(row["refunded_fen"]),
+            created_at=row["created_at"],
+            expires_at=row["expires_at"],
+            paid_at=row["paid_at"],
+        )
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "order_no": self.order_no,
+            "product_id": self.product_id,
+            "channel": self.channel,
+            "amount_fen": self.amount_fen,
+            "status": self.status,
+            "pay_params": self.pay_params if self.status == "pending" else None,
+            "paid_at": _utc(self.paid_at),
+            "expires_at": _utc(self.expires_at),
+            "refunded_fen": self.refunded_fen,
+            "created_at": _utc(self.created_at),
+        }
+
+
+def _utc(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.replace(microsecond=0).isoformat() + "Z"
+
+
+async def load(conn: Conn, order_no: str, *, lock: bool = False) -> Order | None:
+    row = await conn.fetchone(
+        f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_no = %s" + (" FOR UPDATE" if lock else ""),
+        order_no,
+    )
+    return None if row is None else Order.of(row)
+
+
+async def transition(tx: Conn, order_no: str, to: Status, **sets: Any) -> bool:
+    """Move the order to `to` (setting the columns in `sets` too) if it may go there.
+
+    True: this call moved it. False: it was already `to` and `to` is not a legal
+    self-transition (a replay). Raises IllegalTransition for any other status, and
+    NotFound for an unknown order."""
+    frm = sources(to)
+    assignments = ", ".join(["status = %s", *(f"{col} = %s" for col in sets)])
+    marks = ", ".join(["%s"] * len(frm))
+    changed = await tx.execute(
+        f"UPDATE orders SET {assignments} WHERE order_no = %s AND status IN ({marks})",
+        to,
+        *sets.values(),
+        order_no,
+        *frm,
+    )
+    if changed:
+        return True
+    current = await tx.fetchval("SELECT status FROM orders WHERE order_no = %s", order_no)
+    if current is None:
+        raise NotFound(f"No order {order_no}")
+    if current == to and (to, to) not in TRANSITIONS:
+        return False
+    raise IllegalTransition(order_no, str(current), to)
