@@ -112,7 +112,7 @@ class Settings(BaseSettings):
 
     # --- auth (issue 4) ---
     # JWT signing keys as "kid:secret,kid:secret", newest first: the first signs, all verify.
-    # Unset: JWT_SECRET alone, under a kid derived from it.
+    # Unset: JWT_SECRET alone, under the kid "default" (a kid never derives from its secret).
     jwt_keys: SecretStr = SecretStr("")
     access_token_ttl: int = Field(900, ge=60)
     refresh_token_ttl: int = Field(604800, ge=300)
