@@ -4,6 +4,12 @@ Everything waiting in its mailbox (up to `batch_max`) is applied in ONE MySQL
 transaction (server/quota.py: one row lock, one commit), then each sender gets
 its own answer. A deadlock or lock-wait timeout retries the whole batch a bounded
 number of times, then answers each with BUSY.
+
+A batch of one Reserve, Confirm or Cancel (the usual case when many users each send
+one operation at a time: nothing to share) takes `plan_single` instead: the actor
+remembers the account row its last commit left and the reservations it holds, so the
+operation is three conditional writes and a commit, with no read first. A miss (the
+row or the reservation changed elsewhere) rolls back and takes the batch path.
 """
 
 from __future__ import annotations
@@ -14,7 +20,18 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from actors.runtime import Actor, Envelope
-from server.credits.ledger import BatchResult, QuotaOp, apply_batch
+from server.credits.ledger import (
+    AccountRow,
+    BatchResult,
+    Cancel,
+    Confirm,
+    QuotaOp,
+    Reservation,
+    Reserve,
+    StaleAccount,
+    apply_batch,
+    plan_single,
+)
 from server.db import Database, is_duplicate, is_retryable
 from server.errors import Busy
 from server.hub.events import EventHub
@@ -27,10 +44,14 @@ class UserActor(Actor[QuotaOp]):
     batch_max: ClassVar[int] = 256
     passivate_after: ClassVar[float | None] = 300.0
     max_attempts: ClassVar[int] = 4
+    #: Reservations remembered for the single-operation path (oldest forgotten first).
+    held_max: ClassVar[int] = 1024
 
     def __init__(self, db: Database, hub: EventHub) -> None:
         self.db = db
         self.hub = hub
+        self._row: AccountRow | None = None  # as the last commit left it; None: unknown
+        self._held: dict[str, Reservation] = {}  # task id → reserved by a commit of ours
 
     @property
     def user_id(self) -> int:
@@ -38,6 +59,45 @@ class UserActor(Actor[QuotaOp]):
         return self.key
 
     async def _commit(self, ops: Sequence[QuotaOp]) -> BatchResult:
+        row, self._row = self._row, None  # unknown until this commit succeeds
+        result = None
+        if len(ops) == 1 and row is not None:
+            result = await self._commit_single(ops[0], row)
+        if result is None:
+            result = await self._commit_batch(ops)
+        self._row = AccountRow(result.state.balance, result.state.reserved, result.version)
+        for op, outcome in zip(ops, result.outcomes, strict=True):
+            if isinstance(op, Reserve | Confirm | Cancel):
+                self._held.pop(op.task_id, None)
+                if isinstance(outcome, Reservation):
+                    self._remember(outcome)
+        return result
+
+    def _remember(self, r: Reservation) -> None:
+        if r.phase == "reserved" and r.user_id == self.user_id:
+            if len(self._held) >= self.held_max:
+                del self._held[next(iter(self._held))]
+            self._held[r.task_id] = r
+
+    async def _commit_single(self, op: QuotaOp, row: AccountRow) -> BatchResult | None:
+        """`op` by `plan_single`, or None when the batch path must answer it."""
+        held = self._held.get(op.task_id) if isinstance(op, Reserve | Confirm | Cancel) else None
+        plan = plan_single(self.user_id, op, row, held)
+        if plan is None:
+            return None
+        try:
+            # Writes by primary or unique key only, so the session's isolation level
+            # locks the same rows as READ COMMITTED: no SET TRANSACTION round trip.
+            async with self.db.transaction() as tx:
+                return await plan.apply(tx)
+        except StaleAccount:
+            return None
+        except Exception as exc:
+            if is_retryable(exc) or is_duplicate(exc):
+                return None  # the batch path reads what won and retries with backoff
+            raise
+
+    async def _commit_batch(self, ops: Sequence[QuotaOp]) -> BatchResult:
         for attempt in range(1, self.max_attempts + 1):
             try:
                 async with self.db.transaction("READ COMMITTED") as tx:

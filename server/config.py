@@ -154,7 +154,7 @@ class AuthSettings(Group):
     env_names: ClassVar[dict[str, str]] = {"hash_threads": "AUTH_HASH_THREADS"}
     jwt_secret: SecretStr = SecretStr(DEFAULT_JWT_SECRET)
     # JWT signing keys as "kid:secret,kid:secret", newest first: the first signs, all verify.
-    # Unset: JWT_SECRET alone.
+    # Unset: JWT_SECRET alone, under the kid "default" (a kid never derives from its secret).
     jwt_keys: SecretStr = SecretStr("")
     access_token_ttl: int = Field(900, ge=60)
     refresh_token_ttl: int = Field(604800, ge=300)

@@ -113,6 +113,17 @@ def database(services: Services) -> Iterator[str]:
 
 
 @pytest.fixture
+def aiohttp_client(database: str, aiohttp_client: Any) -> Any:
+    """pytest-aiohttp's factory, set up after this test's database so that it is torn
+    down first: every app it started is closed (its cleanup_ctx awaited: actors, task
+    jobs, cron runs, listeners) before the database is dropped. Without this, pytest
+    dropped the database first and the apps' teardown, and whatever they still ran,
+    met `Unknown database 't_…'` (issue 10, defect 11). The order of the two
+    arguments is the order of set-up."""
+    return aiohttp_client
+
+
+@pytest.fixture
 def make_settings(services: Services, database: str) -> Callable[..., Settings]:
     """Settings for an app on this test's database and Redis db; keywords override."""
     redis_db = next(_redis_db) % 16

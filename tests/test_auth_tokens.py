@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import time
 import warnings
@@ -184,7 +185,40 @@ def test_jwt_keys_are_parsed_newest_first_and_bad_lists_are_refused(
         with pytest.raises(ValueError):
             parse_jwt_keys(make_settings(jwt_keys=bad))
     single = TokenIssuer.from_settings(make_settings())
-    assert len(single.keys) == 1 and len(single.keys[0].kid) == 8
+    assert single.keys[0].kid == "default"
+
+
+SECRET = "a-jwt-secret-of-at-least-32-characters-0123"
+
+
+async def test_the_kid_of_a_jwt_secret_token_reveals_nothing_about_the_secret_and_verifies(
+    aiohttp_client: Any, make_settings: Callable[..., Settings]
+) -> None:
+    client = await aiohttp_client(create_app(auth_settings(make_settings, jwt_secret=SECRET)))
+    account = await register(client)
+    kid = str(jwt.get_unverified_header(account["access_token"])["kid"])
+    for name in ("sha256", "sha1", "md5", "sha512", "blake2b"):
+        digest = hashlib.new(name, SECRET.encode()).hexdigest()
+        assert not digest.startswith(kid.lower()), f"the kid is a prefix of the secret's {name}"
+    assert kid not in SECRET
+    assert (await me(client, account["access_token"])).status == 200
+    # The same kid under another secret: the kid says nothing, the signature decides.
+    other = await aiohttp_client(create_app(auth_settings(make_settings, jwt_secret=SECRET[::-1])))
+    assert jwt.get_unverified_header((await register(other))["access_token"])["kid"] == kid
+    assert (await me(other, account["access_token"])).status == 401
+
+
+async def test_a_token_under_the_kid_earlier_releases_derived_from_jwt_secret_still_verifies(
+    aiohttp_client: Any, make_settings: Callable[..., Settings]
+) -> None:
+    client = await aiohttp_client(create_app(auth_settings(make_settings, jwt_secret=SECRET)))
+    account = await register(client)
+    body = jwt.decode(account["access_token"], options={"verify_signature": False})
+    legacy_kid = hashlib.sha256(SECRET.encode()).hexdigest()[:8]
+    before_upgrade = jwt.encode(body, SECRET, algorithm="HS256", headers={"kid": legacy_kid})
+    assert (await me(client, before_upgrade)).status == 200
+    forged = jwt.encode(body, SECRET[::-1], algorithm="HS256", headers={"kid": legacy_kid})
+    assert (await me(client, forged)).status == 401
 
 
 def test_prod_refuses_short_jwt_keys_and_an_unconfigured_tencent_provider() -> None:

@@ -4,6 +4,9 @@ Key rotation: JWT_KEYS lists `kid:secret` pairs, newest first. The first signs;
 every listed key verifies, so a new key is rolled out by putting it first and the
 old one is dropped once the last token it signed has expired (15 minutes).
 
+A kid is a label, never derived from its secret: anyone holding a token reads the
+kid, and a hash of the secret there would let them test guessed secrets offline.
+
 Refresh tokens are `<sid>.<secret>`: the session id in clear (to find the session)
 and 256 random bits. Only their SHA-256 is stored.
 """
@@ -26,6 +29,8 @@ ALGORITHM = "HS256"
 Role = Literal["user", "admin"]
 VERIFIED_CACHE_SIZE = 10_000
 _REQUIRED_CLAIMS = ["sub", "role", "sid", "typ", "iat", "exp", "jti"]
+# The kid of the JWT_SECRET key (unique among configured keys is all a kid needs).
+DEFAULT_KID = "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +53,16 @@ class Principal:
 
 
 def parse_jwt_keys(settings: Settings) -> list[SigningKey]:
-    """JWT_KEYS (`kid:secret,kid:secret`, newest first), or JWT_SECRET under a derived kid."""
+    """JWT_KEYS (`kid:secret,kid:secret`, newest first), or JWT_SECRET under the kid "default".
+
+    With JWT_SECRET, the kid earlier releases derived from it (8 hex of its SHA-256) is
+    kept as a second, verify-only entry, so access tokens issued before an upgrade
+    live out their 15 minutes. It is never written into a new token. Remove it (and
+    `_legacy_kid`) one release after this one."""
     raw = settings.auth.jwt_keys.get_secret_value().strip()
     if not raw:
         secret = settings.auth.jwt_secret.get_secret_value()
-        return [SigningKey(hashlib.sha256(secret.encode()).hexdigest()[:8], secret)]
+        return [SigningKey(DEFAULT_KID, secret), SigningKey(_legacy_kid(secret), secret)]
     keys: list[SigningKey] = []
     for item in raw.split(","):
         kid, sep, secret = item.strip().partition(":")
@@ -62,6 +72,10 @@ def parse_jwt_keys(settings: Settings) -> list[SigningKey]:
             raise ValueError(f"JWT_KEYS names the kid {kid!r} twice")
         keys.append(SigningKey(kid, secret))
     return keys
+
+
+def _legacy_kid(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()[:8]
 
 
 def hash_refresh_token(token: str) -> str:

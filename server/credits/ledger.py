@@ -7,6 +7,16 @@ outcome (a result or an `AppError`); one failing never fails the others. The
 UserActor calls it with everything waiting in its mailbox (group commit); the
 naive per-request path (bench/quota.py) calls it with one operation.
 
+`plan_single` is the UserActor's path for a batch of ONE Reserve, Confirm or Cancel
+(what most batches are when many users each send one operation at a time): no read
+at all. The actor remembers the account row its last commit left (`AccountRow`) and
+the reservations it holds; the plan writes the new row only WHERE it still has that
+version, balance and reserved (the compare-and-set takes the row lock), then the
+reservation (INSERT: unique task id; or UPDATE … WHERE phase = 'reserved') and the
+ledger row: three writes and a commit, where `apply_batch` also reads the account
+and the reservation first. Any mismatch raises `StaleAccount` (the caller rolls
+back and runs `apply_batch`), so a stale memory costs a retry, never a wrong write.
+
 Safety does not depend on the actor being unique (DESIGN.md): the row lock orders
 every process's batches for a user, `quota_transactions.task_id` is unique, and a
 phase only moves reserved → confirmed or reserved → cancelled.
@@ -123,6 +133,20 @@ class BatchResult:
     outcomes: list[Any]  # a result or an AppError, one per operation
     state: QuotaState
     changed: bool
+    version: int  # quota_accounts.version after the batch
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRow:
+    """A user's quota_accounts row as a committed batch left it."""
+
+    balance: int
+    reserved: int
+    version: int
+
+
+class StaleAccount(Exception):
+    """The account row or the reservation changed since the caller last saw it."""
 
 
 # ---------------------------------------------------------------- the batch
@@ -139,8 +163,8 @@ def _reservation(row: dict[str, Any]) -> Reservation:
     )
 
 
-async def _lock_account(tx: Conn, user_id: int) -> QuotaState:
-    sql = "SELECT balance, reserved FROM quota_accounts WHERE user_id = %s FOR UPDATE"
+async def _lock_account(tx: Conn, user_id: int) -> AccountRow:
+    sql = "SELECT balance, reserved, version FROM quota_accounts WHERE user_id = %s FOR UPDATE"
     row = await tx.fetchone(sql, user_id)
     if row is None:
         await tx.execute(
@@ -149,13 +173,13 @@ async def _lock_account(tx: Conn, user_id: int) -> QuotaState:
         )
         row = await tx.fetchone(sql, user_id)
         assert row is not None
-    return QuotaState(int(row["balance"]), int(row["reserved"]))
+    return AccountRow(int(row["balance"]), int(row["reserved"]), int(row["version"]))
 
 
 class _Batch:
     """In-memory application of one batch; collects the rows to write."""
 
-    def __init__(self, user_id: int, state: QuotaState, known: dict[str, Reservation], now: dt.datetime):
+    def __init__(self, user_id: int, state: AccountRow, known: dict[str, Reservation], now: dt.datetime):
         self.user_id = user_id
         self.balance = state.balance
         self.reserved = state.reserved
@@ -336,7 +360,85 @@ async def apply_batch(
             batch.reserved,
             user_id,
         )
-    return BatchResult(outcomes, QuotaState(batch.balance, batch.reserved), bool(batch.ledger))
+    changed = bool(batch.ledger)
+    return BatchResult(outcomes, QuotaState(batch.balance, batch.reserved), changed, before.version + changed)
+
+
+_INSERT_LEDGER = (
+    "INSERT INTO quota_ledger (user_id, kind, balance_delta, reserved_delta, balance_after, "
+    "reserved_after, task_id, order_no, ref, reason, created_at) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, NULL, NULL, %s, %s)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SinglePlan:
+    """One Reserve, Confirm or Cancel, decided from the remembered row (see the module doc)."""
+
+    user_id: int
+    before: AccountRow
+    kind: Literal["reserve", "confirm", "cancel"]
+    balance_delta: int
+    reserved_delta: int
+    reservation: Reservation  # the answer: the reservation after the operation
+    now: dt.datetime
+
+    async def apply(self, tx: Conn) -> BatchResult:
+        """Write it inside `tx`; `StaleAccount` (or a duplicate task id) means: roll back."""
+        b, r = self.before, self.reservation
+        balance, reserved = b.balance + self.balance_delta, b.reserved + self.reserved_delta
+        if not await tx.execute(
+            "UPDATE quota_accounts SET balance = %s, reserved = %s, version = version + 1 "
+            "WHERE user_id = %s AND version = %s AND balance = %s AND reserved = %s",
+            balance, reserved, self.user_id, b.version, b.balance, b.reserved,
+        ):  # fmt: skip
+            raise StaleAccount(f"the account of user {self.user_id} changed")
+        if self.kind == "reserve":
+            await tx.execute(
+                "INSERT INTO quota_transactions (task_id, user_id, amount, phase, reason, expires_at, "
+                "created_at, settled_at) VALUES (%s, %s, %s, 'reserved', NULL, %s, %s, NULL)",
+                r.task_id, self.user_id, r.amount, r.expires_at, self.now,
+            )  # fmt: skip
+        elif not await tx.execute(
+            "UPDATE quota_transactions SET phase = %s, reason = %s, settled_at = %s "
+            "WHERE task_id = %s AND user_id = %s AND amount = %s AND phase = 'reserved'",
+            r.phase, r.reason, self.now, r.task_id, self.user_id, r.amount,
+        ):  # fmt: skip
+            raise StaleAccount(f"task {r.task_id} is no longer reserved")
+        await tx.execute(
+            _INSERT_LEDGER,
+            self.user_id, self.kind, self.balance_delta, self.reserved_delta, balance, reserved,
+            r.task_id, r.reason, self.now,
+        )  # fmt: skip
+        return BatchResult([r], QuotaState(balance, reserved), True, b.version + 1)
+
+
+def plan_single(
+    user_id: int, op: QuotaOp, row: AccountRow, held: Reservation | None, now: dt.datetime | None = None
+) -> SinglePlan | None:
+    """The write-only plan for `op`, or None when only `apply_batch` can answer it: a
+    replay, a refusal (its message needs the current row), an unknown reservation, a
+    sweeper's conditional cancel, a grant or a snapshot. `held` is the reservation of
+    `op.task_id` as the caller last committed it, if any."""
+    now = now or utcnow()
+    if isinstance(op, Reserve):
+        valid = op.amount > 0 and 0 < len(op.task_id) <= 64 and op.ttl > 0
+        if held is not None or not valid or row.balance - row.reserved < op.amount:
+            return None
+        expires = now + dt.timedelta(seconds=op.ttl)
+        r = Reservation(op.task_id, user_id, op.amount, "reserved", expires)  # as apply_batch answers
+        return SinglePlan(user_id, row, "reserve", 0, op.amount, r, now)
+    if not isinstance(op, Confirm | Cancel) or held is None or held.phase != "reserved":
+        return None
+    if held.user_id != user_id or held.task_id != op.task_id:
+        return None
+    if isinstance(op, Confirm):
+        done = replace(held, phase="confirmed", reason=None, changed=True)
+        return SinglePlan(user_id, row, "confirm", -held.amount, -held.amount, done, now)
+    if op.expired_before is not None:
+        return None
+    done = replace(held, phase="cancelled", reason=op.reason[:200], changed=True)
+    return SinglePlan(user_id, row, "cancel", 0, -held.amount, done, now)
 
 
 async def _with_effect(
