@@ -13,7 +13,7 @@ from server import assets
 from server.auth.middleware import principal_of
 from server.errors import AppError, ErrorCode, UnreadableBody
 from server.images import MAX_BYTES
-from server.keys import db_key, features_key, storage_key, tasks_key
+from server.keys import db_key, features_key, storage_key
 from server.paging import PageQuery, decode_cursor, encode_cursor
 from server.routing import RouteTable
 from server.tasks import service
@@ -157,12 +157,13 @@ async def _read_limited(part: BodyPartReader, limit: int) -> bytes:
     extra_responses={200: "A repeat of an earlier request (same Idempotency-Key and body): the same task"},
 )
 async def create_task(request: web.Request, body: TaskIn) -> web.Response:
-    """Run a feature. Requires an `Idempotency-Key` header; credits are reserved at once."""
+    """Run a feature. Requires an `Idempotency-Key` header; credits are reserved at once.
+
+    202: created, reserved and scheduled. Any error (402, 409, 422, 503 when the runner
+    is full) leaves nothing behind: no task, no reservation."""
     key = service.check_idempotency_key(request.headers.get("Idempotency-Key"))
     user_id = principal_of(request).user_id
     task, created = await service.create_task(request.app, user_id, key, body.feature, body.inputs)
-    if created:
-        await request.app[tasks_key].start(task["id"])
     return web.json_response(task, status=202 if created else 200)
 
 
