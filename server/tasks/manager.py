@@ -85,7 +85,16 @@ class TaskManager:
 
     async def _job(self, row: TaskRow) -> None:
         task_id = str(row["id"])
+        redis, owner = self.app[redis_key], self.app[instance_id_key]
+        ttl_ms = int(self.app[settings_key].task_lease_ttl * 1000)
         try:
+            # A run that waited in the queue longer than the lease TTL lost its lease; if
+            # recovery gave the task to another instance meanwhile, that one runs it.
+            if not await leases.renew(redis, task_id, owner, ttl_ms) and not await leases.acquire(
+                redis, task_id, owner, ttl_ms
+            ):
+                logger.warning("task {} waited past its lease and another instance took it", task_id)
+                return
             await hold_lease(self.app, task_id, run_task(self.app, row, self.call))
         except asyncio.CancelledError:
             raise

@@ -39,6 +39,7 @@ from server.tasks.slots import RunSlot
 # `new`: the row claims its Idempotency-Key while the credits are reserved; it is not
 # shown, listed or run until it becomes `queued` (or is deleted when the submission fails).
 ACTIVE = ("queued", "running")
+WITHDRAW_ATTEMPTS = 4
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
@@ -225,20 +226,28 @@ async def _submit(
 async def _withdraw(
     app: web.Application, user_id: int, task_id: str, *, inserted: bool, reserved: bool | None
 ) -> None:
-    """Undo a submission that answers an error: its reservation, its row, its lease.
-    What cannot be undone now (the database is gone) recovery and the sweeper settle later."""
-    try:
-        if reserved is not False:
-            try:
-                await app[actor_system_key].ref(UserActor, user_id).ask(Cancel(task_id, "task not created"))
-            except AppError as exc:
-                if exc.code != ErrorCode.NOT_FOUND:  # NOT_FOUND: the reserve never happened
-                    raise
-        if inserted:
-            await app[db_key].execute("DELETE FROM tasks WHERE id = %s AND status = 'new'", task_id)
-        await leases.release(app[redis_key], task_id, app[instance_id_key])
-    except Exception:
-        logger.opt(exception=True).error("could not withdraw the submission of task {}", task_id)
+    """Undo a submission that answers an error: its reservation, its row, its lease. Each
+    step is idempotent and retried a few times (the error may be a full MySQL pool); what
+    still cannot be undone, recovery fails later (a `new` row whose lease expired)."""
+    for attempt in range(WITHDRAW_ATTEMPTS):
+        try:
+            if reserved is not False:
+                try:
+                    await (
+                        app[actor_system_key].ref(UserActor, user_id).ask(Cancel(task_id, "task not created"))
+                    )
+                except AppError as exc:
+                    if exc.code != ErrorCode.NOT_FOUND:  # NOT_FOUND: the reserve never happened
+                        raise
+            if inserted:
+                await app[db_key].execute("DELETE FROM tasks WHERE id = %s AND status = 'new'", task_id)
+            await leases.release(app[redis_key], task_id, app[instance_id_key])
+            return
+        except Exception:
+            if attempt == WITHDRAW_ATTEMPTS - 1:
+                logger.opt(exception=True).error("could not withdraw the submission of task {}", task_id)
+                return
+            await asyncio.sleep(0.1 * 2**attempt)
 
 
 def _render(row: Row, steps: list[Row], outputs: list[dict[str, Any]]) -> dict[str, Any]:
