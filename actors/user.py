@@ -1,7 +1,7 @@
 """UserActor: one per active user, the only writer of that user's credits in this process.
 
 Everything waiting in its mailbox (up to `batch_max`) is applied in ONE MySQL
-transaction (server/quota.py: one row lock, one commit), then each sender gets
+transaction (server/credits/ledger.py: one row lock, one commit), then each sender gets
 its own answer. A deadlock or lock-wait timeout retries the whole batch a bounded
 number of times, then answers each with BUSY.
 

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from server.auth.middleware import principal_of
 from server.errors import AppError, ErrorCode, UnreadableBody
-from server.keys import db_key, features_key, settings_key, storage_key, tasks_key
+from server.keys import db_key, features_key, settings_key, storage_key
 from server.media import assets
 from server.media.images import MAX_BYTES
 from server.paging import PageQuery, decode_cursor, encode_cursor
@@ -160,12 +160,13 @@ async def _read_limited(part: BodyPartReader, limit: int) -> bytes:
     extra_responses={200: "A repeat of an earlier request (same Idempotency-Key and body): the same task"},
 )
 async def create_task(request: web.Request, body: TaskIn) -> web.Response:
-    """Run a feature. Requires an `Idempotency-Key` header; credits are reserved at once."""
+    """Run a feature. Requires an `Idempotency-Key` header; credits are reserved at once.
+
+    202: created, reserved and scheduled. Any error (402, 409, 422, 503 when the runner
+    is full) leaves nothing behind: no task, no reservation."""
     key = store.check_idempotency_key(request.headers.get("Idempotency-Key"))
     user_id = principal_of(request).user_id
     task, created = await store.create_task(request.app, user_id, key, body.feature, body.inputs)
-    if created:
-        await request.app[tasks_key].start(task["id"])
     return json_response(task, 202 if created else 200)
 
 

@@ -254,7 +254,8 @@ async def _fail(app: web.Application, task: Mapping[str, Any], error: AppError) 
     try:
         await app[credits_key].cancel(user_id, task_id, f"failed: {error.message}")
     except AppError as exc:
-        if exc.code != ErrorCode.CONFLICT:
+        # CONFLICT: settled meanwhile; NOT_FOUND: a half-submitted task never reserved any.
+        if exc.code not in (ErrorCode.CONFLICT, ErrorCode.NOT_FOUND):
             raise
     if await mark_finished(app, task_id, "failed", error):
         await _publish_status(app, user_id, task_id, "failed")

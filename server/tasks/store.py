@@ -8,15 +8,18 @@ cancel that wins makes the runner's confirm fail and the task ends cancelled.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import json
 from typing import Any
 
 from aiohttp import web
+from loguru import logger
 
+from server.credits.ledger import utcnow
 from server.db import Row, is_duplicate
-from server.errors import AppError, Conflict, ErrorCode, NotFound, validation_failed
+from server.errors import AppError, Busy, Conflict, ErrorCode, NotFound, validation_failed
 from server.keys import (
     credits_key,
     db_key,
@@ -32,8 +35,12 @@ from server.media import assets
 from server.tasks import leases
 from server.tasks.features import Feature
 from server.tasks.pricing import task_cost
+from server.tasks.slots import RunSlot
 
+# `new`: the row claims its Idempotency-Key while the credits are reserved; it is not
+# shown, listed or run until it becomes `queued` (or is deleted when the submission fails).
 ACTIVE = ("queued", "running")
+WITHDRAW_ATTEMPTS = 4
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
@@ -100,22 +107,36 @@ async def resolve_inputs(
 
 
 async def _existing(app: web.Application, user_id: int, key: str, digest: str) -> dict[str, Any] | None:
-    row = await app[db_key].fetchone(
-        "SELECT id, request_hash FROM tasks WHERE user_id = %s AND idempotency_key = %s", user_id, key
-    )
-    if row is None:
-        return None
-    if row["request_hash"] != digest:
-        raise AppError(
-            ErrorCode.IDEMPOTENCY_CONFLICT, "This Idempotency-Key was used with a different request body"
+    """The task already made with this key, or None. A submission of it still in progress
+    (status `new`) is waited for: it ends scheduled (that task) or withdrawn (None)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + app[settings_key].tasks.lease_ttl
+    delay = 0.005
+    while True:
+        row = await app[db_key].fetchone(
+            "SELECT id, request_hash, status FROM tasks WHERE user_id = %s AND idempotency_key = %s",
+            user_id,
+            key,
         )
-    return await get_task(app, user_id, str(row["id"]))
+        if row is None:
+            return None
+        if row["request_hash"] != digest:
+            raise AppError(
+                ErrorCode.IDEMPOTENCY_CONFLICT, "This Idempotency-Key was used with a different request body"
+            )
+        if row["status"] != "new":
+            return await get_task(app, user_id, str(row["id"]))
+        if loop.time() >= deadline:
+            raise Busy("A request with this Idempotency-Key is still being submitted; retry shortly")
+        await asyncio.sleep(delay)  # the other submission takes a few round trips
+        delay = min(delay * 2, 0.1)
 
 
 async def create_task(
     app: web.Application, user_id: int, key: str, feature_slug: str, raw_inputs: dict[str, Any]
 ) -> tuple[dict[str, Any], bool]:
-    """(task, created). A repeat of a key with the same body answers the first task."""
+    """(task, created): created means reserved and scheduled. A repeat of a key with the
+    same body answers the first task. Any error leaves nothing written."""
     digest = request_hash(feature_slug, raw_inputs)
     found = await _existing(app, user_id, key, digest)
     if found is not None:
@@ -124,45 +145,108 @@ async def create_task(
     if feature is None:
         raise validation_failed([{"field": "feature", "message": f"no feature {feature_slug!r}"}])
     inputs = await resolve_inputs(app, user_id, feature, raw_inputs)
+    for _ in range(3):  # again only when a concurrent submission of this key was withdrawn
+        with app[tasks_key].claim() as slot:  # a full runner: BUSY before anything is written
+            outcome = await _submit(app, slot, user_id, key, digest, feature, inputs)
+        if outcome is not None:
+            return outcome
+    raise Busy("A request with this Idempotency-Key is still being submitted; retry shortly")
+
+
+async def _submit(
+    app: web.Application,
+    slot: RunSlot,
+    user_id: int,
+    key: str,
+    digest: str,
+    feature: Feature,
+    inputs: dict[str, Any],
+) -> tuple[dict[str, Any], bool] | None:
+    """Claim the key with an invisible `new` row, reserve, then make it `queued` and run it.
+    None: the key was claimed by a submission that was then withdrawn."""
+    db, redis = app[db_key], app[redis_key]
     settings = app[settings_key]
     task_id = assets.new_id()
     owner = app[instance_id_key]
-    # The lease first: from the moment credits are reserved, a live process holds the task.
-    await leases.acquire(app[redis_key], task_id, owner, int(settings.tasks.lease_ttl * 1000))
-    credits = app[credits_key]
     cost = await task_cost(app, user_id, feature)
+    created = utcnow()
+    # The lease first: from the moment the row exists, a live process holds the task.
+    await leases.acquire(redis, task_id, owner, int(settings.tasks.lease_ttl * 1000))
+    inserted = scheduled = False
+    reserved: bool | None = False  # None: unknown (the ask failed without an answer)
     try:
-        await credits.reserve(
-            user_id, task_id, cost, ttl=settings.tasks.timeout + 3 * settings.tasks.lease_ttl
-        )
-    except BaseException:
-        await leases.release(app[redis_key], task_id, owner)
-        raise
-    try:
-        await app[db_key].execute(
-            "INSERT INTO tasks (id, user_id, feature, feature_version, status, cost, inputs, "
-            "idempotency_key, "
-            "request_hash, runner) VALUES (%s, %s, %s, %s, 'queued', %s, %s, %s, %s, %s)",
-            task_id,
-            user_id,
-            feature.slug,
-            feature.version,
-            cost,
-            json.dumps(inputs),
-            key,
-            digest,
-            owner,
-        )
-    except Exception as exc:
-        await credits.cancel(user_id, task_id, "task not created")
-        await leases.release(app[redis_key], task_id, owner)
-        if is_duplicate(exc):  # the same key raced us: answer the winner
+        try:
+            await db.execute(
+                "INSERT INTO tasks (id, user_id, feature, feature_version, status, cost, inputs, "
+                "idempotency_key, request_hash, runner, created_at, updated_at) "
+                "VALUES (%s, %s, %s, %s, 'new', %s, %s, %s, %s, %s, %s, %s)",
+                task_id, user_id, feature.slug, feature.version, cost, json.dumps(inputs),
+                key, digest, owner, created, created,
+            )  # fmt: skip
+        except Exception as exc:
+            if not is_duplicate(exc):
+                raise
+            # The same key raced us and nothing was reserved here: answer the winner.
             found = await _existing(app, user_id, key, digest)
-            if found is not None:
-                return found, False
-        raise
-    await app[hub_key].publish(user_id, "task.updated", {"task_id": task_id, "status": "queued"})
-    return await get_task(app, user_id, task_id), True
+            return None if found is None else (found, False)
+        inserted, reserved = True, None
+        try:
+            await app[credits_key].reserve(
+                user_id, task_id, cost, ttl=settings.tasks.timeout + 3 * settings.tasks.lease_ttl
+            )
+        except AppError as exc:
+            if exc.code == ErrorCode.QUOTA_INSUFFICIENT:
+                reserved = False
+            raise
+        reserved = True
+        queued = utcnow()
+        if not await db.execute(
+            "UPDATE tasks SET status = 'queued', attempts = 1, updated_at = %s "
+            "WHERE id = %s AND status = 'new'",
+            queued,
+            task_id,
+        ):
+            # Recovery judged it abandoned (it outlived its lease) and failed it: the truth is that row.
+            scheduled = True
+            return await get_task(app, user_id, task_id), False
+        row = {
+            "id": task_id, "user_id": user_id, "feature": feature.slug, "feature_version": feature.version,
+            "status": "queued", "progress": 0.0, "cost": cost, "inputs": json.dumps(inputs),
+            "attempts": 1, "error_code": None, "error_message": None,
+            "created_at": created, "updated_at": queued,
+        }  # fmt: skip
+        await app[hub_key].publish(user_id, "task.updated", {"task_id": task_id, "status": "queued"})
+        await slot.spawn(row)
+        scheduled = True
+        return _render(row, [], []), True
+    finally:
+        if not scheduled:
+            await asyncio.shield(_withdraw(app, user_id, task_id, inserted=inserted, reserved=reserved))
+
+
+async def _withdraw(
+    app: web.Application, user_id: int, task_id: str, *, inserted: bool, reserved: bool | None
+) -> None:
+    """Undo a submission that answers an error: its reservation, its row, its lease. Each
+    step is idempotent and retried a few times (the error may be a full MySQL pool); what
+    still cannot be undone, recovery fails later (a `new` row whose lease expired)."""
+    for attempt in range(WITHDRAW_ATTEMPTS):
+        try:
+            if reserved is not False:
+                try:
+                    await app[credits_key].cancel(user_id, task_id, "task not created")
+                except AppError as exc:
+                    if exc.code != ErrorCode.NOT_FOUND:  # NOT_FOUND: the reserve never happened
+                        raise
+            if inserted:
+                await app[db_key].execute("DELETE FROM tasks WHERE id = %s AND status = 'new'", task_id)
+            await leases.release(app[redis_key], task_id, app[instance_id_key])
+            return
+        except Exception:
+            if attempt == WITHDRAW_ATTEMPTS - 1:
+                logger.opt(exception=True).error("could not withdraw the submission of task {}", task_id)
+                return
+            await asyncio.sleep(0.1 * 2**attempt)
 
 
 def _render(row: Row, steps: list[Row], outputs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -230,7 +314,9 @@ async def render_rows(app: web.Application, rows: list[Row]) -> list[dict[str, A
 
 async def get_task(app: web.Application, user_id: int, task_id: str) -> dict[str, Any]:
     row = await app[db_key].fetchone(
-        f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = %s AND user_id = %s", task_id, user_id
+        f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = %s AND user_id = %s AND status <> 'new'",
+        task_id,
+        user_id,
     )
     if row is None:
         raise NotFound(f"No task {task_id}")
@@ -240,7 +326,7 @@ async def get_task(app: web.Application, user_id: int, task_id: str) -> dict[str
 async def list_tasks(
     app: web.Application, user_id: int, status: str | None, before: str | None, limit: int
 ) -> list[dict[str, Any]]:
-    sql = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = %s AND id < %s"
+    sql = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = %s AND id < %s AND status <> 'new'"
     args: list[Any] = [user_id, before or "g"]
     if status:
         sql += " AND status = %s"
@@ -252,7 +338,7 @@ async def list_tasks(
 async def cancel_task(app: web.Application, user_id: int, task_id: str) -> dict[str, Any]:
     db = app[db_key]
     row = await db.fetchone("SELECT status FROM tasks WHERE id = %s AND user_id = %s", task_id, user_id)
-    if row is None:
+    if row is None or row["status"] == "new":
         raise NotFound(f"No task {task_id}")
     if row["status"] in FINISHED:
         raise Conflict(f"Task {task_id} is already {row['status']}", details={"status": row["status"]})
@@ -275,7 +361,7 @@ async def mark_finished(app: web.Application, task_id: str, status: str, error: 
     changed = await app[db_key].execute(
         "UPDATE tasks SET status = %s, progress = IF(%s = 'succeeded', 1, progress), error_code = %s, "
         "error_message = %s, finished_at = UTC_TIMESTAMP(6) "
-        "WHERE id = %s AND status IN ('queued', 'running')",
+        "WHERE id = %s AND status IN ('new', 'queued', 'running')",
         status,
         status,
         None if error is None else error.code.value,
