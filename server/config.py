@@ -240,6 +240,11 @@ class Settings(BaseSettings):
     vendor_input_url_ttl: int = Field(3600, ge=60)  # life of the signed URLs DashScope fetches inputs from
     # The nightly orphan-file cleanup (server/orphans.py) never deletes an asset file younger than this.
     orphan_file_min_age: int = Field(86_400, ge=3600)
+    # Retention classes (docs/storage.md): task outputs are deleted OUTPUT_RETENTION_DAYS after
+    # they were made unless the user keeps them; the cost figures price storage at
+    # STORAGE_PRICE_PER_GB_MONTH CNY per GB (1024³ bytes) and month (COS standard storage).
+    output_retention_days: int = Field(30, ge=1)
+    storage_price_per_gb_month: float = Field(0.118, ge=0)
 
     @field_validator("log_level")
     @classmethod
