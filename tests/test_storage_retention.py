@@ -169,6 +169,13 @@ async def test_each_retention_class_keeps_its_objects_exactly_as_long_as_it_shou
     old_temp = await b.object("vendor-inputs/20261120/old.png", DAY + 60)
     old_step = await b.object("tmp/task1/step.png", DAY + 60)
 
+    dry = await clean_orphans(b.db, b.storage, settings, dry_run=True)
+    gone = {expired_output[1], legacy_output[1], old_temp, old_step}
+    assert {k for keys in dry.orphans.values() for k in keys} == gone and dry.expired == 2
+    for key in gone:
+        assert await b.exists(key), key
+    assert await b.row(expired_output[0]) is not None
+
     deleted: list[tuple[str, int, int]] = []
     report = await clean_orphans(
         b.db, b.storage, settings, on_delete=lambda cls, n, size: deleted.append((cls, n, size))
