@@ -7,6 +7,8 @@
     python run.py check-quota                      verify balances against the ledger
     python run.py check-orders                     verify paid orders against their grants
     python run.py clean-files [--dry-run]          delete storage objects nothing refers to
+    python run.py storage lifecycle --apply|--check   set or compare the bucket's lifecycle rules
+    python run.py storage report                   bytes, objects and monthly cost per class
 
 With no DATABASE_URL / REDIS_URL, private MariaDB and Redis servers are started
 under VAR_DIR (./var) for the life of the command; while `serve` runs, the other
@@ -302,10 +304,67 @@ def cmd_clean_files(settings: Settings, args: argparse.Namespace) -> int:
                 print(key)
         verb = "would delete" if args.dry_run else "deleted"
         counts = ", ".join(f"{len(keys)} under {prefix}" for prefix, keys in report.orphans.items())
-        print(f"scanned {report.scanned} object(s); {verb} {counts}; {report.unknown} unknown left alone")
+        print(
+            f"{report.expired} expired output(s); scanned {report.scanned} object(s); {verb} {counts}; "
+            f"{report.unknown} unknown left alone"
+        )
+        if report.failed:
+            print(f"{len(report.failed)} key(s) could not be deleted: {' '.join(report.failed[:20])}")
+            return 1
         return 0
 
     return _run_db_command(settings, go, migrated=True)
+
+
+def cmd_storage(settings: Settings, args: argparse.Namespace) -> int:
+    """`storage lifecycle --apply/--check` (COS only) and `storage report`."""
+    from server.media import retention
+    from server.media.costs import StorageMeter
+    from server.media.storage import create_storage
+    from server.media.storage.cos import CosStorage
+
+    async def lifecycle() -> int:
+        storage = create_storage(settings)
+        try:
+            wanted = retention.lifecycle_rules(settings)
+            for rule in wanted:
+                print(f"rule {rule.id}: {rule.prefix} expires after {rule.days} day(s)")
+            if not isinstance(storage, CosStorage):
+                print(
+                    "local backend: the nightly cleanup applies these rules; there is no bucket to configure"
+                )
+                return 0
+            current = await storage.get_lifecycle()
+            differences = retention.lifecycle_differences(wanted, current)
+            for line in differences:
+                print(line)
+            if args.apply:
+                if differences:
+                    await storage.put_lifecycle(retention.merged_configuration(wanted, current))
+                    if retention.lifecycle_differences(wanted, await storage.get_lifecycle()):
+                        print("the bucket still differs after the update")
+                        return 1
+                print(f"bucket {storage.bucket}: lifecycle rules applied")
+                return 0
+            print(f"bucket {storage.bucket}: " + ("lifecycle rules differ" if differences else "rules match"))
+            return 1 if differences else 0
+        finally:
+            await storage.close()
+
+    if args.storage_command == "lifecycle":
+        return asyncio.run(lifecycle())
+
+    async def report(db: Any) -> int:
+        storage = create_storage(settings)
+        try:
+            figures = await StorageMeter(db, storage, settings, None).measure(list_bucket=True)
+        finally:
+            await storage.close()
+        for line in figures.lines():
+            print(line)
+        return 0
+
+    return _run_db_command(settings, report, migrated=True)
 
 
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
@@ -316,6 +375,7 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "check-quota": cmd_check_quota,
     "check-orders": cmd_check_orders,
     "clean-files": cmd_clean_files,
+    "storage": cmd_storage,
 }
 
 
@@ -340,6 +400,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     sub.add_parser("check-orders", help="verify paid orders against their ledger grants; exit 1 on a problem")
     clean = sub.add_parser("clean-files", help="delete storage objects nothing refers to (the 03:00 job)")
     clean.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
+    storage = sub.add_parser("storage", help="retention rules and cost figures (docs/storage.md)")
+    storage_sub = storage.add_subparsers(dest="storage_command", required=True)
+    lifecycle = storage_sub.add_parser("lifecycle", help="the bucket's lifecycle rules (COS)")
+    mode = lifecycle.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--apply", action="store_true", help="put the configured rules on the bucket")
+    mode.add_argument("--check", action="store_true", help="exit 1 when the bucket's rules differ")
+    storage_sub.add_parser("report", help="bytes, objects and estimated monthly cost per retention class")
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["serve", *argv])

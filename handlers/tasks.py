@@ -10,7 +10,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, Field
 
 from server.auth.middleware import principal_of
-from server.errors import AppError, ErrorCode, UnreadableBody
+from server.errors import AppError, ErrorCode, NotFound, UnreadableBody
 from server.keys import db_key, features_key, settings_key, storage_key
 from server.media import assets
 from server.media.images import MAX_BYTES
@@ -138,6 +138,32 @@ async def upload_asset(request: web.Request) -> web.Response:
     return json_response(
         asset.public(request.app[storage_key], request.app[settings_key].storage.url_ttl), 201
     )
+
+
+def _asset_id(request: web.Request) -> str:
+    """The path's asset id; an id that cannot be one (24 hex digits) is simply not found."""
+    asset_id = request.match_info["asset_id"]
+    if len(asset_id) != 24 or any(c not in "0123456789abcdef" for c in asset_id):
+        raise NotFound(f"No asset {asset_id[:40]}")
+    return asset_id
+
+
+@routes.post("/api/v1/assets/{asset_id}/keep", response=AssetOut, errors=[ErrorCode.NOT_FOUND])
+async def keep_asset(request: web.Request) -> web.Response:
+    """Keep one of your task outputs until you delete it (outputs expire after OUTPUT_RETENTION_DAYS).
+
+    Uploads are always kept; keeping again changes nothing. Someone else's asset is not found."""
+    user_id = principal_of(request).user_id
+    asset = await assets.keep(request.app[db_key], request.app[storage_key], user_id, _asset_id(request))
+    return json_response(asset.public(request.app[storage_key], request.app[settings_key].storage.url_ttl))
+
+
+@routes.delete("/api/v1/assets/{asset_id}", status=204, errors=[ErrorCode.NOT_FOUND, ErrorCode.CONFLICT])
+async def delete_asset(request: web.Request) -> None:
+    """Delete one of your assets: it is gone at once, its bytes with the nightly cleanup.
+
+    409 CONFLICT while a queued or running task of yours uses it; someone else's asset is not found."""
+    await assets.delete(request.app[db_key], principal_of(request).user_id, _asset_id(request))
 
 
 async def _read_limited(part: BodyPartReader, limit: int) -> bytes:

@@ -42,9 +42,11 @@ from server.keys import (
     redis_key,
     settings_key,
     storage_key,
+    storage_meter_key,
     tasks_key,
     vendors_key,
 )
+from server.media.costs import DeletionCounter, StorageMeter
 from server.media.orphans import clean_orphan_files
 from server.media.storage import open_storage
 from server.metrics import Metrics
@@ -139,6 +141,8 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
 async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     async with open_storage(app[settings_key]) as storage:
         app[storage_key] = storage
+        settings = app[settings_key]
+        app[storage_meter_key] = StorageMeter(app[db_key], storage, settings, app[metrics_key])
         yield
 
 
@@ -182,9 +186,16 @@ async def _recover_tasks(app: web.Application) -> int:
 
 
 async def _clean_orphan_files(app: web.Application) -> int:
-    return await clean_orphan_files(
-        app[db_key], app[storage_key], app[settings_key], app[metrics_key].orphan_files
-    )
+    counter = DeletionCounter(app[metrics_key], app[settings_key].storage.price_per_gb_month)
+    return await clean_orphan_files(app[db_key], app[storage_key], app[settings_key], counter)
+
+
+async def _measure_storage(app: web.Application) -> int:
+    return (await app[storage_meter_key].measure()).billed_bytes
+
+
+async def _list_bucket(app: web.Application) -> int:
+    return (await app[storage_meter_key].measure(list_bucket=True)).billed_bytes
 
 
 async def _close_stale_orders(app: web.Application) -> int:
@@ -198,6 +209,8 @@ CRON_JOBS = [
     CronJob("task-recovery", "* * * * *", _recover_tasks),
     CronJob("orphan-files", "0 3 * * *", _clean_orphan_files, lock_ms=3_600_000),
     CronJob("pending-orders", "* * * * *", _close_stale_orders),
+    CronJob("storage-figures", "7 * * * *", _measure_storage),
+    CronJob("storage-listing", "30 4 * * *", _list_bucket, lock_ms=3_600_000),
 ]
 
 

@@ -240,6 +240,7 @@ class StorageSettings(Group):
             )
         },
         "orphan_file_min_age": "ORPHAN_FILE_MIN_AGE",
+        "output_retention_days": "OUTPUT_RETENTION_DAYS",
     }  # fmt: skip
     backend: Literal["local", "cos"] = "local"
     # Signs /files URLs (HMAC-SHA256). Empty: derived from JWT_SECRET with HKDF.
@@ -257,6 +258,11 @@ class StorageSettings(Group):
     cos_max_pending: int = Field(64, ge=1)  # running + queued COS calls before BUSY
     # The nightly orphan-file cleanup never deletes an asset file younger than this.
     orphan_file_min_age: int = Field(86_400, ge=3600)
+    # Retention classes (docs/storage.md): task outputs are deleted OUTPUT_RETENTION_DAYS after
+    # they were made unless the user keeps them; the cost figures price storage at
+    # STORAGE_PRICE_PER_GB_MONTH CNY per GB (1024³ bytes) and month (COS standard storage).
+    output_retention_days: int = Field(30, ge=1)
+    price_per_gb_month: float = Field(0.118, ge=0)
 
 
 class WsSettings(Group):
@@ -291,6 +297,34 @@ class WsSettings(Group):
         return self
 
 
+class PaymentSettings(Group):
+    """Orders and the payment providers (docs/payments.md); a channel is offered only when
+    all of its provider's settings are present."""
+
+    order_ttl: int = Field(1800, ge=60)  # a pending order closes after this many seconds
+    # A pending order read this long after its creation asks the provider, at most once per
+    # this many seconds per order (API.md: 10 s).
+    order_query_interval: float = Field(10.0, gt=0)
+    wechatpay_mchid: str | None = None
+    wechatpay_appid: str | None = None  # default WECHAT_APPID
+    wechatpay_private_key: Path | None = None  # the merchant's PKCS#8 PEM file
+    wechatpay_cert_serial_no: str | None = None
+    wechatpay_apiv3_key: SecretStr | None = None
+    wechatpay_public_key: Path | None = None  # WeChat Pay's platform public key PEM file
+    wechatpay_public_key_id: str | None = None
+    wechatpay_api_base: str = "https://api.mch.weixin.qq.com"
+    wechatpay_threads: int = Field(8, ge=1)  # threads running the (blocking) SDK
+    wechatpay_max_pending: int = Field(64, ge=1)  # running + queued SDK calls before BUSY
+    wechatpay_timeout: float = Field(20.0, gt=0)  # a whole SDK call (connect 5 s + read 15 s)
+    alipay_appid: str | None = None
+    alipay_private_key: Path | None = None  # the app's RSA2 private key PEM file
+    alipay_public_key: Path | None = None  # Alipay's public key PEM file
+    alipay_gateway: str = "https://openapi.alipay.com/gateway.do"
+    alipay_threads: int = Field(8, ge=1)  # threads running the (blocking) SDK
+    alipay_max_pending: int = Field(64, ge=1)  # running + queued SDK calls before BUSY
+    alipay_timeout: float = Field(20.0, gt=0)  # a whole SDK call (each HTTP request: 15 s)
+
+
 #: Settings field → its group model. Each group reads its own variables (Group.env_name).
 GROUPS: dict[str, type[Group]] = {
     "db": DbSettings,
@@ -303,6 +337,7 @@ GROUPS: dict[str, type[Group]] = {
     "tasks": TaskSettings,
     "storage": StorageSettings,
     "ws": WsSettings,
+    "payments": PaymentSettings,
 }
 
 #: flat variable name (lower case) → (group, field), e.g. "db_pool_max" → ("db", "pool_max").
@@ -373,6 +408,7 @@ class Settings(BaseSettings):
     tasks: TaskSettings = TaskSettings()
     storage: StorageSettings = StorageSettings()
     ws: WsSettings = WsSettings()
+    payments: PaymentSettings = PaymentSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -405,30 +441,6 @@ class Settings(BaseSettings):
                 nested[field] = out.pop(key)
                 out[group] = nested
         return out
-
-    # --- payments (issue 12) ---  docs/payments.md
-    order_ttl: int = Field(1800, ge=60)  # a pending order closes after this many seconds
-    # A pending order read this long after its creation asks the provider, at most once per
-    # this many seconds per order (API.md: 10 s).
-    order_query_interval: float = Field(10.0, gt=0)
-    wechatpay_mchid: str | None = None
-    wechatpay_appid: str | None = None  # default WECHAT_APPID
-    wechatpay_private_key: Path | None = None  # the merchant's PKCS#8 PEM file
-    wechatpay_cert_serial_no: str | None = None
-    wechatpay_apiv3_key: SecretStr | None = None
-    wechatpay_public_key: Path | None = None  # WeChat Pay's platform public key PEM file
-    wechatpay_public_key_id: str | None = None
-    wechatpay_api_base: str = "https://api.mch.weixin.qq.com"
-    wechatpay_threads: int = Field(8, ge=1)  # threads running the (blocking) SDK
-    wechatpay_max_pending: int = Field(64, ge=1)  # running + queued SDK calls before BUSY
-    wechatpay_timeout: float = Field(20.0, gt=0)  # a whole SDK call (connect 5 s + read 15 s)
-    alipay_appid: str | None = None
-    alipay_private_key: Path | None = None  # the app's RSA2 private key PEM file
-    alipay_public_key: Path | None = None  # Alipay's public key PEM file
-    alipay_gateway: str = "https://openapi.alipay.com/gateway.do"
-    alipay_threads: int = Field(8, ge=1)  # threads running the (blocking) SDK
-    alipay_max_pending: int = Field(64, ge=1)  # running + queued SDK calls before BUSY
-    alipay_timeout: float = Field(20.0, gt=0)  # a whole SDK call (each HTTP request: 15 s)
 
     @field_validator("log_level")
     @classmethod

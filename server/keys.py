@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from server.cron import CronRunner
     from server.db import Database
     from server.hub import RedisEventHub
+    from server.media.costs import StorageMeter
     from server.media.storage import Storage
     from server.metrics import Metrics
     from server.migrations import Migrator
@@ -47,6 +48,7 @@ principal_key: web.RequestKey[Principal] = web.RequestKey("principal")
 
 # Storage (issue 6): the backend STORAGE_BACKEND picks (server/storage).
 storage_key: web.AppKey[Storage] = web.AppKey("storage")
+storage_meter_key: web.AppKey[StorageMeter] = web.AppKey("storage_meter")  # cost figures (issue 14)
 
 # Vendors (issue 6): one VendorActor per configured AI vendor (server/vendors/setup.py).
 vendors_key: web.AppKey[Vendors] = web.AppKey("vendors")

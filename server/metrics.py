@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     GCCollector,
     Histogram,
     PlatformCollector,
@@ -78,10 +79,48 @@ class Metrics:
             "Expired reservations the sweeper cancelled",
             registry=self.registry,
         )
-        self.orphan_files = Counter(
-            "storage_orphan_files_deleted_total",
-            "Storage objects the nightly cleanup deleted, by prefix (u/: assets, vendor-inputs/)",
-            ["prefix"],
+
+        # storage and cost (issue 14, docs/storage.md "Cost figures"); class: upload, output, temporary, other
+        self.storage_bytes = Gauge(
+            "wardrobe_storage_bytes", "Bytes of the assets on record, by retention class", ["class"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.storage_objects = Gauge(
+            "wardrobe_storage_objects",
+            "Assets on record, by retention class",
+            ["class"],
+            registry=self.registry,
+        )
+        self.storage_bucket_bytes = Gauge(
+            "wardrobe_storage_bucket_bytes", "Bytes in the bucket by class (daily listing)", ["class"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.storage_bucket_objects = Gauge(
+            "wardrobe_storage_bucket_objects", "Objects in the bucket by class (daily listing)", ["class"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.storage_measured = Gauge(
+            "wardrobe_storage_measured_timestamp_seconds",
+            "When this instance last measured storage, by source (database, bucket)",
+            ["source"],
+            registry=self.registry,
+        )
+        self.storage_monthly_cost = Gauge(
+            "wardrobe_storage_monthly_cost_cny",
+            "Estimated storage bill per month in CNY (bucket bytes once listed, else the database's)",
+            registry=self.registry,
+        )
+        self.storage_deleted_objects = Counter(
+            "wardrobe_storage_deleted_objects", "Objects the cleanup deleted, by class", ["class"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.storage_deleted_bytes = Counter(
+            "wardrobe_storage_deleted_bytes", "Bytes the cleanup deleted, by class", ["class"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.storage_avoided_cost = Counter(
+            "wardrobe_storage_avoided_cost_cny",
+            "Monthly storage cost in CNY no longer billed thanks to deletions (summed over deletions)",
             registry=self.registry,
         )
 

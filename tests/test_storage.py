@@ -18,8 +18,8 @@ from server.app import CRON_JOBS
 from server.config import ConfigError, Settings
 from server.db import Database
 from server.errors import AppError, Busy, ErrorCode, NotFound
-from server.keys import db_key, metrics_key, settings_key, storage_key
-from server.media.orphans import clean_orphan_files, clean_orphans
+from server.keys import db_key, storage_key
+from server.media.orphans import clean_orphans
 from server.media.storage import InvalidKey, Storage, create_storage
 from server.media.storage.cos import CosStorage
 from server.media.storage.local import LocalStorage, derive_url_secret, url_secret
@@ -410,7 +410,7 @@ async def test_the_cleanup_deletes_only_old_files_that_nothing_refers_to(
         age(key, 3 * DAY)
     age(kept["young without a row"], 3 * DAY)  # written long ago, but its id says it is new: kept
     age(gone["old without a row"], 3 * DAY)
-    age(gone["old vendor input"], settings.vendor_input_url_ttl + 3700)
+    age(gone["old vendor input"], DAY + 60)  # temporary objects live a day
     await _add_row(db, old_id, kept["old with a row"])
     await _add_row(db, young_id, kept["young with a row"])
 
@@ -421,7 +421,12 @@ async def test_the_cleanup_deletes_only_old_files_that_nothing_refers_to(
         assert await storage.exists(key), key
 
     report = await clean_orphans(db, storage, settings)
-    assert report.orphans == {"u/": [gone["old without a row"]], "vendor-inputs/": [gone["old vendor input"]]}
+    assert report.orphans == {
+        "u/": [gone["old without a row"]],
+        "o/": [],
+        "vendor-inputs/": [gone["old vendor input"]],
+        "tmp/": [],
+    }
     for what, key in kept.items():
         assert await storage.exists(key), what
     for what, key in gone.items():
@@ -436,11 +441,12 @@ async def test_the_cron_job_counts_what_it_deleted_on_metrics(client: TestClient
     await storage.put(key, PNG, "image/png")
     _backdate(storage, key, 2 * DAY)
     app = client.app
-    counter = app[metrics_key].orphan_files
-    assert await clean_orphan_files(app[db_key], app[storage_key], app[settings_key], counter) == 1
+    job = next(job for job in CRON_JOBS if job.name == "orphan-files")
+    assert await job.func(app) == 1
     assert not await storage.exists(key)
     text = await (await client.get("/metrics")).text()
-    assert 'storage_orphan_files_deleted_total{prefix="u/"} 1.0' in text
+    assert 'wardrobe_storage_deleted_objects_total{class="upload"} 1.0' in text
+    assert f'wardrobe_storage_deleted_bytes_total{{class="upload"}} {float(len(PNG))}' in text
     assert any(job.name == "orphan-files" and job.spec == "0 3 * * *" for job in CRON_JOBS)
 
 
@@ -455,7 +461,7 @@ async def test_run_py_clean_files_lists_with_dry_run_then_deletes(
 
     code, out = await run_command(settings, "clean-files", "--dry-run", VAR_DIR=str(tmp_path))
     assert code == 0, out
-    assert key in out and "would delete 1 under u/, 0 under vendor-inputs/" in out
+    assert key in out and "would delete 1 under u/, 0 under o/, 0 under vendor-inputs/, 0 under tmp/" in out
     assert await storage.exists(key)
     code, out = await run_command(settings, "clean-files", VAR_DIR=str(tmp_path))
     assert code == 0 and "deleted 1 under u/" in out, out

@@ -70,9 +70,9 @@ def settings_complete(settings: Settings) -> bool:
     """Alipay is offered only when every one of its settings is present."""
     return bool(
         settings.public_base_url
-        and settings.alipay_appid
-        and settings.alipay_private_key
-        and settings.alipay_public_key
+        and settings.payments.alipay_appid
+        and settings.payments.alipay_private_key
+        and settings.payments.alipay_public_key
     )
 
 
@@ -89,14 +89,14 @@ class AlipayProvider:
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         assert settings_complete(settings) and settings.public_base_url is not None
-        self.appid = str(settings.alipay_appid)
+        self.appid = str(settings.payments.alipay_appid)
         self.expected_ids: Mapping[str, str] = {"appid": self.appid}
         try:
             self._ali = AliPay(
                 appid=self.appid,
                 app_notify_url=settings.public_base_url.rstrip("/") + "/api/v1/payments/alipay/notify",
-                app_private_key_string=_read(settings.alipay_private_key, "ALIPAY_PRIVATE_KEY"),
-                alipay_public_key_string=_read(settings.alipay_public_key, "ALIPAY_PUBLIC_KEY"),
+                app_private_key_string=_read(settings.payments.alipay_private_key, "ALIPAY_PRIVATE_KEY"),
+                alipay_public_key_string=_read(settings.payments.alipay_public_key, "ALIPAY_PUBLIC_KEY"),
                 sign_type="RSA2",
                 config=AliPayConfig(timeout=15),
             )
@@ -104,13 +104,13 @@ class AlipayProvider:
             raise
         except Exception as exc:  # an unreadable key: ValueError from pycryptodome
             raise ConfigError(f"Alipay settings rejected by the SDK: {exc}") from exc
-        self._ali._gateway = settings.alipay_gateway  # the SDK's documented place for it
+        self._ali._gateway = settings.payments.alipay_gateway  # the SDK's documented place for it
         self._pool = SdkPool(
             "alipay",
             "Alipay",
-            threads=settings.alipay_threads,
-            max_pending=settings.alipay_max_pending,
-            timeout=settings.alipay_timeout,
+            threads=settings.payments.alipay_threads,
+            max_pending=settings.payments.alipay_max_pending,
+            timeout=settings.payments.alipay_timeout,
             metrics=metrics,
         )
 

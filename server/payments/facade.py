@@ -158,7 +158,7 @@ class Payments:
                     [{"field": "channel", "message": f"{channel} needs an account signed in with WeChat"}]
                 )
         now = utcnow().replace(microsecond=0)
-        expires = now + dt.timedelta(seconds=self.settings.order_ttl)
+        expires = now + dt.timedelta(seconds=self.settings.payments.order_ttl)
         order_no = orders.new_order_no()
         pay_params = await provider.create(
             PayRequest(
@@ -209,7 +209,7 @@ class Payments:
     async def get_order(self, user_id: int, order_no: str) -> Order:
         """The caller's order; a pending one old enough asks the provider (throttled)."""
         order = await self._own(user_id, order_no)
-        interval = self.settings.order_query_interval
+        interval = self.settings.payments.order_query_interval
         if order.status != "pending" or utcnow() - order.created_at < dt.timedelta(seconds=interval):
             return order
         provider = self.provider_for(order.channel)

@@ -59,13 +59,13 @@ def settings_complete(settings: Settings) -> bool:
     """WeChat Pay is offered only when every one of its settings is present."""
     return bool(
         settings.public_base_url
-        and settings.wechatpay_mchid
-        and (settings.wechatpay_appid or settings.wechat.appid)
-        and settings.wechatpay_private_key
-        and settings.wechatpay_cert_serial_no
-        and settings.wechatpay_apiv3_key
-        and settings.wechatpay_public_key
-        and settings.wechatpay_public_key_id
+        and settings.payments.wechatpay_mchid
+        and (settings.payments.wechatpay_appid or settings.wechat.appid)
+        and settings.payments.wechatpay_private_key
+        and settings.payments.wechatpay_cert_serial_no
+        and settings.payments.wechatpay_apiv3_key
+        and settings.payments.wechatpay_public_key
+        and settings.payments.wechatpay_public_key_id
     )
 
 
@@ -82,23 +82,23 @@ class WeChatPayProvider:
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         assert settings_complete(settings)
-        assert settings.wechatpay_apiv3_key is not None and settings.public_base_url is not None
-        self.appid = str(settings.wechatpay_appid or settings.wechat.appid)
-        self.mchid = str(settings.wechatpay_mchid)
-        self.public_key_id = str(settings.wechatpay_public_key_id)
+        assert settings.payments.wechatpay_apiv3_key is not None and settings.public_base_url is not None
+        self.appid = str(settings.payments.wechatpay_appid or settings.wechat.appid)
+        self.mchid = str(settings.payments.wechatpay_mchid)
+        self.public_key_id = str(settings.payments.wechatpay_public_key_id)
         self.expected_ids: Mapping[str, str] = {"appid": self.appid, "mchid": self.mchid}
         notify_url = settings.public_base_url.rstrip("/") + "/api/v1/payments/wechat/notify"
         try:
             self._wx = WeChatPay(
                 wechatpay_type=WeChatPayType.NATIVE,
                 mchid=self.mchid,
-                private_key=_read(settings.wechatpay_private_key, "WECHATPAY_PRIVATE_KEY"),
-                cert_serial_no=settings.wechatpay_cert_serial_no,
+                private_key=_read(settings.payments.wechatpay_private_key, "WECHATPAY_PRIVATE_KEY"),
+                cert_serial_no=settings.payments.wechatpay_cert_serial_no,
                 appid=self.appid,
-                apiv3_key=settings.wechatpay_apiv3_key.get_secret_value(),
+                apiv3_key=settings.payments.wechatpay_apiv3_key.get_secret_value(),
                 notify_url=notify_url,
                 timeout=(5, 15),
-                public_key=_read(settings.wechatpay_public_key, "WECHATPAY_PUBLIC_KEY"),
+                public_key=_read(settings.payments.wechatpay_public_key, "WECHATPAY_PUBLIC_KEY"),
                 public_key_id=self.public_key_id,
             )
         except ConfigError:
@@ -106,16 +106,16 @@ class WeChatPayProvider:
         except Exception as exc:  # the SDK raises bare Exception for an unreadable key
             raise ConfigError(f"WeChat Pay settings rejected by the SDK: {exc}") from exc
         # The SDK hard-codes the real gateway; this attribute is where it keeps it.
-        self._wx._core._gate_way = settings.wechatpay_api_base.rstrip("/")
+        self._wx._core._gate_way = settings.payments.wechatpay_api_base.rstrip("/")
         self.refund_notify_url = (
             settings.public_base_url.rstrip("/") + "/api/v1/payments/wechat/refund-notify"
         )
         self._pool = SdkPool(
             "wechat",
             "WeChat Pay",
-            threads=settings.wechatpay_threads,
-            max_pending=settings.wechatpay_max_pending,
-            timeout=settings.wechatpay_timeout,
+            threads=settings.payments.wechatpay_threads,
+            max_pending=settings.payments.wechatpay_max_pending,
+            timeout=settings.payments.wechatpay_timeout,
             metrics=metrics,
         )
 

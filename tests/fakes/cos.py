@@ -1,7 +1,8 @@
 """An in-process fake of Tencent Cloud COS: one bucket, objects in memory.
 
 It speaks the part of the XML API our storage uses (PUT/GET/HEAD/DELETE object,
-POST /?delete, GET Bucket listing with prefix/marker/max-keys/encoding-type) and
+POST /?delete, GET Bucket listing with prefix/marker/max-keys/encoding-type, GET/PUT/
+DELETE /?lifecycle) and
 checks every request's `q-sign-algorithm=sha1` signature, from the
 Authorization header or from a presigned URL's query, the way COS does:
 
@@ -14,6 +15,11 @@ Authorization header or from a presigned URL's query, the way COS does:
 with URL-encoded values, sorted, joined as k=v&k=v. One deliberate difference: the SDK
 signs the URL's hostname without its port, so `host` is compared without the port
 (real COS is reached on the default port, where the two agree).
+
+Knobs for tests and benchmarks: `latency` (seconds every authorised request waits
+before it is answered), `fail_deletes` (key → how many more multi-deletes answer an
+`<Error>` entry for it: a partial failure), `hold`/`held` (park requests), and
+`hold_after_write` (a held PUT stores the object first, then waits).
 """
 
 from __future__ import annotations
@@ -51,6 +57,10 @@ class FakeCos:
     # When `hold` is set to an Event, authorised requests set `held` and wait for `hold`.
     hold: asyncio.Event | None = None
     held: asyncio.Event = field(default_factory=asyncio.Event)
+    hold_after_write: bool = False  # with `hold`: a PUT stores its object, then waits
+    latency: float = 0.0  # seconds each authorised request waits before it is answered
+    fail_deletes: dict[str, int] = field(default_factory=dict)  # key → multi-deletes still to fail
+    lifecycle: list[dict[str, str]] | None = None  # rules as {"ID", "Prefix", "Status", "Days"}
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -112,17 +122,21 @@ class FakeCos:
         if refused is not None:
             return self.error(request, 403, refused, f"The request signature was refused: {refused}")
         self.calls.append(f"{request.method} {request.path}")
-        if self.hold is not None:
-            self.held.set()
-            await self.hold.wait()
+        if self.latency:
+            await asyncio.sleep(self.latency)
         key = request.match_info["key"]
         body = await request.read()
+        if self.hold is not None and not (self.hold_after_write and request.method == "PUT"):
+            self.held.set()
+            await self.hold.wait()
         if "Content-MD5" in request.headers:
             md5 = base64.b64encode(hashlib.md5(body).digest()).decode()
             if md5 != request.headers["Content-MD5"]:
                 return self.error(request, 400, "InvalidDigest", "The Content-MD5 you specified is invalid")
         if request.method == "POST" and not key and "delete" in request.query:
             return self.multi_delete(body)
+        if not key and "lifecycle" in request.query:
+            return self.bucket_lifecycle(request, body)
         if request.method == "GET" and not key:
             return self.list_objects(request)
         if not key:
@@ -130,6 +144,9 @@ class FakeCos:
         if request.method == "PUT":
             self.objects[key] = (body, request.headers.get("Content-Type", "application/octet-stream"))
             self.modified[key] = self.now()
+            if self.hold is not None and self.hold_after_write:
+                self.held.set()
+                await self.hold.wait()
             return web.Response(headers={"ETag": f'"{hashlib.md5(body).hexdigest()}"'})
         if request.method == "DELETE":
             self.objects.pop(key, None)
@@ -145,13 +162,23 @@ class FakeCos:
     def multi_delete(self, body: bytes) -> web.Response:
         root = ET.fromstring(body)
         quiet = (root.findtext("Quiet") or "false").lower() == "true"
-        deleted = []
-        for obj in root.iter("Object"):
+        objects = list(root.iter("Object"))
+        if not 1 <= len(objects) <= 1000:
+            return web.Response(status=400, text="<Error><Code>MalformedXML</Code></Error>")
+        deleted, errors = [], []
+        for obj in objects:
             key = obj.findtext("Key") or ""
+            if self.fail_deletes.get(key, 0) > 0:
+                self.fail_deletes[key] -= 1
+                errors.append(
+                    f"<Error><Key>{escape(key)}</Key><Code>InternalError</Code>"
+                    "<Message>We encountered an internal error.</Message></Error>"
+                )
+                continue
             self.objects.pop(key, None)
             self.modified.pop(key, None)
             deleted.append(f"<Deleted><Key>{escape(key)}</Key></Deleted>")
-        inner = "" if quiet else "".join(deleted)
+        inner = ("" if quiet else "".join(deleted)) + "".join(errors)
         return web.Response(text=f"<DeleteResult>{inner}</DeleteResult>", content_type="application/xml")
 
     def list_objects(self, request: web.Request) -> web.Response:
@@ -184,3 +211,53 @@ class FakeCos:
             f"{following}{contents}</ListBucketResult>"
         )
         return web.Response(text=body, content_type="application/xml")
+
+    def bucket_lifecycle(self, request: web.Request, body: bytes) -> web.Response:
+        """PUT/GET/DELETE Bucket lifecycle: rules with a prefix filter and an expiration in days."""
+        if request.method == "DELETE":
+            self.lifecycle = None
+            return web.Response(status=204)
+        if request.method == "PUT":
+            if "Content-MD5" not in request.headers:
+                return self.error(request, 400, "MissingContentMD5", "PUT Bucket lifecycle needs Content-MD5")
+            try:
+                root = ET.fromstring(body)
+            except ET.ParseError:
+                return self.error(request, 400, "MalformedXML", "The XML you provided was not well-formed")
+            rules = []
+            for rule in root.iter("Rule"):
+                days = rule.findtext("Expiration/Days")
+                status = rule.findtext("Status")
+                if (
+                    status not in ("Enabled", "Disabled")
+                    or days is None
+                    or not days.isdigit()
+                    or int(days) < 1
+                ):
+                    return self.error(
+                        request, 400, "MalformedXML", "Each rule needs a Status and Expiration/Days >= 1"
+                    )
+                prefix = rule.findtext("Filter/Prefix") or rule.findtext("Prefix") or ""
+                rules.append(
+                    {"ID": rule.findtext("ID") or "", "Prefix": prefix, "Status": status, "Days": days}
+                )
+            if not rules:
+                return self.error(request, 400, "MalformedXML", "A lifecycle configuration needs a rule")
+            self.lifecycle = rules
+            return web.Response()
+        if request.method == "GET":
+            if self.lifecycle is None:
+                return self.error(
+                    request,
+                    404,
+                    "NoSuchLifecycleConfiguration",
+                    "The lifecycle configuration does not exist.",
+                )
+            rules = "".join(
+                f"<Rule><ID>{escape(r['ID'])}</ID><Filter><Prefix>{escape(r['Prefix'])}</Prefix></Filter>"
+                f"<Status>{r['Status']}</Status><Expiration><Days>{r['Days']}</Days></Expiration></Rule>"
+                for r in self.lifecycle
+            )
+            return web.Response(text=f"<LifecycleConfiguration>{rules}</LifecycleConfiguration>",
+                                content_type="application/xml")  # fmt: skip
+        return self.error(request, 405, "MethodNotAllowed", f"{request.method} ?lifecycle is not faked")

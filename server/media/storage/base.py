@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol, runtime_checkable
 
 MAX_KEY_LENGTH: Final = 512
 LIST_PAGE: Final = 1000  # objects per page of `objects()` (COS's maximum per listing request)
+DELETE_BATCH: Final = 1000  # keys per `delete_batch` call (COS's limit per multi-delete request)
 # Segments start with a letter, digit or underscore, so no `.`/`..`, no hidden files,
 # no empty segments and no leading `/`; only URL-safe characters, so keys need no quoting.
 _KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(?:/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
@@ -57,6 +58,12 @@ class Storage(Protocol):
 
     async def delete(self, keys: Iterable[str]) -> None:
         """Remove the objects; keys that do not exist are ignored."""
+        ...
+
+    async def delete_batch(self, keys: Sequence[str]) -> list[str]:
+        """Remove up to DELETE_BATCH objects in one call (COS: one multi-delete request);
+        answers the keys that could not be deleted (missing keys count as deleted).
+        A failure of the whole call raises, as every other method does."""
         ...
 
     def url(self, key: str, expires_in: int) -> str:

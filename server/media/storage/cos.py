@@ -22,7 +22,7 @@ import base64
 import datetime
 import hashlib
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any, Final, TypeVar
@@ -34,9 +34,8 @@ from qcloud_cos.cos_exception import CosClientError, CosServiceError
 
 from server.config import ConfigError, Settings
 from server.errors import AppError, Busy, ErrorCode, NotFound
-from server.media.storage.base import LIST_PAGE, StoredObject, validate_key
+from server.media.storage.base import DELETE_BATCH, LIST_PAGE, StoredObject, validate_key
 
-DELETE_BATCH: Final = 1000  # COS's limit per multi-delete request
 CLOSE_TIMEOUT: Final = 5.0
 _T = TypeVar("_T")
 
@@ -171,11 +170,7 @@ class CosStorage:
     async def delete(self, keys: Iterable[str]) -> None:
         wanted = [validate_key(k) for k in keys]
         for start in range(0, len(wanted), DELETE_BATCH):
-            batch = wanted[start : start + DELETE_BATCH]
-            request = {"Quiet": "true", "Object": [{"Key": k} for k in batch]}
-            call = partial(self._client.delete_objects, Bucket=self.bucket, Delete=request)
-            result: dict[str, Any] = await self._call(f"delete of {len(batch)} object(s)", call)
-            failed = [e for e in result.get("Error") or [] if e.get("Code") != "NoSuchKey"]
+            failed = await self._multi_delete(wanted[start : start + DELETE_BATCH])
             if failed:
                 first = failed[0]
                 raise AppError(
@@ -184,6 +179,42 @@ class CosStorage:
                     f"e.g. {first.get('Key')}: {first.get('Code')} {first.get('Message')}",
                     details={"failed_keys": [e.get("Key") for e in failed][:20]},
                 )
+
+    async def delete_batch(self, keys: Sequence[str]) -> list[str]:
+        """One multi-delete request (`delete_objects`, Quiet): the keys COS reported as not deleted."""
+        if len(keys) > DELETE_BATCH:
+            raise ValueError(f"delete_batch takes at most {DELETE_BATCH} keys")
+        if not keys:
+            return []
+        return [str(e.get("Key")) for e in await self._multi_delete([validate_key(k) for k in keys])]
+
+    async def _multi_delete(self, batch: list[str]) -> list[dict[str, Any]]:
+        """The `<Error>` entries of one multi-delete, NoSuchKey left out (already gone)."""
+        request = {"Quiet": "true", "Object": [{"Key": k} for k in batch]}
+        call = partial(self._client.delete_objects, Bucket=self.bucket, Delete=request)
+        result: dict[str, Any] = await self._call(f"delete of {len(batch)} object(s)", call)
+        return [e for e in result.get("Error") or [] if e.get("Code") != "NoSuchKey"]
+
+    async def get_lifecycle(self) -> list[dict[str, Any]]:
+        """The bucket's lifecycle rules as the SDK parses them ([] when it has none)."""
+
+        def read() -> list[dict[str, Any]]:
+            try:
+                result: dict[str, Any] = self._client.get_bucket_lifecycle(Bucket=self.bucket)
+            except CosServiceError as exc:
+                if exc.get_error_code() == "NoSuchLifecycleConfiguration":
+                    return []
+                raise
+            return list(result.get("Rule") or [])
+
+        return await self._call("get of the lifecycle rules", read)
+
+    async def put_lifecycle(self, rules: list[dict[str, Any]]) -> None:
+        """Replace the bucket's lifecycle configuration with `rules` (put_bucket_lifecycle)."""
+        call = partial(
+            self._client.put_bucket_lifecycle, Bucket=self.bucket, LifecycleConfiguration={"Rule": rules}
+        )
+        await self._call("put of the lifecycle rules", call)
 
     async def objects(self, prefix: str, page_size: int = LIST_PAGE) -> AsyncIterator[list[StoredObject]]:
         """GET Bucket (list_objects) page by page, each request starting after the last key."""

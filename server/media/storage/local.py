@@ -22,7 +22,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Final, TypeVar
 
@@ -130,6 +130,22 @@ class LocalStorage:
                 type_path.unlink(missing_ok=True)
 
         await self._io(remove)
+
+    async def delete_batch(self, keys: Sequence[str]) -> list[str]:
+        """Unlink the files in one worker-thread call; answers the keys whose unlink failed."""
+        paths = [(k, self.path_for(k), self._type_path(k)) for k in keys]
+
+        def remove() -> list[str]:
+            failed = []
+            for key, path, type_path in paths:
+                try:
+                    path.unlink(missing_ok=True)
+                    type_path.unlink(missing_ok=True)
+                except OSError:
+                    failed.append(key)
+            return failed
+
+        return await self._io(remove)
 
     def url(self, key: str, expires_in: int) -> str:
         if expires_in <= 0:
