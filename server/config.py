@@ -238,6 +238,11 @@ class Settings(BaseSettings):
     # built-in `local` vendor is always there (an entry only tunes its limits).
     vendors: VendorsSetting = Field(default_factory=dict, validate_default=True)
     vendor_input_url_ttl: int = Field(3600, ge=60)  # life of the signed URLs DashScope fetches inputs from
+    # Remote vendors' concurrency and qps hold cluster-wide through Redis (issue 15): a crashed
+    # instance's permits return after VENDOR_LEASE_TTL seconds; with Redis down each instance
+    # uses concurrency // VENDOR_EXPECTED_INSTANCES (at least 1) and qps / the same.
+    vendor_lease_ttl: float = Field(15.0, ge=1.0, le=600.0)
+    vendor_expected_instances: int = Field(1, ge=1, le=1000)
     # The nightly orphan-file cleanup (server/orphans.py) never deletes an asset file younger than this.
     orphan_file_min_age: int = Field(86_400, ge=3600)
 
