@@ -10,6 +10,11 @@ takes seconds: the actor's turn must not be the call.
    queue. With a slot, the actor starts the call as a task it owns, and the ask answers.
 2. The task runs the attempts and answers on the Call's own future, `Call.result`.
 
+Limits come from a `Permits` object passed in (server/vendors/permits.py): the local
+bound on calls in flight, a permit per call (cluster-wide through Redis for remote
+vendors, taken in the turn after a local slot and given back when the call ends), and
+the pacing of each attempt (qps).
+
 `call(ref, ...)` does both and returns the VendorResult. If its caller is cancelled, the
 future is cancelled, which cancels the call's task (no orphan work) and frees the slot;
 a call still queued is skipped when its turn comes.
@@ -37,7 +42,8 @@ from actors.runtime import Actor, ActorRef, Message
 from server.vendors import OperationSpec
 from server.vendors.adapters import Adapter, Inputs, VendorError, VendorResult, classify
 from server.vendors.config import VendorLimits
-from server.vendors.resilience import STATE_NAMES, Breaker, Clock, TokenBucket, backoff_delay
+from server.vendors.permits import LocalPermits, Permits
+from server.vendors.resilience import STATE_NAMES, Breaker, Clock, backoff_delay
 
 CALL_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -95,7 +101,9 @@ class VendorMetrics(Collector):
     vendor_call_seconds{vendor,operation} (one observation per attempt, any outcome),
     vendor_errors_total{vendor,kind} (per failed attempt, plus breaker_open and busy),
     and, read from the actors at scrape time, vendor_in_flight{vendor},
-    vendor_queue_depth{vendor}, vendor_breaker_state{vendor} (0 closed, 1 half-open, 2 open).
+    vendor_queue_depth{vendor}, vendor_breaker_state{vendor} (0 closed, 1 half-open, 2 open),
+    wardrobe_vendor_cluster_limit_fallback{vendor} (1 while Redis is unreachable and the
+    cluster-wide limits are replaced by this process's share).
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -121,11 +129,12 @@ class VendorMetrics(Collector):
 
     def collect(self) -> Iterable[Metric]:
         families = self._families()
-        in_flight, depth, breaker = families
+        in_flight, depth, breaker, fallback = families
         for name, actor in list(self.actors.items()):
             in_flight.add_metric([name], actor.in_flight)
             depth.add_metric([name], actor.queue_depth)
             breaker.add_metric([name], actor.breaker.state)
+            fallback.add_metric([name], int(actor.permits.fallback))
         return families
 
     @staticmethod
@@ -135,6 +144,11 @@ class VendorMetrics(Collector):
             GaugeMetricFamily("vendor_queue_depth", "Vendor calls waiting for a slot", labels=["vendor"]),
             GaugeMetricFamily(
                 "vendor_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open", labels=["vendor"]
+            ),
+            GaugeMetricFamily(
+                "wardrobe_vendor_cluster_limit_fallback",
+                "1 while Redis is unreachable and the vendor's limits are this process's share",
+                labels=["vendor"],
             ),
         ]
 
@@ -169,6 +183,7 @@ class VendorActor(Actor[Call]):
         metrics: VendorMetrics,
         *,
         clock: Clock = time.monotonic,
+        permits: Permits | None = None,
     ) -> None:
         self.vendor = vendor
         self.adapter = adapter
@@ -176,7 +191,7 @@ class VendorActor(Actor[Call]):
         self.metrics = metrics
         self.clock = clock
         self.breaker = Breaker(limits.breaker_threshold, limits.breaker_cooldown, clock)
-        self.bucket = TokenBucket(limits.qps, clock)
+        self.permits: Permits = permits or LocalPermits(limits.concurrency, limits.qps, clock)
         self._calls: set[asyncio.Task[None]] = set()
         self._slot_freed: asyncio.Future[None] | None = None
         self._held = False  # a call taken from the mailbox is waiting for a slot
@@ -210,6 +225,7 @@ class VendorActor(Actor[Call]):
             "queue_depth": self.queue_depth,
             "mailbox": self.limits.mailbox,
             "qps": self.limits.qps,
+            "limits": self.permits.stats(),
             "breaker": {
                 "state": STATE_NAMES[self.breaker.state],
                 "failures": self.breaker.failures,
@@ -271,13 +287,17 @@ class VendorActor(Actor[Call]):
             raise self._refused()
         self._held = True
         try:
-            while len(self._calls) >= self.limits.concurrency:
-                await self._slot_or_gone(reply)
-                if reply.done():
-                    self.counts["abandoned"] += 1
+            while True:
+                while len(self._calls) >= self.permits.local_limit:
+                    await self._slot_or_gone(reply)
+                    if self._gone(reply):
+                        return
+                lease = await self._permit_or_gone(reply)
+                if self._gone(reply):
+                    self.permits.release(lease)
                     return
-                if self._closing:
-                    raise ActorStopped(self.id, f"Vendor {self.vendor} is shutting down")
+                if lease is not None or len(self._calls) < self.permits.local_limit:
+                    break  # a cluster permit, or a local-share slot (the limit may have just shrunk)
         except asyncio.CancelledError:
             self._cancel_calls()  # the system cancels us: on_stop will not run
             raise
@@ -285,7 +305,8 @@ class VendorActor(Actor[Call]):
             self._held = False
         timeout = msg.timeout or self.limits.timeout
         task = asyncio.get_running_loop().create_task(
-            self._call_task(msg.operation, inputs, params, timeout, reply), name=f"{self.id}:{msg.operation}"
+            self._call_task(msg.operation, inputs, params, timeout, reply, lease),
+            name=f"{self.id}:{msg.operation}",
         )
         self._calls.add(task)
         task.add_done_callback(self._call_done)
@@ -302,6 +323,39 @@ class VendorActor(Actor[Call]):
         except ValueError as exc:
             self._error("invalid")
             raise VendorError("invalid", str(exc)) from None
+
+    def _gone(self, reply: asyncio.Future[VendorResult]) -> bool:
+        """Its asker left (counted abandoned), or the actor is closing (ActorStopped)."""
+        if reply.done():
+            self.counts["abandoned"] += 1
+            return True
+        if self._closing:
+            raise ActorStopped(self.id, f"Vendor {self.vendor} is shutting down")
+        return False
+
+    async def _permit_or_gone(self, reply: asyncio.Future[VendorResult]) -> str | None:
+        """A permit from `permits.acquire()`, unless `reply` is done or shutdown comes first
+        (then the acquire is cancelled and None answered)."""
+        acquire = asyncio.ensure_future(self.permits.acquire())
+        waiter = self._slot_freed = asyncio.get_running_loop().create_future()
+
+        def wake(_: object) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        reply.add_done_callback(wake)
+        try:
+            while not acquire.done() and not reply.done() and not self._closing:
+                await asyncio.wait({acquire, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if waiter.done() and not acquire.done():  # a local call ended: not our business
+                    waiter = self._slot_freed = asyncio.get_running_loop().create_future()
+        finally:
+            reply.remove_done_callback(wake)
+            self._slot_freed = None
+            if not acquire.done():
+                acquire.cancel()
+                await asyncio.gather(acquire, return_exceptions=True)
+        return acquire.result() if not acquire.cancelled() else None
 
     async def _slot_or_gone(self, reply: asyncio.Future[VendorResult]) -> None:
         """Wait until a call ends or `reply` is done (its asker left)."""
@@ -335,8 +389,10 @@ class VendorActor(Actor[Call]):
         params: Mapping[str, Any],
         timeout: float,  # noqa: ASYNC109
         reply: asyncio.Future[VendorResult],
+        lease: str | None,
     ) -> None:
-        """The call's task: attempts until success or a final error, answered on `reply`."""
+        """The call's task: attempts until success or a final error, answered on `reply`;
+        its permit goes back when it ends, however it ends."""
         try:
             result = await self._attempts(operation, inputs, params, timeout)
         except asyncio.CancelledError:
@@ -354,6 +410,8 @@ class VendorActor(Actor[Call]):
             self.counts["ok"] += 1
             if not reply.done():
                 reply.set_result(result)
+        finally:
+            self.permits.release(lease)
 
     async def _attempts(
         self,
@@ -374,7 +432,7 @@ class VendorActor(Actor[Call]):
                 raise self._refused()
             started = time.perf_counter()
             try:
-                await self.bucket.take()
+                await self.permits.pace()
                 started = time.perf_counter()
                 async with asyncio.timeout(timeout):
                     result = await self.adapter.call(operation, inputs, params, timeout)

@@ -36,6 +36,14 @@ class Calls(BaseModel):
     busy: int = Field(description="refused at once: the mailbox was full")
 
 
+class Limits(BaseModel):
+    scope: Literal["process", "cluster"] = Field(
+        description="cluster: `limit` and `qps` hold for all instances together (permits in Redis)"
+    )
+    fallback: bool = Field(description="Redis is unreachable: this process uses its share of the limit")
+    local_limit: int = Field(description="calls this process may have in flight now")
+
+
 class Latency(BaseModel):
     """From the `vendor_call_seconds` histogram: every attempt since the process started."""
 
@@ -57,6 +65,7 @@ class AdminVendor(BaseModel):
     operations: list[str]
     limit: int = Field(description="calls in flight at most (`concurrency`)")
     qps: float = Field(description="attempt starts per second at most; 0: no limit")
+    limits: Limits
     in_flight: int
     queued: int = Field(description="calls waiting for a slot: the mailbox, plus the one the actor holds")
     mailbox_capacity: int
@@ -75,6 +84,11 @@ class AdminVendor(BaseModel):
             operations=s["operations"],
             limit=s["concurrency"],
             qps=s["qps"],
+            limits=Limits(
+                scope=s["limits"]["scope"],
+                fallback=s["limits"]["fallback"],
+                local_limit=s["limits"]["local_limit"],
+            ),
             in_flight=s["in_flight"],
             queued=s["queue_depth"],
             mailbox_capacity=s["mailbox"],

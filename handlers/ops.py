@@ -264,6 +264,10 @@ def _vendors(app: web.Application) -> list[dict[str, Any]]:
                 "kind": s["kind"],
                 "in_flight": s["in_flight"],
                 "concurrency": s["concurrency"],
+                "limit_scope": f"fallback: this process's share of {s['limits']['local_limit']}"
+                if s["limits"]["fallback"]
+                else s["limits"]["scope"],
+                "limit_fallback": s["limits"]["fallback"],
                 "queue_depth": s["queue_depth"],
                 "breaker": s["breaker"]["state"],
                 "calls": s["calls"],

@@ -169,7 +169,9 @@ async def payments_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def vendors_ctx(app: web.Application) -> AsyncIterator[None]:
-    async with open_vendors(app[settings_key], app[actor_system_key], app.get(storage_key)) as vendors:
+    async with open_vendors(
+        app[settings_key], app[actor_system_key], app.get(storage_key), app[redis_key]
+    ) as vendors:
         app[vendors_key] = vendors
         yield
 

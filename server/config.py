@@ -325,6 +325,18 @@ class PaymentSettings(Group):
     alipay_timeout: float = Field(20.0, gt=0)  # a whole SDK call (each HTTP request: 15 s)
 
 
+class VendorSettings(Group):
+    """What every vendor shares (VENDORS configures each one; docs/vendors.md)."""
+
+    prefix: ClassVar[str] = "VENDOR_"
+    input_url_ttl: int = Field(3600, ge=60)  # life of the signed URLs DashScope fetches inputs from
+    # Remote vendors' concurrency and qps hold cluster-wide through Redis: a crashed
+    # instance's permits return after VENDOR_LEASE_TTL seconds; with Redis down each instance
+    # uses concurrency // VENDOR_EXPECTED_INSTANCES (at least 1) and qps / the same.
+    lease_ttl: float = Field(15.0, ge=1.0, le=600.0)
+    expected_instances: int = Field(1, ge=1, le=1000)
+
+
 #: Settings field → its group model. Each group reads its own variables (Group.env_name).
 GROUPS: dict[str, type[Group]] = {
     "db": DbSettings,
@@ -338,6 +350,7 @@ GROUPS: dict[str, type[Group]] = {
     "storage": StorageSettings,
     "ws": WsSettings,
     "payments": PaymentSettings,
+    "vendor": VendorSettings,
 }
 
 #: flat variable name (lower case) → (group, field), e.g. "db_pool_max" → ("db", "pool_max").
@@ -396,7 +409,6 @@ class Settings(BaseSettings):
     # mailbox, breaker_threshold, …}}; limits left out take their kind's default. The
     # built-in `local` vendor is always there (an entry only tunes its limits).
     vendors: VendorsSetting = Field(default_factory=dict, validate_default=True)
-    vendor_input_url_ttl: int = Field(3600, ge=60)  # life of the signed URLs DashScope fetches inputs from
 
     db: DbSettings = DbSettings()
     redis: RedisSettings = RedisSettings()
@@ -409,6 +421,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     ws: WsSettings = WsSettings()
     payments: PaymentSettings = PaymentSettings()
+    vendor: VendorSettings = VendorSettings()
 
     @classmethod
     def settings_customise_sources(

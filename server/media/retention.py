@@ -62,7 +62,7 @@ def prefix_for(kind: str) -> str:
 
 def temporary_days(settings: Settings) -> int:
     """1, or more when a vendor input's signed URL (plus a margin) outlives a day."""
-    return max(1, math.ceil((settings.vendor_input_url_ttl + VENDOR_INPUT_MARGIN_S) / DAY))
+    return max(1, math.ceil((settings.vendor.input_url_ttl + VENDOR_INPUT_MARGIN_S) / DAY))
 
 
 @dataclass(frozen=True, slots=True, order=True)

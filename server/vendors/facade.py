@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 from loguru import logger
+from redis.asyncio import Redis
 
 from actors.errors import MailboxFull
 from actors.runtime import ActorRef, ActorSystem
@@ -38,6 +39,7 @@ from server.vendors.adapters import (
 )
 from server.vendors.config import VendorConfig, VendorLimits, check_vendors, http_operations, kind_of, limits
 from server.vendors.dashscope import DashScopeAdapter
+from server.vendors.permits import ClusterLimits
 from server.vendors.resilience import Clock
 
 CONNECT_TIMEOUT = 10.0
@@ -53,8 +55,9 @@ class _Vendor:
 class Vendors:
     """The registry of vendor actors: `ref(vendor)`, `call(...)`, `catalog()`, `stats()`."""
 
-    def __init__(self, system: ActorSystem) -> None:
+    def __init__(self, system: ActorSystem, cluster: ClusterLimits | None = None) -> None:
         self.system = system
+        self.cluster = cluster  # None: every limit is per process
         self.metrics = VendorMetrics(system.registry)
         self._vendors: dict[str, _Vendor] = {}
         self._closed = False
@@ -67,11 +70,13 @@ class Vendors:
         *,
         session: aiohttp.ClientSession | None = None,
         publish: Publish | None = None,
+        cluster: ClusterLimits | None = None,
     ) -> Vendors:
-        """Adapters for every entry of VENDORS (plus `local`), then one actor each."""
+        """Adapters for every entry of VENDORS (plus `local`), then one actor each; with
+        `cluster`, remote vendors' limits hold for the whole cluster."""
         configs = check_vendors(dict(configs))
         adapters = {name: _adapter(name, config, session, publish) for name, config in configs.items()}
-        vendors = cls(system)
+        vendors = cls(system, cluster)
         for name, adapter in adapters.items():
             vendors.add(name, adapter, limits(configs[name], adapter.kind))
         return vendors
@@ -79,14 +84,20 @@ class Vendors:
     def add(
         self, vendor: str, adapter: Adapter, limits: VendorLimits, *, clock: Clock | None = None
     ) -> VendorActor:
-        """Spawn the actor of one vendor (tests use this with their own adapters)."""
+        """Spawn the actor of one vendor (tests use this with their own adapters). The
+        `local` kind's limit is this process's threads, so it never takes cluster permits."""
         if vendor in self._vendors:
             raise ValueError(f"vendor {vendor!r} is already running")
         kind = VendorActor.kind_for(vendor, limits.mailbox)
+        permits = (
+            self.cluster.permits(vendor, limits.concurrency, limits.qps)
+            if self.cluster is not None and adapter.kind != "local"
+            else None
+        )
         actor = (
-            kind(vendor, adapter, limits, self.metrics)
+            kind(vendor, adapter, limits, self.metrics, permits=permits)
             if clock is None
-            else kind(vendor, adapter, limits, self.metrics, clock=clock)
+            else kind(vendor, adapter, limits, self.metrics, clock=clock, permits=permits)
         )
         ref = self.system.spawn(actor, name=f"vendor:{vendor}")
         self._vendors[vendor] = _Vendor(actor, ref)
@@ -192,6 +203,7 @@ class Vendors:
             )
         for name, entry in self._vendors.items():
             try:
+                await entry.actor.permits.close()
                 await entry.actor.adapter.close()
             except Exception:
                 logger.opt(exception=True).error("closing the {} vendor adapter failed", name)
@@ -271,9 +283,10 @@ def storage_publisher(storage: Storage, ttl: int) -> Publish:
 
 @contextlib.asynccontextmanager
 async def open_vendors(
-    settings: Settings, system: ActorSystem, storage: Storage | None
+    settings: Settings, system: ActorSystem, storage: Storage | None, redis: Redis | None = None
 ) -> AsyncIterator[Vendors]:
-    """The vendor actors on `system`, stopped on exit; dashscope publishes its inputs on `storage`."""
+    """The vendor actors on `system`, stopped on exit; dashscope publishes its inputs on
+    `storage`; with `redis`, remote vendors' limits hold cluster-wide (docs/vendors.md)."""
     configs = check_vendors(dict(settings.vendors))
     kinds = {name: kind_of(name, config) for name, config in configs.items()}
     remote = [name for name, kind in kinds.items() if kind != "local"]
@@ -281,7 +294,7 @@ async def open_vendors(
     if "dashscope" in kinds.values():
         if storage is None:
             raise ConfigError("a dashscope vendor needs the storage to publish its inputs")
-        publish = storage_publisher(storage, settings.vendor_input_url_ttl)
+        publish = storage_publisher(storage, settings.vendor.input_url_ttl)
     session: aiohttp.ClientSession | None = None
     if remote:
         connections = sum(limits(configs[n], kinds[n]).concurrency for n in remote)
@@ -290,7 +303,12 @@ async def open_vendors(
             connector=aiohttp.TCPConnector(limit=2 * connections + 8),
         )
     try:
-        vendors = Vendors.build(configs, system, session=session, publish=publish)
+        cluster = (
+            None
+            if redis is None
+            else ClusterLimits(redis, settings.vendor.lease_ttl, settings.vendor.expected_instances)
+        )
+        vendors = Vendors.build(configs, system, session=session, publish=publish, cluster=cluster)
     except BaseException:
         if session is not None:
             await session.close()
