@@ -26,12 +26,16 @@ from server.redis import connect_redis
 from tests.cluster_support import Client, free_port, image_bytes
 
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
+SENTINEL = shutil.which("redis-sentinel") or "/usr/bin/redis-sentinel"  # Debian's redis-sentinel
 PASSWORD = "sentinel-test-pass"
 SERVICE = "mymaster"
 
 pytestmark = [
     pytest.mark.timeout(240),
-    pytest.mark.skipif(not Path(REDIS).exists(), reason="redis-server is not installed"),
+    pytest.mark.skipif(
+        not (Path(REDIS).exists() and Path(SENTINEL).exists()),
+        reason="redis-server or redis-sentinel is not installed (ops/bootstrap.sh --all)",
+    ),
 ]
 
 _phones = itertools.count(40_000_000)
@@ -51,14 +55,12 @@ class Topology:
         hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
         return f"redis+sentinel://:{PASSWORD}@{hosts}/{SERVICE}/0"
 
-    def _spawn(self, name: str, conf: str, *extra: str) -> None:
+    def _spawn(self, name: str, conf: str, binary: str = REDIS) -> None:
         work = self.base / name
         work.mkdir()
         (work / "redis.conf").write_text(conf)
         with (work / "log").open("ab") as log:
-            self.procs[name] = subprocess.Popen(
-                [REDIS, str(work / "redis.conf"), *extra], stdout=log, stderr=log
-            )
+            self.procs[name] = subprocess.Popen([binary, str(work / "redis.conf")], stdout=log, stderr=log)
 
     def start(self) -> None:
         common = f'bind 127.0.0.1\nsave ""\nappendonly no\nrequirepass {PASSWORD}\nmasterauth {PASSWORD}\n'
@@ -78,7 +80,7 @@ class Topology:
                 f"sentinel down-after-milliseconds {SERVICE} 1000\n"
                 f"sentinel failover-timeout {SERVICE} 3000\n"
                 f"sentinel parallel-syncs {SERVICE} 1\n",
-                "--sentinel",
+                SENTINEL,
             )
 
     def sentinel(self, n: int = 0) -> redis_sync.Redis:
