@@ -1,12 +1,13 @@
 # The README's two commands: `make run` and `make test`. Both install what is missing.
 # `make e2e`: the browser test (tests/e2e, Debian's chromium); CI runs it after `make test`.
+# `make cluster-test`: only the deployment tests (nginx, Redis Sentinel); `make test` runs them too.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: run test e2e lint typecheck pytest bench install clean
+.PHONY: run test e2e cluster-test lint typecheck pytest bench install clean
 
 run: install
 	@bash ops/bootstrap.sh
@@ -19,6 +20,10 @@ test: install
 e2e: install
 	@bash ops/bootstrap.sh --e2e
 	$(BIN)/pytest -m e2e tests/e2e -p no:cacheprovider
+
+cluster-test: install
+	@bash ops/bootstrap.sh --all
+	$(BIN)/pytest tests/test_nginx.py tests/test_sentinel.py
 
 install: $(STAMP)
 

@@ -1,6 +1,7 @@
 """Wardrobe Server command line.
 
     python run.py [serve] [--host H] [--port P]   serve the API (default)
+    python run.py serve --path /run/wardrobe/1.sock  serve on a unix socket (behind nginx)
     python run.py migrate [--status]               apply (or list) database migrations
     python run.py create-admin --phone P --password W
     python run.py grant-credits --phone P --amount N --reason R
@@ -23,6 +24,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from loguru import logger
@@ -139,6 +141,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else settings.port
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     base = f"http://{shown}:{port}"
+    if args.path:  # a unix socket, one per instance behind nginx (docs/deploy.md)
+        base = f"http://unix:{args.path}:"
 
     async def announce(app: web.Application) -> None:
         logger.info(
@@ -163,10 +167,13 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     app = create_app(settings)
     app.on_startup.append(announce)
+    if args.path:
+        Path(args.path).unlink(missing_ok=True)  # left by an instance that did not stop cleanly
     web.run_app(
         app,
-        host=host,
-        port=port,
+        host=None if args.path else host,
+        port=None if args.path else port,
+        path=args.path,
         access_log=None,
         shutdown_timeout=settings.shutdown_timeout,
         print=None,
@@ -385,6 +392,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     serve = sub.add_parser("serve", help="serve the API (default)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument(
+        "--path", help="listen on this unix socket instead of HOST:PORT (its mode follows the umask)"
+    )
     migrate = sub.add_parser("migrate", help="apply database migrations")
     migrate.add_argument("--status", action="store_true", help="list migrations and whether they are applied")
     admin = sub.add_parser("create-admin", help="create an admin user (or promote an existing one)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -97,6 +98,54 @@ class DatabaseURL:
         return f"DatabaseURL({self.user}@{where}/{self.database})"
 
 
+SENTINEL_SCHEME = "redis+sentinel"
+SENTINEL_SHAPE = "redis+sentinel://[:password@]host:26379,host:26379/mymaster/0"
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelURL:
+    """A parsed REDIS_URL of the redis+sentinel scheme."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int
+    username: str | None
+    password: str | None
+    sentinel_auth: bool  # the sentinels want the password too
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelURL:
+        """Raises ValueError naming REDIS_URL and the expected shape."""
+        parts = urlsplit(url)
+        if parts.scheme != SENTINEL_SCHEME:
+            raise ValueError(f"REDIS_URL is not a {SENTINEL_SCHEME}:// URL ({SENTINEL_SHAPE})")
+        userinfo, _, hosts = parts.netloc.rpartition("@")
+        username, _, password = userinfo.partition(":")
+        sentinels = []
+        for item in hosts.split(","):
+            host, _, port = item.strip().rpartition(":")
+            host = host.strip("[]")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(
+                    f"REDIS_URL must list the sentinels as host:port,host:port ({SENTINEL_SHAPE})"
+                )
+            sentinels.append((host, int(port)))
+        path = [p for p in parts.path.split("/") if p]
+        if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+            raise ValueError(
+                f"REDIS_URL must name the sentinel service and optionally a db number ({SENTINEL_SHAPE})"
+            )
+        query = parse_qs(parts.query)
+        return cls(
+            sentinels=tuple(sentinels),
+            service=unquote(path[0]),
+            db=int(path[1]) if len(path) == 2 else 0,
+            username=unquote(username) or None,
+            password=unquote(password) or None,
+            sentinel_auth=query.get("sentinel_password", ["0"])[0] in {"1", "true", "yes"},
+        )
+
+
 class Group(BaseModel):
     """The settings of one area. Each field is read from one environment variable:
     `prefix + FIELD` in upper case, unless `env_names` names it otherwise."""
@@ -129,6 +178,7 @@ class DbSettings(Group):
 
 class RedisSettings(Group):
     prefix: ClassVar[str] = "REDIS_"
+    password: SecretStr | None = None  # when REDIS_URL does not carry one (docs/deploy.md)
     timeout: float = Field(3.0, gt=0)  # any Redis call
     max_connections: int = Field(100, ge=1)  # pool bound per process; beyond it waits, then BUSY
 
@@ -483,10 +533,14 @@ class Settings(BaseSettings):
     def _redis_url(cls, v: str | None) -> str | None:
         if v:
             parts = urlsplit(v)
+            if parts.scheme == "redis+sentinel":  # Sentinel (issue 15)
+                SentinelURL.parse(v)
+                return v
             if parts.scheme not in {"redis", "rediss", "unix"}:
                 raise ValueError(
-                    "REDIS_URL must start with redis://, rediss:// or unix:// "
-                    "(redis://host:6379/0 or unix:///path/redis.sock?db=0)"
+                    "REDIS_URL must start with redis://, rediss:// or unix://, or redis+sentinel:// "
+                    "(redis://host:6379/0, unix:///path/redis.sock?db=0 or "
+                    "redis+sentinel://host:26379,host:26379/mymaster/0)"
                 )
             if parts.scheme == "unix" and not parts.path:
                 raise ValueError("REDIS_URL must name the socket: unix:///path/redis.sock?db=0")

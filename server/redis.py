@@ -3,6 +3,12 @@
 At most REDIS_MAX_CONNECTIONS connections per process; a call that finds them all busy
 waits up to REDIS_TIMEOUT for one, then fails with `Busy` (503 BUSY, Retry-After).
 
+REDIS_URL=redis+sentinel://[:password@]host:port,host:port/service[/db] goes through
+redis-py's Sentinel support: each new connection asks the sentinels for the service's
+current primary, so after a failover the pool reconnects to the new one by itself
+(docs/deploy.md). The password (or REDIS_PASSWORD) is the data nodes'; the sentinels
+are asked with the same one only when `?sentinel_password=1` says they require it.
+
 With hiredis installed (a dependency), redis-py parses replies with it on its own.
 """
 
@@ -12,12 +18,14 @@ import asyncio
 import contextlib
 from collections import deque
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import MaxConnectionsError
 
-from server.config import Settings
+from server.config import SENTINEL_SCHEME, SentinelURL, Settings
 from server.errors import Busy
 
 
@@ -69,17 +77,53 @@ class _Pool(ConnectionPool):
                 return
 
 
+class _SentinelPool(_Pool, SentinelConnectionPool):
+    """The waiting pool over redis-py's SentinelConnectionPool; closing it also closes
+    the connections to the sentinels (this pool owns its `Sentinel`)."""
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        await self.sentinel_manager.aclose()
+
+
 def connect_redis(url: str, settings: Settings) -> Redis:
-    pool = _Pool.from_url(
-        url,
-        max_connections=settings.redis.max_connections,
-        timeout=settings.redis.timeout,  # the wait for a free connection
-        socket_timeout=settings.redis.timeout,
-        socket_connect_timeout=settings.redis.timeout,
-        health_check_interval=30,
-        decode_responses=False,
-    )
-    return Redis.from_pool(pool)
+    common: dict[str, Any] = {
+        "max_connections": settings.redis.max_connections,
+        "timeout": settings.redis.timeout,  # the wait for a free connection
+        "socket_timeout": settings.redis.timeout,
+        "socket_connect_timeout": settings.redis.timeout,
+        "health_check_interval": 30,
+        "decode_responses": False,
+    }
+    password = settings.redis.password.get_secret_value() if settings.redis.password else None
+    if urlsplit(url).scheme == SENTINEL_SCHEME:
+        target = SentinelURL.parse(url)
+        password = target.password or password
+        auth: dict[str, Any] = {"username": target.username, "password": password}
+        asked = {"socket_timeout": settings.redis.timeout, "socket_connect_timeout": settings.redis.timeout}
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]  # (redis-py leaves it unannotated)
+            list(target.sentinels), sentinel_kwargs={**asked, **(auth if target.sentinel_auth else {})}
+        )
+        pool: ConnectionPool = _SentinelPool(
+            service_name=target.service, sentinel_manager=sentinel, db=target.db, **auth, **common
+        )
+        return Redis.from_pool(pool)
+    if password and not urlsplit(url).password:
+        common["password"] = password
+    return Redis.from_pool(_Pool.from_url(url, **common))
+
+
+def derived_pool(redis: Redis, max_connections: int, **overrides: Any) -> ConnectionPool:
+    """A pool of its own to the same server as `redis` (the same primary through the
+    sentinels), its connection settings changed by `overrides`; the caller closes it."""
+    base = redis.connection_pool
+    kwargs: dict[str, Any] = {**base.connection_kwargs, **overrides}
+    if isinstance(base, SentinelConnectionPool):
+        kwargs.pop("connection_pool", None)  # the base pool's; the new pool sets its own
+        return SentinelConnectionPool(  # type: ignore[no-untyped-call]
+            base.service_name, base.sentinel_manager, max_connections=max_connections, **kwargs
+        )
+    return ConnectionPool(connection_class=base.connection_class, max_connections=max_connections, **kwargs)
 
 
 async def ping(client: Redis) -> None:

@@ -26,12 +26,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from loguru import logger
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
+
+from server.redis import derived_pool
 
 PING_INTERVAL = 10.0
 RECONNECT_DELAYS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -53,14 +55,15 @@ class LiveChannels:
         on_reconnect: Callable[[], Awaitable[None]],
         timeout: float,
     ) -> None:
-        base = redis.connection_pool
-        kwargs: dict[str, Any] = {
-            **base.connection_kwargs,
-            "client_name": CLIENT_NAME,
-            "retry": Retry(NoBackoff(), 0, supported_errors=()),
-            "health_check_interval": 0,
-        }
-        self._pool = ConnectionPool(connection_class=base.connection_class, max_connections=2, **kwargs)
+        # Through the sentinels, when REDIS_URL names them: each (re)connect asks for the
+        # current primary, so after a failover the next `_open` reaches the new one.
+        self._pool = derived_pool(
+            redis,
+            2,
+            client_name=CLIENT_NAME,
+            retry=Retry(NoBackoff(), 0, supported_errors=()),
+            health_check_interval=0,
+        )
         self._client = Redis(connection_pool=self._pool)
         self._on_message = on_message
         self._on_reconnect = on_reconnect
