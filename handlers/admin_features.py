@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from server.db import is_duplicate
 from server.errors import Conflict, ErrorCode
-from server.keys import db_key, features_key
+from server.keys import db_key, tasks_key
 from server.routing import RouteTable, omittable
 from server.tasks.features import Feature, parse_inputs
 from server.tasks.pipeline import parse_pipeline
@@ -80,7 +80,7 @@ def _admin_view(f: Feature) -> AdminFeature:
 @routes.get("/api/v1/admin/features", response=list[AdminFeature])
 async def all_features(request: web.Request) -> list[AdminFeature]:
     """Every feature, disabled ones included, with its pipeline."""
-    return [_admin_view(f) for f in await request.app[features_key].all()]
+    return [_admin_view(f) for f in await request.app[tasks_key].features.all()]
 
 
 @routes.post(
@@ -88,7 +88,7 @@ async def all_features(request: web.Request) -> list[AdminFeature]:
 )
 async def create_feature(request: web.Request, body: FeatureIn) -> AdminFeature:
     """Create a feature; its inputs and pipeline are checked (acyclic, references, vendors, params)."""
-    store = request.app[features_key]
+    store = request.app[tasks_key].features
     inputs = parse_inputs(body.inputs)
     parse_pipeline(body.pipeline, store.catalog, set(inputs))
     fields = body.model_dump(exclude={"slug"})
@@ -110,7 +110,7 @@ async def create_feature(request: web.Request, body: FeatureIn) -> AdminFeature:
 )
 async def update_feature(request: web.Request, body: FeaturePatch) -> AdminFeature:
     """Change a feature (e.g. `{"enabled": false}` disables it); tasks already created keep running."""
-    store = request.app[features_key]
+    store = request.app[tasks_key].features
     slug = request.match_info["slug"]
     current = await store.get_any(slug)
     changes = body.model_dump(exclude_unset=True)

@@ -29,7 +29,6 @@ from loguru import logger
 from multidict import MultiDictProxy
 from pydantic import ValidationError
 
-from actors.metrics import SystemSnapshot
 from server import __version__
 from server.auth.middleware import authenticate, client_of
 from server.auth.schemas import PhoneIn
@@ -249,7 +248,7 @@ def _pool(app: web.Application) -> dict[str, int]:
     return app[db_key].pool_stats()
 
 
-def _actors(app: web.Application) -> SystemSnapshot:
+def _actors(app: web.Application) -> object:
     return app[actor_system_key].snapshot()
 
 
@@ -282,12 +281,7 @@ def _vendors(app: web.Application) -> list[dict[str, Any]]:
 
 
 def _local_tasks(app: web.Application) -> dict[str, int]:
-    manager = app[tasks_key]
-    return {
-        "running": manager.scheduler.active_count,
-        "pending": manager.scheduler.pending_count,
-        "jobs": len(manager.jobs),
-    }
+    return app[tasks_key].local_stats()
 
 
 async def _redis_info(app: web.Application) -> dict[str, Any]:

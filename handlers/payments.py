@@ -12,8 +12,7 @@ from server.errors import ErrorCode, validation_failed
 from server.keys import payments_key
 from server.paging import Page, PageQuery
 from server.payments.orders import Order
-from server.routing import RouteTable, omittable
-from server.tasks.store import check_idempotency_key
+from server.routing import RouteTable, idempotency_key, omittable
 
 public = RouteTable(tags=["payments"], auth="public")
 routes = RouteTable(tags=["payments"], auth="user")
@@ -176,7 +175,7 @@ async def create_order(request: web.Request, body: OrderIn) -> web.Response:
     422 (field `product_id`) for an unknown or disabled product; 422 (field `channel`) for
     a channel without merchant settings, or `wechat_jsapi` for an account that never
     signed in with WeChat. Nothing is written in either case."""
-    key = check_idempotency_key(request.headers.get("Idempotency-Key"))
+    key = idempotency_key(request)
     user_id = principal_of(request).user_id
     order, created = await request.app[payments_key].create_order(user_id, key, body.product_id, body.channel)
     return web.json_response(order.public(), status=201 if created else 200)
@@ -339,7 +338,7 @@ async def refund_order(request: web.Request, body: RefundIn) -> web.Response:
     `amount_fen`) for more than is left (refunds still processing count as taken). Nothing
     is written in either case. Alipay refunds answer `succeeded` or `failed` at once; WeChat
     Pay ones usually `processing` until its refund notification or our query."""
-    key = check_idempotency_key(request.headers.get("Idempotency-Key"))
+    key = idempotency_key(request)
     refund, created = await request.app[payments_key].refunds.refund(
         principal_of(request).user_id, request.match_info["order_no"], key, body.amount_fen, body.reason
     )

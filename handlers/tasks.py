@@ -11,12 +11,11 @@ from pydantic import BaseModel, Field
 
 from server.auth.middleware import principal_of
 from server.errors import AppError, ErrorCode, NotFound, UnreadableBody
-from server.keys import db_key, features_key, settings_key, storage_key
+from server.keys import db_key, settings_key, storage_key, tasks_key
 from server.media import assets
 from server.media.images import MAX_BYTES
 from server.paging import PageQuery, decode_cursor, encode_cursor
-from server.routing import RouteTable, json_response
-from server.tasks import store
+from server.routing import RouteTable, idempotency_key, json_response
 
 routes = RouteTable(tags=["tasks"], auth="user")
 public = RouteTable(tags=["tasks"], auth="public")
@@ -101,7 +100,7 @@ class TaskQuery(PageQuery):
 @public.get("/api/v1/features", response=list[FeatureOut])
 async def list_features(request: web.Request) -> list[dict[str, Any]]:
     """The enabled features, with their cost and inputs."""
-    return [f.public() for f in await request.app[features_key].enabled()]
+    return [f.public() for f in await request.app[tasks_key].features.enabled()]
 
 
 @routes.post(
@@ -190,9 +189,9 @@ async def create_task(request: web.Request, body: TaskIn) -> web.Response:
 
     202: created, reserved and scheduled. Any error (402, 409, 422, 503 when the runner
     is full) leaves nothing behind: no task, no reservation."""
-    key = store.check_idempotency_key(request.headers.get("Idempotency-Key"))
     user_id = principal_of(request).user_id
-    task, created = await store.create_task(request.app, user_id, key, body.feature, body.inputs)
+    key = idempotency_key(request)
+    task, created = await request.app[tasks_key].submit(user_id, key, body.feature, body.inputs)
     return json_response(task, 202 if created else 200)
 
 
@@ -200,8 +199,8 @@ async def create_task(request: web.Request, body: TaskIn) -> web.Response:
 async def list_tasks(request: web.Request, query: TaskQuery) -> dict[str, Any]:
     """The caller's tasks, newest first; `?status=` filters."""
     after = decode_cursor(query.cursor, str)
-    items = await store.list_tasks(
-        request.app, principal_of(request).user_id, query.status, after[0] if after else None, query.limit + 1
+    items = await request.app[tasks_key].list(
+        principal_of(request).user_id, query.status, after[0] if after else None, query.limit + 1
     )
     more = len(items) > query.limit
     items = items[: query.limit]
@@ -210,7 +209,7 @@ async def list_tasks(request: web.Request, query: TaskQuery) -> dict[str, Any]:
 
 @routes.get("/api/v1/tasks/{task_id}", response=TaskOut, errors=[ErrorCode.NOT_FOUND])
 async def get_task(request: web.Request) -> dict[str, Any]:
-    return await store.get_task(request.app, principal_of(request).user_id, request.match_info["task_id"])
+    return await request.app[tasks_key].get(principal_of(request).user_id, request.match_info["task_id"])
 
 
 @routes.post(
@@ -218,4 +217,4 @@ async def get_task(request: web.Request) -> dict[str, Any]:
 )
 async def cancel_task(request: web.Request) -> dict[str, Any]:
     """Stop a queued or running task and return its credits; a finished task answers 409."""
-    return await store.cancel_task(request.app, principal_of(request).user_id, request.match_info["task_id"])
+    return await request.app[tasks_key].cancel(principal_of(request).user_id, request.match_info["task_id"])

@@ -55,7 +55,7 @@ from server.migrations import Migrator
 from server.payments.facade import open_payments
 from server.redis import connect_redis
 from server.tasks import leases
-from server.tasks.manager import tasks_ctx
+from server.tasks.facade import open_tasks
 from server.vendors.facade import open_vendors
 
 
@@ -165,6 +165,23 @@ async def payments_ctx(app: web.Application) -> AsyncIterator[None]:
         app[metrics_key],
     ) as payments:
         app[payments_key] = payments
+        yield
+
+
+async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
+    """After the vendors: features (checked against their catalog) and the task runs."""
+    async with open_tasks(
+        app[settings_key],
+        app[db_key],
+        app[redis_key],
+        app[credits_key],
+        app[hub_key],
+        app[storage_key],
+        app[auth_key].profiles,
+        app[vendors_key],
+        app[instance_id_key],
+    ) as tasks:
+        app[tasks_key] = tasks
         yield
 
 

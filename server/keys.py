@@ -22,8 +22,7 @@ if TYPE_CHECKING:
     from server.metrics import Metrics
     from server.migrations import Migrator
     from server.payments.facade import Payments
-    from server.tasks.features import FeatureStore
-    from server.tasks.manager import TaskManager
+    from server.tasks.facade import Tasks
     from server.vendors.facade import Vendors
 
 settings_key: web.AppKey[Settings] = web.AppKey("settings")
@@ -35,8 +34,7 @@ actor_system_key: web.AppKey[ActorSystem] = web.AppKey("actor_system")
 hub_key: web.AppKey[RedisEventHub] = web.AppKey("event_hub")  # publish, and the sockets' side
 cron_key: web.AppKey[CronRunner] = web.AppKey("cron")
 instance_id_key: web.AppKey[str] = web.AppKey("instance_id")
-features_key: web.AppKey[FeatureStore] = web.AppKey("features")
-tasks_key: web.AppKey[TaskManager] = web.AppKey("tasks")
+tasks_key: web.AppKey[Tasks] = web.AppKey("tasks")
 openapi_key: web.AppKey[dict[str, Any]] = web.AppKey("openapi")
 
 # Per-request state.

@@ -227,6 +227,16 @@ class RouteTable:
         return self.route("DELETE", path, **kw)
 
 
+def idempotency_key(request: web.Request) -> str:
+    """The request's `Idempotency-Key` header: 1–128 printable characters, else 422."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None or not (1 <= len(key) <= 128) or not key.isprintable() or key.strip() != key:
+        raise validation_failed(
+            [{"field": "header.Idempotency-Key", "message": "required: 1–128 printable characters"}]
+        )
+    return key
+
+
 def route_spec(request: web.Request) -> RouteSpec | None:
     """The declaration of the route a request matched (None for 404/405 and static files)."""
     return route_spec_of(request.match_info.handler)

@@ -67,9 +67,9 @@ class StateMachine:
     ) -> bool:
         """Move the row named by `key` (values of `keys`) to `to`, writing `sets` too.
 
-        True: this call moved it. False: it was already `to`, and `to → to` is not a
-        move of its own (a replay of a change someone else made). Raises
-        IllegalTransition for any other status, NotFound when there is no such row."""
+        True: this call moved it (or made a legal `to → to` move). False: it was already
+        `to`, and `to → to` is not a move of its own (a replay of a change someone else
+        made). Raises IllegalTransition for any other status, NotFound for no such row."""
         key = tuple(key)
         frm = self.sources(to)
         if not frm:
@@ -97,6 +97,8 @@ class StateMachine:
         name = "/".join(str(k) for k in key)
         if current is None:
             raise NotFound(f"No {self.entity} {name}")
-        if current == to and not self.allows(to, to):
-            return False
+        if current == to:
+            # A legal self-move whose columns held these values already (MySQL counts
+            # changed rows): done. Otherwise someone else made this change: a replay.
+            return self.allows(to, to)
         raise IllegalTransition(self.entity, name, str(current), to)

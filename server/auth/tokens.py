@@ -18,11 +18,11 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import jwt
+from pydantic import SecretStr
 
-from server.config import Settings
 from server.errors import AppError, ErrorCode
 
 ALGORITHM = "HS256"
@@ -52,7 +52,24 @@ class Principal:
         return self.role == "admin"
 
 
-def parse_jwt_keys(settings: Settings) -> list[SigningKey]:
+class _JwtSettings(Protocol):
+    """What signing needs of the auth settings (server/config.py AuthSettings). A protocol,
+    so this module need not import the configuration that checks these keys with it."""
+
+    @property
+    def jwt_keys(self) -> SecretStr: ...
+    @property
+    def jwt_secret(self) -> SecretStr: ...
+    @property
+    def access_token_ttl(self) -> int: ...
+
+
+class _Settings(Protocol):
+    @property
+    def auth(self) -> _JwtSettings: ...
+
+
+def parse_jwt_keys(settings: _Settings) -> list[SigningKey]:
     """JWT_KEYS (`kid:secret,kid:secret`, newest first), or JWT_SECRET under the kid "default".
 
     With JWT_SECRET, the kid earlier releases derived from it (8 hex of its SHA-256) is
@@ -108,7 +125,7 @@ class TokenIssuer:
         self._verified: dict[str, tuple[Principal, int]] = {}
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> TokenIssuer:
+    def from_settings(cls, settings: _Settings) -> TokenIssuer:
         return cls(parse_jwt_keys(settings), settings.auth.access_token_ttl)
 
     def issue_access(self, user_id: int, role: str, sid: str, *, now: float | None = None) -> str:

@@ -49,3 +49,8 @@ async def held(redis: Redis, task_ids: Sequence[str]) -> set[str]:
         return set()
     values = await redis.mget([key(t) for t in task_ids])
     return {t for t, v in zip(task_ids, values, strict=True) if v is not None}
+
+
+def cancel_key(task_id: str) -> str:
+    """Set when a task is cancelled; the process running it checks at each lease renewal."""
+    return f"task:cancelled:{task_id}"

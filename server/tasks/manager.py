@@ -16,28 +16,24 @@ anything, so a full runner answers BUSY with nothing created.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import aiojobs
-from aiohttp import web
 from loguru import logger
 
 from server.errors import AppError, Busy, ErrorCode
-from server.keys import db_key, features_key, instance_id_key, redis_key, settings_key, tasks_key, vendors_key
-from server.tasks import leases
-from server.tasks.features import FeatureStore
-from server.tasks.runner import VendorCall, _fail, hold_lease, run_task
+from server.tasks import leases, states
+from server.tasks.deps import TaskDeps
+from server.tasks.runner import VendorCall, fail, hold_lease, run_task
 from server.tasks.slots import RunSlot, TaskRow
-from server.tasks.store import mark_finished
 
 _HALF_SUBMITTED = "The server taking this task stopped before scheduling it"
 _TASK_ROW = "SELECT id, user_id, feature, inputs, attempts, status FROM tasks WHERE id = %s"
 
 
 class TaskManager:
-    def __init__(self, app: web.Application, call: VendorCall) -> None:
-        settings = app[settings_key]
-        self.app = app
+    def __init__(self, deps: TaskDeps, call: VendorCall) -> None:
+        settings = deps.settings
+        self.deps = deps
         self.call = call
         self.scheduler = aiojobs.Scheduler(
             limit=settings.tasks.concurrency,
@@ -50,6 +46,30 @@ class TaskManager:
         self._capacity = settings.tasks.concurrency + settings.tasks.pending
         self._claimed = 0  # slots taken by submissions not yet spawned
         self._closing: set[asyncio.Task[None]] = set()
+        self._waiting: set[str] = set()  # spawned, not yet running: their leases renewed here
+        self._renewer: asyncio.Task[None] | None = None
+
+    def start_renewing(self) -> None:
+        """Keep the leases of runs waiting in the queue alive (a running one renews its own
+        in hold_lease), so a long queue never lets recovery hand a waiting task to another
+        instance."""
+        self._renewer = asyncio.get_running_loop().create_task(self._renew_waiting(), name="tasks:renew")
+
+    async def _renew_waiting(self) -> None:
+        ttl = self.deps.settings.tasks.lease_ttl
+        while True:
+            await asyncio.sleep(min(ttl / 3, 2.0))
+            waiting = list(self._waiting)
+            try:
+                kept = await asyncio.gather(
+                    *(leases.renew(self.deps.redis, t, self.deps.owner, int(ttl * 1000)) for t in waiting)
+                )
+            except Exception as exc:  # Redis away: the runs check their lease when they start
+                logger.warning("could not renew the leases of {} waiting task(s): {}", len(waiting), exc)
+                continue
+            for task_id, ok in zip(waiting, kept, strict=True):
+                if not ok:
+                    logger.warning("waiting task {} lost its lease", task_id)
 
     # ------------------------------------------------------------ running
 
@@ -68,16 +88,19 @@ class TaskManager:
     async def _spawn(self, row: TaskRow) -> None:
         # Room was counted for this job, so the scheduler starts or queues it without waiting.
         run = self._job(row)
+        task_id = str(row["id"])
+        self._waiting.add(task_id)
         try:
-            self.jobs[str(row["id"])] = await self.scheduler.spawn(run, name=f"task:{row['id']}")
+            self.jobs[task_id] = await self.scheduler.spawn(run, name=f"task:{task_id}")
         except BaseException:
+            self._waiting.discard(task_id)
             run.close()  # the scheduler is closing: recovery runs the task elsewhere
             raise
 
     async def start(self, task_id: str) -> None:
         """Run a task whose lease this process holds; BUSY when the runner is full."""
         with self.claim() as slot:
-            db = self.app[db_key]
+            db = self.deps.db
             await db.execute("UPDATE tasks SET attempts = attempts + 1 WHERE id = %s", task_id)
             row = await db.fetchone(_TASK_ROW, task_id)
             if row is not None:
@@ -85,8 +108,9 @@ class TaskManager:
 
     async def _job(self, row: TaskRow) -> None:
         task_id = str(row["id"])
-        redis, owner = self.app[redis_key], self.app[instance_id_key]
-        ttl_ms = int(self.app[settings_key].tasks.lease_ttl * 1000)
+        self._waiting.discard(task_id)
+        redis, owner = self.deps.redis, self.deps.owner
+        ttl_ms = int(self.deps.settings.tasks.lease_ttl * 1000)
         try:
             # A run that waited in the queue longer than the lease TTL lost its lease; if
             # recovery gave the task to another instance meanwhile, that one runs it.
@@ -95,7 +119,7 @@ class TaskManager:
             ):
                 logger.warning("task {} waited past its lease and another instance took it", task_id)
                 return
-            await hold_lease(self.app, task_id, run_task(self.app, row, self.call))
+            await hold_lease(self.deps, task_id, run_task(self.deps, row, self.call))
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -103,7 +127,15 @@ class TaskManager:
         finally:
             self.jobs.pop(task_id, None)
 
+    def stats(self) -> dict[str, int]:
+        return {
+            "running": self.scheduler.active_count,
+            "pending": self.scheduler.pending_count,
+            "jobs": len(self.jobs),
+        }
+
     def cancel_local(self, task_id: str) -> None:
+        self._waiting.discard(task_id)  # a run closed before it began renews nothing
         job = self.jobs.get(task_id)
         if job is not None and not job.closed:
             logger.info("stopping task {}: cancelled", task_id)
@@ -115,8 +147,8 @@ class TaskManager:
 
     async def recover(self) -> int:
         """Take over active tasks nobody holds; returns how many this call took."""
-        settings = self.app[settings_key]
-        db, redis, owner = self.app[db_key], self.app[redis_key], self.app[instance_id_key]
+        settings = self.deps.settings
+        db, redis, owner = self.deps.db, self.deps.redis, self.deps.owner
         rows = await db.fetchall(
             "SELECT id FROM tasks WHERE status IN ('new', 'queued', 'running') ORDER BY id LIMIT 200"
         )
@@ -136,19 +168,15 @@ class TaskManager:
             elif row["status"] == "new":  # its submission stopped before answering: never scheduled
                 logger.warning("task {} was left half-submitted; failing it", task_id)
                 try:
-                    await _fail(self.app, row, AppError(ErrorCode.INTERNAL, _HALF_SUBMITTED))
+                    await fail(self.deps, row, AppError(ErrorCode.INTERNAL, _HALF_SUBMITTED))
                 finally:
                     await leases.release(redis, task_id, owner)
             elif phase == "confirmed":  # died between the charge and the status: it succeeded
-                await mark_finished(self.app, task_id, "succeeded", None)
+                await states.finish(db, task_id, "succeeded", None)
                 await leases.release(redis, task_id, owner)
             elif phase == "reserved" and int(row["attempts"]) < settings.tasks.max_attempts:
                 logger.warning("recovering task {} (attempt {})", task_id, int(row["attempts"]) + 1)
-                await db.execute(
-                    "UPDATE tasks SET status = 'queued', progress = 0, runner = %s WHERE id = %s",
-                    owner,
-                    task_id,
-                )
+                await states.requeue(db, task_id, owner)
                 try:
                     await self.start(task_id)
                 except Busy:
@@ -156,8 +184,8 @@ class TaskManager:
             else:
                 logger.warning("task {} cannot run again; failing it with its credits returned", task_id)
                 try:
-                    await _fail(
-                        self.app, row, AppError(ErrorCode.INTERNAL, "The server running this task stopped")
+                    await fail(
+                        self.deps, row, AppError(ErrorCode.INTERNAL, "The server running this task stopped")
                     )
                 finally:
                     await leases.release(redis, task_id, owner)
@@ -166,21 +194,9 @@ class TaskManager:
     # ------------------------------------------------------------ lifecycle
 
     async def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            await asyncio.gather(self._renewer, return_exceptions=True)
         await self.scheduler.close()
         if self._closing:
             await asyncio.wait(set(self._closing), timeout=2.0)
-
-
-async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx after the vendors: features (validated against their catalog) and tasks."""
-    vendors = app[vendors_key]
-    app[features_key] = FeatureStore(app[db_key], app[redis_key], vendors.catalog())
-    manager = TaskManager(app, vendors.call)
-    app[tasks_key] = manager
-    recovery = asyncio.get_running_loop().create_task(manager.recover(), name="tasks:recover-at-start")
-    try:
-        yield
-    finally:
-        recovery.cancel()
-        await asyncio.gather(recovery, return_exceptions=True)
-        await manager.close()

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from aiohttp import web
-
 from server.auth.schemas import membership_json
-from server.keys import auth_key
+from server.tasks.deps import TaskDeps
 from server.tasks.features import Feature
 
 
-async def task_cost(app: web.Application, user_id: int, feature: Feature) -> int:
+async def task_cost(deps: TaskDeps, user_id: int, feature: Feature) -> int:
     """Read from the profile cache, which settling and refunding an order drop."""
     if feature.member_cost is None:
         return feature.cost
-    record = await app[auth_key].profiles.get(user_id)
+    record = await deps.profiles.get(user_id)
     return feature.member_cost if record is not None and membership_json(record) else feature.cost

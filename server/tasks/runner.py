@@ -15,30 +15,20 @@ import json
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
-from aiohttp import web
 from loguru import logger
 from PIL import Image
 
 from actors.errors import AskTimeout, MailboxFull
 from server.errors import AppError, ErrorCode
-from server.keys import (
-    credits_key,
-    db_key,
-    features_key,
-    hub_key,
-    instance_id_key,
-    redis_key,
-    settings_key,
-    storage_key,
-)
 from server.media import assets
 from server.media.images import ValidatedImage
-from server.tasks import leases
+from server.tasks import leases, states
+from server.tasks.deps import TaskDeps
 from server.tasks.features import Feature
+from server.tasks.leases import cancel_key
 from server.tasks.pipeline import CallStep, Combiner, ForkStep, JoinStep
-from server.tasks.store import cancel_key, mark_finished
 from server.vendors.adapters import VendorResult
 
 # (vendor, operation, inputs, params) -> output: the vendor actors' `Vendors.call`.
@@ -53,13 +43,13 @@ PROGRESS_INTERVAL_S = 0.2
 class PipelineRun:
     def __init__(
         self,
-        app: web.Application,
+        deps: TaskDeps,
         task: Mapping[str, Any],
         feature: Feature,
         inputs: dict[str, bytes],
         call: VendorCall,
     ) -> None:
-        self.app = app
+        self.deps = deps
         self.task_id = str(task["id"])
         self.user_id = int(task["user_id"])
         self.attempt = int(task["attempts"])
@@ -73,33 +63,37 @@ class PipelineRun:
 
     # -------------------------------------------------------------- persistence
 
-    async def _step(self, step_id: str, status: str, *, parent: str | None = None, vendor: str | None = None,
-                    operation: str | None = None, error: str | None = None) -> None:  # fmt: skip
-        db = self.app[db_key]
-        if status == "running":
-            await db.execute(
-                "INSERT INTO task_steps (task_id, step_id, parent_id, vendor, operation, status, attempt, "
-                "started_at) VALUES (%s, %s, %s, %s, %s, 'running', %s, UTC_TIMESTAMP(6)) "
-                "ON DUPLICATE KEY UPDATE status = 'running', attempt = VALUES(attempt), "
-                "started_at = UTC_TIMESTAMP(6), finished_at = NULL, "
-                "error = NULL",
-                self.task_id, step_id, parent, vendor, operation, self.attempt,
-            )  # fmt: skip
-        else:
-            await db.execute(
-                "UPDATE task_steps SET status = %s, error = %s, finished_at = UTC_TIMESTAMP(6) "
-                "WHERE task_id = %s AND step_id = %s",
-                status, None if error is None else error[:500], self.task_id, step_id,
-            )  # fmt: skip
+    async def _start_step(
+        self,
+        step_id: str,
+        *,
+        parent: str | None = None,
+        vendor: str | None = None,
+        operation: str | None = None,
+    ) -> None:
+        await states.start_step(
+            self.deps.db,
+            self.task_id,
+            step_id,
+            self.attempt,
+            parent=parent,
+            vendor=vendor,
+            operation=operation,
+        )
+
+    async def _finish_step(
+        self, step_id: str, status: Literal["succeeded", "failed", "cancelled"], error: str | None = None
+    ) -> None:
+        await states.finish_step(self.deps.db, self.task_id, step_id, status, error)
 
     async def _progress(self) -> None:
         self.done += 1
         progress = min(1.0, self.done / self.total)
-        await self.app[db_key].execute("UPDATE tasks SET progress = %s WHERE id = %s", progress, self.task_id)
+        await self.deps.db.execute("UPDATE tasks SET progress = %s WHERE id = %s", progress, self.task_id)
         now = time.monotonic()
         if now - self._last_progress >= PROGRESS_INTERVAL_S or self.done >= self.total:
             self._last_progress = now
-            await self.app[hub_key].publish(
+            await self.deps.hub.publish(
                 self.user_id, "task.progress", {"task_id": self.task_id, "progress": round(progress, 4)}
             )
 
@@ -140,16 +134,16 @@ class PipelineRun:
     ) -> VendorResult:
         """One vendor call as a step: running, then succeeded (with progress), failed or cancelled.
         `inputs` is resolved inside, so a step whose inputs cannot be built is recorded as failed."""
-        await self._step(step_id, "running", parent=parent, vendor=vendor, operation=operation)
+        await self._start_step(step_id, parent=parent, vendor=vendor, operation=operation)
         try:
             out = await self._vendor(vendor, operation, inputs(), params)
         except asyncio.CancelledError:
-            await asyncio.shield(self._step(step_id, "cancelled"))
+            await asyncio.shield(self._finish_step(step_id, "cancelled"))
             raise
         except Exception as exc:
-            await self._step(step_id, "failed", error=_describe(exc))
+            await self._finish_step(step_id, "failed", _describe(exc))
             raise
-        await self._step(step_id, "succeeded")
+        await self._finish_step(step_id, "succeeded")
         await self._progress()
         return out
 
@@ -169,7 +163,7 @@ class PipelineRun:
     async def _fork(self, step: ForkStep, outputs: dict[str, VendorResult]) -> list[VendorResult]:
         """Run the branches; what counts as done depends on the join's mode."""
         mode = self.join_mode[step.id]
-        await self._step(step.id, "running")
+        await self._start_step(step.id)
         jobs = [asyncio.ensure_future(self._call(b, outputs, parent=step.id)) for b in step.branches]
         try:
             if mode == "all":
@@ -196,11 +190,13 @@ class PipelineRun:
         except BaseException as exc:
             await _cancel_all(jobs)
             failed = isinstance(exc, Exception)
-            status, text = ("failed", _describe(exc)) if failed else ("cancelled", None)
-            await asyncio.shield(self._step(step.id, status, error=text))
+            if failed:
+                await asyncio.shield(self._finish_step(step.id, "failed", _describe(exc)))
+            else:
+                await asyncio.shield(self._finish_step(step.id, "cancelled"))
             raise
         await _cancel_all(jobs)  # first_success: the losers stop here
-        await self._step(step.id, "succeeded")
+        await self._finish_step(step.id, "succeeded")
         return results
 
     async def _join(self, step: JoinStep, branch_outputs: list[VendorResult]) -> VendorResult:
@@ -244,45 +240,40 @@ def _describe(exc: BaseException) -> str:
 # ------------------------------------------------------------------ one task
 
 
-async def _publish_status(app: web.Application, user_id: int, task_id: str, status: str) -> None:
-    await app[hub_key].publish(user_id, "task.updated", {"task_id": task_id, "status": status})
+async def _publish_status(deps: TaskDeps, user_id: int, task_id: str, status: str) -> None:
+    await deps.hub.publish(user_id, "task.updated", {"task_id": task_id, "status": status})
 
 
-async def _fail(app: web.Application, task: Mapping[str, Any], error: AppError) -> None:
+async def fail(deps: TaskDeps, task: Mapping[str, Any], error: AppError) -> None:
     """Return the credits, then mark the task failed (unless it was cancelled meanwhile)."""
     task_id, user_id = str(task["id"]), int(task["user_id"])
     try:
-        await app[credits_key].cancel(user_id, task_id, f"failed: {error.message}")
+        await deps.credits.cancel(user_id, task_id, f"failed: {error.message}")
     except AppError as exc:
         # CONFLICT: settled meanwhile; NOT_FOUND: a half-submitted task never reserved any.
         if exc.code not in (ErrorCode.CONFLICT, ErrorCode.NOT_FOUND):
             raise
-    if await mark_finished(app, task_id, "failed", error):
-        await _publish_status(app, user_id, task_id, "failed")
+    if await states.finish(deps.db, task_id, "failed", error):
+        await _publish_status(deps, user_id, task_id, "failed")
 
 
-async def run_task(app: web.Application, task: Mapping[str, Any], call: VendorCall) -> None:
+async def run_task(deps: TaskDeps, task: Mapping[str, Any], call: VendorCall) -> None:
     """The whole life of one task run; the caller holds its lease."""
     task_id, user_id = str(task["id"]), int(task["user_id"])
-    db = app[db_key]
-    settings = app[settings_key]
+    db = deps.db
+    settings = deps.settings
     try:
-        feature = await app[features_key].get_any(str(task["feature"]))
-        started = await db.execute(
-            "UPDATE tasks SET status = 'running', started_at = COALESCE(started_at, UTC_TIMESTAMP(6)) "
-            "WHERE id = %s AND status IN ('queued', 'running')",
-            task_id,
-        )
-        if not started:
+        feature = await deps.features.get_any(str(task["feature"]))
+        if not await states.start(db, task_id):
             return  # cancelled before it began
-        await _publish_status(app, user_id, task_id, "running")
-        storage = app[storage_key]
+        await _publish_status(deps, user_id, task_id, "running")
+        storage = deps.storage
         refs = json.loads(task["inputs"])
         mine = await assets.owned(
             db, user_id, [v for k, v in refs.items() if feature.inputs[k].type == "image"]
         )
         images = {k: await storage.get(mine[v].storage_key) for k, v in refs.items() if v in mine}
-        run = PipelineRun(app, task, feature, images, call)
+        run = PipelineRun(deps, task, feature, images, call)
         async with asyncio.timeout(settings.tasks.timeout):
             out = await run.execute()
         image = ValidatedImage(out.data, out.content_type, *_size(out.data), len(out.data))
@@ -290,27 +281,27 @@ async def run_task(app: web.Application, task: Mapping[str, Any], call: VendorCa
     except asyncio.CancelledError:
         raise  # user cancel (already settled) or shutdown (recovery takes it over)
     except TimeoutError:
-        await _fail(
-            app,
+        await fail(
+            deps,
             task,
             AppError(ErrorCode.UPSTREAM_FAILED, f"The task took longer than {settings.tasks.timeout:.0f}s"),
         )
         return
     except AppError as exc:
-        await _fail(app, task, exc)
+        await fail(deps, task, exc)
         return
     except Exception as exc:
         logger.opt(exception=True).error("task {} crashed", task_id)
-        await _fail(app, task, AppError(ErrorCode.INTERNAL, f"The task failed: {type(exc).__name__}"))
+        await fail(deps, task, AppError(ErrorCode.INTERNAL, f"The task failed: {type(exc).__name__}"))
         return
     try:
-        await app[credits_key].confirm(user_id, task_id)
+        await deps.credits.confirm(user_id, task_id)
     except AppError as exc:
         if exc.code == ErrorCode.CONFLICT:
             return  # cancelled while the last step ran: the credits went back, no charge
         raise
-    if await mark_finished(app, task_id, "succeeded", None):
-        await _publish_status(app, user_id, task_id, "succeeded")
+    if await states.finish(deps.db, task_id, "succeeded", None):
+        await _publish_status(deps, user_id, task_id, "succeeded")
 
 
 def _size(data: bytes) -> tuple[int, int]:
@@ -319,10 +310,10 @@ def _size(data: bytes) -> tuple[int, int]:
         return im.size
 
 
-async def hold_lease(app: web.Application, task_id: str, body: Awaitable[None]) -> None:
+async def hold_lease(deps: TaskDeps, task_id: str, body: Awaitable[None]) -> None:
     """Run `body` while renewing the task's lease; stop it if the lease is lost."""
-    redis, owner = app[redis_key], app[instance_id_key]
-    ttl = app[settings_key].tasks.lease_ttl
+    redis, owner = deps.redis, deps.owner
+    ttl = deps.settings.tasks.lease_ttl
     work = asyncio.ensure_future(body)
     try:
         while not work.done():

@@ -12,41 +12,25 @@ import asyncio
 import datetime as dt
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
 from loguru import logger
 
 from server.credits.ledger import utcnow
 from server.db import Row, is_duplicate
 from server.errors import AppError, Busy, Conflict, ErrorCode, NotFound, validation_failed
-from server.keys import (
-    credits_key,
-    db_key,
-    features_key,
-    hub_key,
-    instance_id_key,
-    redis_key,
-    settings_key,
-    storage_key,
-    tasks_key,
-)
 from server.media import assets
-from server.tasks import leases
+from server.tasks import leases, states
+from server.tasks.deps import TaskDeps
 from server.tasks.features import Feature
+from server.tasks.leases import cancel_key
 from server.tasks.pricing import task_cost
 from server.tasks.slots import RunSlot
 
 # `new`: the row claims its Idempotency-Key while the credits are reserved; it is not
 # shown, listed or run until it becomes `queued` (or is deleted when the submission fails).
-ACTIVE = ("queued", "running")
 WITHDRAW_ATTEMPTS = 4
-FINISHED = ("succeeded", "failed", "cancelled")
-
-
-def cancel_key(task_id: str) -> str:
-    """Set when a task is cancelled; the process running it checks at each lease renewal."""
-    return f"task:cancelled:{task_id}"
 
 
 _TASK_COLUMNS = (
@@ -64,16 +48,8 @@ def request_hash(feature: str, inputs: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def check_idempotency_key(key: str | None) -> str:
-    if key is None or not (1 <= len(key) <= 128) or not key.isprintable() or key.strip() != key:
-        raise validation_failed(
-            [{"field": "header.Idempotency-Key", "message": "required: 1–128 printable characters"}]
-        )
-    return key
-
-
 async def resolve_inputs(
-    app: web.Application, user_id: int, feature: Feature, raw: dict[str, Any]
+    deps: TaskDeps, user_id: int, feature: Feature, raw: dict[str, Any]
 ) -> dict[str, Any]:
     """The task's inputs checked against the feature; image inputs must be the caller's assets."""
     errors: list[dict[str, str]] = []
@@ -97,7 +73,7 @@ async def resolve_inputs(
         elif spec.type == "text" and len(value) > (spec.max_length or 500):
             errors.append({"field": where, "message": f"at most {spec.max_length or 500} characters"})
         out[name] = value
-    mine = await assets.owned(app[db_key], user_id, sorted(set(images.values())))
+    mine = await assets.owned(deps.db, user_id, sorted(set(images.values())))
     for name, asset_id in images.items():
         if asset_id not in mine:
             errors.append({"field": f"inputs.{name}", "message": "no such asset of yours"})
@@ -106,14 +82,14 @@ async def resolve_inputs(
     return out
 
 
-async def _existing(app: web.Application, user_id: int, key: str, digest: str) -> dict[str, Any] | None:
+async def _existing(deps: TaskDeps, user_id: int, key: str, digest: str) -> dict[str, Any] | None:
     """The task already made with this key, or None. A submission of it still in progress
     (status `new`) is waited for: it ends scheduled (that task) or withdrawn (None)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + app[settings_key].tasks.lease_ttl
+    deadline = loop.time() + deps.settings.tasks.lease_ttl
     delay = 0.005
     while True:
-        row = await app[db_key].fetchone(
+        row = await deps.db.fetchone(
             "SELECT id, request_hash, status FROM tasks WHERE user_id = %s AND idempotency_key = %s",
             user_id,
             key,
@@ -125,7 +101,7 @@ async def _existing(app: web.Application, user_id: int, key: str, digest: str) -
                 ErrorCode.IDEMPOTENCY_CONFLICT, "This Idempotency-Key was used with a different request body"
             )
         if row["status"] != "new":
-            return await get_task(app, user_id, str(row["id"]))
+            return await get_task(deps, user_id, str(row["id"]))
         if loop.time() >= deadline:
             raise Busy("A request with this Idempotency-Key is still being submitted; retry shortly")
         await asyncio.sleep(delay)  # the other submission takes a few round trips
@@ -133,28 +109,33 @@ async def _existing(app: web.Application, user_id: int, key: str, digest: str) -
 
 
 async def create_task(
-    app: web.Application, user_id: int, key: str, feature_slug: str, raw_inputs: dict[str, Any]
+    deps: TaskDeps,
+    claim: Callable[[], RunSlot],
+    user_id: int,
+    key: str,
+    feature_slug: str,
+    raw_inputs: dict[str, Any],
 ) -> tuple[dict[str, Any], bool]:
     """(task, created): created means reserved and scheduled. A repeat of a key with the
     same body answers the first task. Any error leaves nothing written."""
     digest = request_hash(feature_slug, raw_inputs)
-    found = await _existing(app, user_id, key, digest)
+    found = await _existing(deps, user_id, key, digest)
     if found is not None:
         return found, False
-    feature = await app[features_key].get_enabled(feature_slug)
+    feature = await deps.features.get_enabled(feature_slug)
     if feature is None:
         raise validation_failed([{"field": "feature", "message": f"no feature {feature_slug!r}"}])
-    inputs = await resolve_inputs(app, user_id, feature, raw_inputs)
+    inputs = await resolve_inputs(deps, user_id, feature, raw_inputs)
     for _ in range(3):  # again only when a concurrent submission of this key was withdrawn
-        with app[tasks_key].claim() as slot:  # a full runner: BUSY before anything is written
-            outcome = await _submit(app, slot, user_id, key, digest, feature, inputs)
+        with claim() as slot:  # a full runner: BUSY before anything is written
+            outcome = await _submit(deps, slot, user_id, key, digest, feature, inputs)
         if outcome is not None:
             return outcome
     raise Busy("A request with this Idempotency-Key is still being submitted; retry shortly")
 
 
 async def _submit(
-    app: web.Application,
+    deps: TaskDeps,
     slot: RunSlot,
     user_id: int,
     key: str,
@@ -164,11 +145,11 @@ async def _submit(
 ) -> tuple[dict[str, Any], bool] | None:
     """Claim the key with an invisible `new` row, reserve, then make it `queued` and run it.
     None: the key was claimed by a submission that was then withdrawn."""
-    db, redis = app[db_key], app[redis_key]
-    settings = app[settings_key]
+    db, redis = deps.db, deps.redis
+    settings = deps.settings
     task_id = assets.new_id()
-    owner = app[instance_id_key]
-    cost = await task_cost(app, user_id, feature)
+    owner = deps.owner
+    cost = await task_cost(deps, user_id, feature)
     created = utcnow()
     # The lease first: from the moment the row exists, a live process holds the task.
     await leases.acquire(redis, task_id, owner, int(settings.tasks.lease_ttl * 1000))
@@ -187,11 +168,11 @@ async def _submit(
             if not is_duplicate(exc):
                 raise
             # The same key raced us and nothing was reserved here: answer the winner.
-            found = await _existing(app, user_id, key, digest)
+            found = await _existing(deps, user_id, key, digest)
             return None if found is None else (found, False)
         inserted, reserved = True, None
         try:
-            await app[credits_key].reserve(
+            await deps.credits.reserve(
                 user_id, task_id, cost, ttl=settings.tasks.timeout + 3 * settings.tasks.lease_ttl
             )
         except AppError as exc:
@@ -200,32 +181,27 @@ async def _submit(
             raise
         reserved = True
         queued = utcnow()
-        if not await db.execute(
-            "UPDATE tasks SET status = 'queued', attempts = 1, updated_at = %s "
-            "WHERE id = %s AND status = 'new'",
-            queued,
-            task_id,
-        ):
+        if not await states.schedule(db, task_id, queued):
             # Recovery judged it abandoned (it outlived its lease) and failed it: the truth is that row.
             scheduled = True
-            return await get_task(app, user_id, task_id), False
+            return await get_task(deps, user_id, task_id), False
         row = {
             "id": task_id, "user_id": user_id, "feature": feature.slug, "feature_version": feature.version,
             "status": "queued", "progress": 0.0, "cost": cost, "inputs": json.dumps(inputs),
             "attempts": 1, "error_code": None, "error_message": None,
             "created_at": created, "updated_at": queued,
         }  # fmt: skip
-        await app[hub_key].publish(user_id, "task.updated", {"task_id": task_id, "status": "queued"})
+        await deps.hub.publish(user_id, "task.updated", {"task_id": task_id, "status": "queued"})
         await slot.spawn(row)
         scheduled = True
         return _render(row, [], []), True
     finally:
         if not scheduled:
-            await asyncio.shield(_withdraw(app, user_id, task_id, inserted=inserted, reserved=reserved))
+            await asyncio.shield(_withdraw(deps, user_id, task_id, inserted=inserted, reserved=reserved))
 
 
 async def _withdraw(
-    app: web.Application, user_id: int, task_id: str, *, inserted: bool, reserved: bool | None
+    deps: TaskDeps, user_id: int, task_id: str, *, inserted: bool, reserved: bool | None
 ) -> None:
     """Undo a submission that answers an error: its reservation, its row, its lease. Each
     step is idempotent and retried a few times (the error may be a full MySQL pool); what
@@ -234,13 +210,13 @@ async def _withdraw(
         try:
             if reserved is not False:
                 try:
-                    await app[credits_key].cancel(user_id, task_id, "task not created")
+                    await deps.credits.cancel(user_id, task_id, "task not created")
                 except AppError as exc:
                     if exc.code != ErrorCode.NOT_FOUND:  # NOT_FOUND: the reserve never happened
                         raise
             if inserted:
-                await app[db_key].execute("DELETE FROM tasks WHERE id = %s AND status = 'new'", task_id)
-            await leases.release(app[redis_key], task_id, app[instance_id_key])
+                await deps.db.execute("DELETE FROM tasks WHERE id = %s AND status = 'new'", task_id)
+            await leases.release(deps.redis, task_id, deps.owner)
             return
         except Exception:
             if attempt == WITHDRAW_ATTEMPTS - 1:
@@ -279,10 +255,10 @@ def _render(row: Row, steps: list[Row], outputs: list[dict[str, Any]]) -> dict[s
     }
 
 
-async def render_rows(app: web.Application, rows: list[Row]) -> list[dict[str, Any]]:
+async def render_rows(deps: TaskDeps, rows: list[Row]) -> list[dict[str, Any]]:
     if not rows:
         return []
-    db = app[db_key]
+    db = deps.db
     ids = [str(r["id"]) for r in rows]
     marks = ",".join(["%s"] * len(ids))
     steps = await db.fetchall(
@@ -295,7 +271,7 @@ async def render_rows(app: web.Application, rows: list[Row]) -> list[dict[str, A
         f"WHERE task_id IN ({marks}) AND kind = 'output' ORDER BY id",
         *ids,
     )
-    storage = app[storage_key]
+    storage = deps.storage
     by_task: dict[str, list[Row]] = {i: [] for i in ids}
     for s in steps:
         by_task[str(s["task_id"])].append(s)
@@ -305,67 +281,54 @@ async def render_rows(app: web.Application, rows: list[Row]) -> list[dict[str, A
         outputs[str(o["task_id"])].append(
             {
                 "asset_id": a.id,
-                "url": a.public(storage, app[settings_key].storage.url_ttl)["url"],
+                "url": a.public(storage, deps.settings.storage.url_ttl)["url"],
                 "kind": "image",
             }
         )
     return [_render(r, by_task[str(r["id"])], outputs[str(r["id"])]) for r in rows]
 
 
-async def get_task(app: web.Application, user_id: int, task_id: str) -> dict[str, Any]:
-    row = await app[db_key].fetchone(
+async def get_task(deps: TaskDeps, user_id: int, task_id: str) -> dict[str, Any]:
+    row = await deps.db.fetchone(
         f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = %s AND user_id = %s AND status <> 'new'",
         task_id,
         user_id,
     )
     if row is None:
         raise NotFound(f"No task {task_id}")
-    return (await render_rows(app, [row]))[0]
+    return (await render_rows(deps, [row]))[0]
 
 
 async def list_tasks(
-    app: web.Application, user_id: int, status: str | None, before: str | None, limit: int
+    deps: TaskDeps, user_id: int, status: str | None, before: str | None, limit: int
 ) -> list[dict[str, Any]]:
     sql = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = %s AND id < %s AND status <> 'new'"
     args: list[Any] = [user_id, before or "g"]
     if status:
         sql += " AND status = %s"
         args.append(status)
-    rows = await app[db_key].fetchall(sql + " ORDER BY id DESC LIMIT %s", *args, limit)
-    return await render_rows(app, rows)
+    rows = await deps.db.fetchall(sql + " ORDER BY id DESC LIMIT %s", *args, limit)
+    return await render_rows(deps, rows)
 
 
-async def cancel_task(app: web.Application, user_id: int, task_id: str) -> dict[str, Any]:
-    db = app[db_key]
+async def cancel_task(
+    deps: TaskDeps, cancel_local: Callable[[str], None], user_id: int, task_id: str
+) -> dict[str, Any]:
+    db = deps.db
     row = await db.fetchone("SELECT status FROM tasks WHERE id = %s AND user_id = %s", task_id, user_id)
     if row is None or row["status"] == "new":
         raise NotFound(f"No task {task_id}")
-    if row["status"] in FINISHED:
+    if row["status"] in states.FINISHED:
         raise Conflict(f"Task {task_id} is already {row['status']}", details={"status": row["status"]})
     try:
-        await app[credits_key].cancel(user_id, task_id, "cancelled by the user")
+        await deps.credits.cancel(user_id, task_id, "cancelled by the user")
     except AppError as exc:
         if exc.code == ErrorCode.CONFLICT:  # the credits were confirmed first: it succeeded
             raise Conflict(f"Task {task_id} has already finished") from None
         raise
-    if await mark_finished(app, task_id, "cancelled", None):
-        await app[hub_key].publish(user_id, "task.updated", {"task_id": task_id, "status": "cancelled"})
+    if await states.finish(db, task_id, "cancelled", None):
+        await deps.hub.publish(user_id, "task.updated", {"task_id": task_id, "status": "cancelled"})
     # The instance running it stops at its next lease renewal; this one stops it now.
-    await app[redis_key].set(cancel_key(task_id), b"1", ex=3600)
-    app[tasks_key].cancel_local(task_id)
-    return await get_task(app, user_id, task_id)
-
-
-async def mark_finished(app: web.Application, task_id: str, status: str, error: AppError | None) -> bool:
-    """Move an active task to its final status (once); True if this call did it."""
-    changed = await app[db_key].execute(
-        "UPDATE tasks SET status = %s, progress = IF(%s = 'succeeded', 1, progress), error_code = %s, "
-        "error_message = %s, finished_at = UTC_TIMESTAMP(6) "
-        "WHERE id = %s AND status IN ('new', 'queued', 'running')",
-        status,
-        status,
-        None if error is None else error.code.value,
-        None if error is None else error.message[:500],
-        task_id,
-    )
-    return changed == 1
+    await deps.redis.set(cancel_key(task_id), b"1", ex=3600)
+    cancel_local(task_id)
+    return await get_task(deps, user_id, task_id)
