@@ -12,7 +12,7 @@ from aiohttp import web
 from server.app import create_app
 from server.config import Settings
 from server.credits.ledger import QuotaState
-from server.keys import redis_key
+from server.keys import redis_key, tasks_key
 from server.tasks import leases
 from tests.auth_support import auth_settings, error_code, register
 from tests.conftest import Services
@@ -134,3 +134,32 @@ async def test_concurrent_repeats_of_one_key_on_two_instances_answer_the_same_ta
     assert await user.quota() == QuotaState(0, 0)
     kinds = rows(services, database, "SELECT kind FROM quota_ledger WHERE task_id IS NOT NULL ORDER BY id")
     assert [k["kind"] for k in kinds] == ["reserve", "confirm"]
+
+
+@pytest.mark.parametrize(
+    "runner", [{**SMALL_RUNNER, "task_lease_ttl": 3.0}], indirect=True, ids=["small-runner-short-lease"]
+)
+async def test_a_run_waiting_in_the_queue_keeps_its_lease_so_no_other_instance_takes_it(
+    user: User, client: Any, app: web.Application, fake: FakeVendor, settings: Settings, aiohttp_client: Any
+) -> None:
+    """The first run holds the only place for several lease lives; the second waits in the
+    queue all that time, its lease renewed by the runner, and recovery elsewhere leaves it."""
+    await add_feature(client, "held", {"steps": [enhance("e")], "output": "e"}, cost=1)
+    await user.grant(2)
+    photo = await user.upload(image_bytes("olive"))
+    fake.hold = asyncio.Event()
+    first = await user.create("held", {"image": photo["id"]}, "first")
+    await fake.until(lambda: fake.in_flight == 1)
+    second = await user.create("held", {"image": photo["id"]}, "second")
+    assert (first.status, second.status) == (202, 202)
+    waiting = str((await second.json())["id"])
+    other = create_app(settings)
+    await aiohttp_client(other)
+
+    for _ in range(3):  # three lease lives (9 s) in the queue
+        await asyncio.sleep(3.0)
+        assert await leases.held(app[redis_key], [waiting]) == {waiting}
+        assert await other[tasks_key].recover() == 0
+
+    fake.hold.set()
+    assert (await user.finished(waiting))["status"] == "succeeded"

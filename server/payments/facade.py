@@ -32,11 +32,12 @@ from server.metrics import Metrics
 from server.paging import decode_cursor, encode_cursor
 from server.payments import alipay, orders, wechat
 from server.payments.commissions import record_commission
-from server.payments.orders import PAID_STATUSES, IllegalTransition, Order
+from server.payments.orders import PAID_STATUSES, Order
 from server.payments.products import Products
 from server.payments.providers import NotificationRefused, PayRequest, Provider, Trade
 from server.payments.refunding import Refunds
 from server.payments.refunds import Refund
+from server.statemachine import IllegalTransition
 
 #: Every channel the API knows; a server offers those its providers are configured for.
 KNOWN_CHANNELS = ("wechat_jsapi", "wechat_native", "alipay_qr")
@@ -229,7 +230,7 @@ class Payments:
         if order.status == "closed":
             return order
         if order.status != "pending":
-            raise IllegalTransition(order_no, order.status, "closed")
+            raise IllegalTransition("order", order_no, order.status, "closed")
         return await self._close(order, "close")
 
     async def _close(self, order: Order, source: str) -> Order:

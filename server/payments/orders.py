@@ -19,22 +19,26 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from server.db import Conn, Row
-from server.errors import Conflict, NotFound
+from server.statemachine import StateMachine
 
 Status = Literal["pending", "paid", "partially_refunded", "refunded", "closed"]
-STATUSES: tuple[Status, ...] = ("pending", "paid", "partially_refunded", "refunded", "closed")
 
-#: (from, to): the only moves an order makes.
-TRANSITIONS: frozenset[tuple[Status, Status]] = frozenset(
-    {
-        ("pending", "paid"),
-        ("closed", "paid"),
-        ("pending", "closed"),
-        ("paid", "partially_refunded"),
-        ("paid", "refunded"),
-        ("partially_refunded", "partially_refunded"),  # a second partial refund
-        ("partially_refunded", "refunded"),
-    }
+#: The only moves an order makes (server/statemachine.py applies them).
+MACHINE = StateMachine(
+    entity="order",
+    table="orders",
+    keys=("order_no",),
+    transitions=frozenset(
+        {
+            ("pending", "paid"),
+            ("closed", "paid"),
+            ("pending", "closed"),
+            ("paid", "partially_refunded"),
+            ("paid", "refunded"),
+            ("partially_refunded", "partially_refunded"),  # a second partial refund
+            ("partially_refunded", "refunded"),
+        }
+    ),
 )
 
 #: Statuses in which the order's money has arrived.
@@ -45,22 +49,6 @@ ORDER_COLUMNS = (
     "pay_params, idempotency_key, request_hash, provider_txn_id, paid_source, refunded_fen, created_at, "
     "expires_at, paid_at, closed_at"
 )
-
-
-class IllegalTransition(Conflict):
-    """409 CONFLICT: the order is not in a state this change may start from."""
-
-    def __init__(self, order_no: str, current: str, to: str) -> None:
-        super().__init__(
-            f"order {order_no} is {current}; it cannot become {to}",
-            details={"order_no": order_no, "status": current, "to": to},
-        )
-        self.current = current
-        self.to = to
-
-
-def sources(to: Status) -> tuple[Status, ...]:
-    return tuple(frm for frm in STATUSES if (frm, to) in TRANSITIONS)
 
 
 def new_order_no(now: dt.datetime | None = None) -> str:
@@ -145,21 +133,4 @@ async def transition(tx: Conn, order_no: str, to: Status, **sets: Any) -> bool:
     True: this call moved it. False: it was already `to` and `to` is not a legal
     self-transition (a replay). Raises IllegalTransition for any other status, and
     NotFound for an unknown order."""
-    frm = sources(to)
-    assignments = ", ".join(["status = %s", *(f"{col} = %s" for col in sets)])
-    marks = ", ".join(["%s"] * len(frm))
-    changed = await tx.execute(
-        f"UPDATE orders SET {assignments} WHERE order_no = %s AND status IN ({marks})",
-        to,
-        *sets.values(),
-        order_no,
-        *frm,
-    )
-    if changed:
-        return True
-    current = await tx.fetchval("SELECT status FROM orders WHERE order_no = %s", order_no)
-    if current is None:
-        raise NotFound(f"No order {order_no}")
-    if current == to and (to, to) not in TRANSITIONS:
-        return False
-    raise IllegalTransition(order_no, str(current), to)
+    return await MACHINE.apply(tx, (order_no,), to, sets)

@@ -36,9 +36,10 @@ from server.hub.events import EventHub
 from server.metrics import Metrics
 from server.payments import orders, refunds
 from server.payments.commissions import reverse_commission
-from server.payments.orders import IllegalTransition, Order
+from server.payments.orders import Order
 from server.payments.providers import NotificationRefused, Provider, RefundRequest, RefundResult
 from server.payments.refunds import Refund
+from server.statemachine import IllegalTransition
 
 REFUNDABLE = ("paid", "partially_refunded")
 STALE_AFTER = dt.timedelta(seconds=30)  # the cron job queries refunds processing this long
@@ -162,7 +163,7 @@ class Refunds:
             order = await orders.load(tx, order_no, lock=True)
             assert order is not None
             if order.status not in REFUNDABLE:
-                raise IllegalTransition(order_no, order.status, "refunded")
+                raise IllegalTransition("order", order_no, order.status, "refunded")
             in_flight = await tx.fetchval(
                 "SELECT COALESCE(SUM(amount_fen), 0) FROM refunds "
                 "WHERE order_no = %s AND status = 'processing'",

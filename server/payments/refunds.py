@@ -17,39 +17,22 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from server.db import Conn, Row
-from server.errors import Conflict, NotFound
+from server.statemachine import StateMachine
 
 Status = Literal["processing", "succeeded", "failed"]
-STATUSES: tuple[Status, ...] = ("processing", "succeeded", "failed")
 
-#: (from, to): the only moves a refund makes.
-TRANSITIONS: frozenset[tuple[Status, Status]] = frozenset(
-    {
-        ("processing", "succeeded"),
-        ("processing", "failed"),
-    }
+#: The only moves a refund makes (server/statemachine.py applies them).
+MACHINE = StateMachine(
+    entity="refund",
+    table="refunds",
+    keys=("refund_no",),
+    transitions=frozenset({("processing", "succeeded"), ("processing", "failed")}),
 )
 
 REFUND_COLUMNS = (
     "refund_no, order_no, user_id, amount_fen, status, reason, idempotency_key, request_hash, "
     "provider_refund_id, clawback_credits, clawback_shortfall, created_by, created_at, finished_at"
 )
-
-
-class IllegalRefundTransition(Conflict):
-    """409 CONFLICT: the refund is not in a state this change may start from."""
-
-    def __init__(self, refund_no: str, current: str, to: str) -> None:
-        super().__init__(
-            f"refund {refund_no} is {current}; it cannot become {to}",
-            details={"refund_no": refund_no, "status": current, "to": to},
-        )
-        self.current = current
-        self.to = to
-
-
-def sources(to: Status) -> tuple[Status, ...]:
-    return tuple(frm for frm in STATUSES if (frm, to) in TRANSITIONS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,22 +97,5 @@ async def transition(tx: Conn, refund_no: str, to: Status, **sets: Any) -> bool:
     """Move the refund to `to` (setting the columns in `sets` too) if it may go there.
 
     True: this call moved it. False: it was already `to` (a replay). Raises
-    IllegalRefundTransition for any other status, and NotFound for an unknown refund."""
-    frm = sources(to)
-    assignments = ", ".join(["status = %s", *(f"{col} = %s" for col in sets)])
-    marks = ", ".join(["%s"] * len(frm))
-    changed = await tx.execute(
-        f"UPDATE refunds SET {assignments} WHERE refund_no = %s AND status IN ({marks})",
-        to,
-        *sets.values(),
-        refund_no,
-        *frm,
-    )
-    if changed:
-        return True
-    current = await tx.fetchval("SELECT status FROM refunds WHERE refund_no = %s", refund_no)
-    if current is None:
-        raise NotFound(f"No refund {refund_no}")
-    if current == to:
-        return False
-    raise IllegalRefundTransition(refund_no, str(current), to)
+    IllegalTransition for any other status, and NotFound for an unknown refund."""
+    return await MACHINE.apply(tx, (refund_no,), to, sets)
