@@ -97,6 +97,13 @@ class Refunds:
         )
         return [Refund.of(r) for r in rows]
 
+    async def latest(self, limit: int) -> list[Refund]:
+        rows = await self.db.fetchall(
+            f"SELECT {refunds.REFUND_COLUMNS} FROM refunds ORDER BY created_at DESC, refund_no DESC LIMIT %s",
+            limit,
+        )
+        return [Refund.of(r) for r in rows]
+
     async def _by_key(self, order_no: str, key: str, digest: str) -> Refund | None:
         no = await self.db.fetchval(
             "SELECT refund_no FROM refunds WHERE order_no = %s AND idempotency_key = %s", order_no, key

@@ -555,6 +555,14 @@ class Payments:
         )
         return order, await self.refunds.of_order(order_no), notes
 
+    async def order_counts(self) -> list[Row]:
+        """Orders by channel and status, with their money (the ops dashboard)."""
+        return await self.db.fetchall(
+            "SELECT channel, status, COUNT(*) AS n, COALESCE(SUM(amount_fen), 0) AS fen, "
+            "COALESCE(SUM(refunded_fen), 0) AS refunded_fen FROM orders GROUP BY channel, status "
+            "ORDER BY channel, status"
+        )
+
     async def latest_notifications(self, limit: int) -> list[Row]:
         return await self.db.fetchall(
             f"SELECT {NOTIFICATION_COLUMNS} FROM payment_notifications ORDER BY id DESC LIMIT %s", limit
