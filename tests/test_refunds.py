@@ -355,3 +355,22 @@ async def test_the_ops_payments_page_shows_orders_refunds_and_why_a_notification
     assert no in html and done["refund_no"] in html and "partially_refunded" in html
     assert "bad signature" in html and "refused" in html
     assert by_user.status == 403 and anonymous.status == 303
+
+
+async def test_a_refund_answer_about_another_order_is_left_processing_and_the_cron_query_settles_it(
+    client: Any, admin: dict[str, str], alipay: FakeAlipay, services: Services, database: str
+) -> None:
+    who, _ = await new_buyer(client)
+    no = await paid_alipay_order(client, who, alipay)
+    alipay.refund_answer = {"out_trade_no": "2026" + "1" * 28}
+
+    asked = await refund(client, admin, no)
+
+    assert (asked["status"], asked["clawback_credits"]) == ("processing", 0)
+    assert (await quota(client, who))["balance"] == 100
+    services.query(database, "UPDATE refunds SET created_at = created_at - INTERVAL 60 SECOND")
+    assert await client.app[payments_key].check_refunds() == 1
+    detail = await admin_order(client, admin, no)
+    assert (detail["status"], detail["refunds"][0]["status"]) == ("refunded", "succeeded")
+    assert (await quota(client, who))["balance"] == 0
+    await assert_books_clean(client.app[settings_key])

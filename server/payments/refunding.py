@@ -147,10 +147,11 @@ class Refunds:
         request = RefundRequest(order_no, refund_no, amount, order.amount_fen, reason)
         try:
             result = await provider.refund(request)
+            await self.apply(refund_no, result, "refund")
         except AppError as exc:  # outcome unknown: stays processing, the cron job queries it
             logger.warning("refund {}: {}; left processing", refund_no, exc.message)
-        else:
-            await self.apply(refund_no, result, "refund")
+        except NotificationRefused as exc:  # an answer that is not about this refund
+            logger.error("refund {}: provider answer refused ({}); left processing", refund_no, exc.reason)
         refund = await self.load(refund_no)
         assert refund is not None
         return refund, True
