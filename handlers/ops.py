@@ -40,6 +40,7 @@ from server.keys import (
     db_key,
     instance_id_key,
     ops_started_key,
+    payments_key,
     redis_key,
     settings_key,
     tasks_key,
@@ -340,6 +341,40 @@ async def ops_dashboard(request: web.Request) -> web.Response:
         "logout_csrf": logout_token(request.cookies[TOKEN_COOKIE]),
     }
     return _page(request, "dashboard.html", context)
+
+
+# --- payments (issue 12): orders, refunds and the latest notifications -----------------
+
+RECENT_PAYMENTS = 30
+
+
+async def _payments(app: web.Application) -> dict[str, Any]:
+    payments = app[payments_key]
+    counts, orders, refunds, notes = await asyncio.gather(
+        payments.order_counts(),
+        payments.admin_orders(None, None, None, RECENT_PAYMENTS),
+        payments.refunds.latest(RECENT_PAYMENTS),
+        payments.latest_notifications(RECENT_PAYMENTS),
+    )
+    return {
+        "counts": counts,
+        "orders": [{**o.public(), "user_id": o.user_id} for o in orders[0]],
+        "refunds": [r.public() for r in refunds],
+        "notifications": notes,
+    }
+
+
+@routes.get("/ops/payments", include_in_schema=False)
+async def ops_payments(request: web.Request) -> web.Response:
+    """Orders by channel and status, the latest orders, refunds and notifications (with
+    why one was refused)."""
+    principal = _principal(request)
+    if principal is None:
+        return _redirect("/ops/login")
+    if not principal.is_admin:
+        return await _login_form(request, status=403, error=ADMIN_ONLY)
+    data = await _bounded("payments", _payments, request.app)
+    return _page(request, "payments.html", {"payments": data, "user_id": principal.user_id})
 
 
 async def _started(app: web.Application) -> None:

@@ -73,3 +73,10 @@ async def test_the_demo_does_not_exist_in_prod(
         assert (await resp.json())["error"]["code"] == "NOT_FOUND"
     doc = await (await client.get("/api/openapi.json")).json()
     assert not any(p.startswith("/demo") for p in doc["paths"])
+
+
+async def test_the_demo_can_buy_a_credit_pack_through_the_dev_paid_endpoint(client: Any) -> None:
+    html = await (await client.get("/demo")).text()
+    js = await (await client.get("/demo/demo.js")).text()
+    assert 'id="pack"' in html and 'id="buy"' in html
+    assert '"/products"' in js and '"/orders"' in js and "`/dev/orders/${order.order_no}/paid`" in js

@@ -328,3 +328,49 @@ async def test_check_orders_reports_a_refund_whose_clawback_is_missing(
 
     assert code == 1
     assert f"refund {done['refund_no']} (succeeded): 0 clawback row(s) taking 0, expected 1 taking 50" in out
+
+
+async def test_the_ops_payments_page_shows_orders_refunds_and_why_a_notification_was_refused(
+    client: Any, admin: dict[str, str], alipay: FakeAlipay
+) -> None:
+    who, _ = await new_buyer(client)
+    no = await paid_alipay_order(client, who, alipay)
+    done = await refund(client, admin, no, 300)
+    forged = alipay.notification(no, tamper={"total_amount": "0.01"})
+    await client.post(
+        "/api/v1/payments/alipay/notify",
+        data=forged,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+
+    def cookie(headers: dict[str, str]) -> dict[str, str]:
+        return {"Cookie": f"ops_token={headers['Authorization'].removeprefix('Bearer ')}"}
+
+    page = await client.get("/ops/payments", headers=cookie(admin))
+    by_user = await client.get("/ops/payments", headers=cookie(who))
+    anonymous = await client.get("/ops/payments", allow_redirects=False)
+
+    html = await page.text()
+    assert page.status == 200
+    assert no in html and done["refund_no"] in html and "partially_refunded" in html
+    assert "bad signature" in html and "refused" in html
+    assert by_user.status == 403 and anonymous.status == 303
+
+
+async def test_a_refund_answer_about_another_order_is_left_processing_and_the_cron_query_settles_it(
+    client: Any, admin: dict[str, str], alipay: FakeAlipay, services: Services, database: str
+) -> None:
+    who, _ = await new_buyer(client)
+    no = await paid_alipay_order(client, who, alipay)
+    alipay.refund_answer = {"out_trade_no": "2026" + "1" * 28}
+
+    asked = await refund(client, admin, no)
+
+    assert (asked["status"], asked["clawback_credits"]) == ("processing", 0)
+    assert (await quota(client, who))["balance"] == 100
+    services.query(database, "UPDATE refunds SET created_at = created_at - INTERVAL 60 SECOND")
+    assert await client.app[payments_key].check_refunds() == 1
+    detail = await admin_order(client, admin, no)
+    assert (detail["status"], detail["refunds"][0]["status"]) == ("refunded", "succeeded")
+    assert (await quota(client, who))["balance"] == 0
+    await assert_books_clean(client.app[settings_key])

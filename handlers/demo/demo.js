@@ -16,6 +16,7 @@
     features: [],
     assets: {}, // input name -> asset id
     run: null, // {key, body}: an unanswered POST /tasks, retried with the same Idempotency-Key
+    channels: [], // the payment channels GET /products offers
     taskId: null,
     tasks: {}, // task id -> {status, progress} as events told it (they may beat the POST's answer)
     ws: null,
@@ -284,6 +285,46 @@
     }
   }
 
+  // ------------------------------------------------------------------ buying credits (dev)
+
+  async function loadProducts() {
+    try {
+      const { data } = await api("GET", "/products", { auth: false });
+      state.channels = data.channels;
+      const packs = data.items.filter((p) => p.kind === "credits");
+      $("pack").replaceChildren(
+        ...packs.map((p) => {
+          const o = document.createElement("option");
+          o.value = p.id;
+          o.textContent = `${p.name} — ¥${(p.price_fen / 100).toFixed(2)}`;
+          return o;
+        }),
+      );
+      if (!state.channels.length) $("buy-info").textContent = "No payment channel is configured on this server.";
+    } catch (e) {
+      showError(`products: ${e.message}`);
+    }
+  }
+
+  async function buy() {
+    $("buy").disabled = true;
+    try {
+      const order = (
+        await api("POST", "/orders", {
+          json: { product_id: $("pack").value, channel: state.channels[0] },
+          headers: { "Idempotency-Key": uuid() },
+        })
+      ).data;
+      const paid = (await api("POST", `/dev/orders/${order.order_no}/paid`, { auth: false })).data;
+      $("buy-info").textContent = `Order ${paid.order_no}: ${paid.status}.`;
+      await loadQuota(); // quota.changed also arrives on the socket
+    } catch (e) {
+      showError(`buy: ${e.message}`);
+    } finally {
+      $("buy").disabled = !(state.access && state.channels && state.channels.length);
+    }
+  }
+
   // ------------------------------------------------------------------ features and inputs
 
   async function loadFeatures() {
@@ -354,6 +395,8 @@
     for (const el of document.querySelectorAll("#inputs [data-input]")) el.disabled = !on;
     $("run").disabled = !on;
     $("ws-toggle").disabled = !on;
+    const canBuy = on && Boolean(state.channels && state.channels.length);
+    $("pack").disabled = $("buy").disabled = !canBuy;
   }
 
   async function upload(name, field) {
@@ -629,9 +672,11 @@
     $("feature").addEventListener("change", renderInputs);
     $("run").addEventListener("click", runTask);
     $("ws-toggle").addEventListener("click", toggleSocket);
+    $("buy").addEventListener("click", buy);
     load();
     showSeq();
     setFormEnabled(false);
+    await loadProducts();
     await loadFeatures();
     $("feature").disabled = false;
     if (state.access) await signedIn(null);

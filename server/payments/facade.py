@@ -16,7 +16,7 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from loguru import logger
 from redis.asyncio import Redis
@@ -60,6 +60,40 @@ def request_hash(product_id: str, channel: str) -> str:
 class Settled:
     order: Order
     applied: bool  # False: it was paid already (a replay)
+    recorded: bool = False  # the notification was recorded in the settlement transaction
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A verified notification, recorded (applied or duplicate) in the transaction that settles."""
+
+    provider: str
+    event_id: str | None
+    body: bytes
+    remote: str | None
+
+
+NOTE_SQL = (
+    "INSERT INTO payment_notifications (provider, kind, event_id, order_no, verified, outcome, reason, body, "
+    "remote) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+
+
+def note_args(
+    provider: str,
+    kind: str,
+    event_id: str | None,
+    order_no: str | None,
+    verified: bool,
+    outcome: str,
+    reason: str | None,
+    body: bytes,
+    remote: str | None,
+) -> tuple[object, ...]:
+    return (
+        provider, kind, event_id, order_no, verified, outcome, (reason or "")[:200] or None,
+        body[:1_000_000].decode("utf-8", "replace"), (remote or "")[:64] or None,
+    )  # fmt: skip
 
 
 class Payments:
@@ -188,8 +222,24 @@ class Payments:
             assert found is not None
             return found, False
         self.metrics.orders.labels(channel, "pending").inc()
-        order = await self._load(order_no)
-        assert order is not None
+        order = Order(
+            order_no=order_no,
+            user_id=user_id,
+            product_id=product.id,
+            product_kind=product.kind,
+            credits=product.credits,
+            membership_days=product.membership_days,
+            channel=channel,
+            amount_fen=product.price_fen,
+            status="pending",
+            pay_params=pay_params,
+            request_hash=digest,
+            provider_txn_id=None,
+            refunded_fen=0,
+            created_at=now,
+            expires_at=expires,
+            paid_at=None,
+        )  # fmt: skip  (what was just inserted: no need to read it back)
         return order, True
 
     async def list_orders(
@@ -276,16 +326,30 @@ class Payments:
             logger.error("{} answer for order {} refused: {}", source, order.order_no, why)
             return order
         return (
-            await self.settle(order.order_no, source, txn_id=trade.txn_id, amount_fen=trade.amount_fen)
+            await self.settle(
+                order.order_no, source, txn_id=trade.txn_id, amount_fen=trade.amount_fen, order=order
+            )
         ).order
 
     # ------------------------------------------------------------ settlement
 
     async def settle(
-        self, order_no: str, source: str, *, txn_id: str | None, amount_fen: int | None
+        self,
+        order_no: str,
+        source: str,
+        *,
+        txn_id: str | None,
+        amount_fen: int | None,
+        order: Order | None = None,
+        received: Received | None = None,
     ) -> Settled:
-        """Pay the order once: see the module docstring. Callers have verified the money."""
-        order = await self._load(order_no)
+        """Pay the order once: see the module docstring. Callers have verified the money.
+
+        `order`: the order as the caller just read it (its terms never change; its status
+        is re-checked inside the transaction), to save reading it again. `received`: the
+        notification to record (applied or duplicate) in the same transaction."""
+        if order is None or order.order_no != order_no:
+            order = await self._load(order_no)
         if order is None:
             raise NotFound(f"No order {order_no}")
         if amount_fen != order.amount_fen:
@@ -302,9 +366,13 @@ class Payments:
                     tx, order_no, "paid", paid_at=paid_at, provider_txn_id=txn_id, paid_source=source
                 )
             except IllegalTransition as exc:
-                if exc.current in PAID_STATUSES:
-                    return False  # paid and then refunded already
-                raise
+                if exc.current not in PAID_STATUSES:
+                    raise
+                moved = False  # paid and then refunded already
+            if received is not None:
+                outcome = "applied" if moved else "duplicate"
+                note = (received.provider, "payment", received.event_id, order_no, True, outcome, None)
+                await tx.execute(NOTE_SQL, *note_args(*note, received.body, received.remote))
             if not moved:
                 return False
             if order.membership_days:
@@ -320,8 +388,12 @@ class Payments:
         if order.credits > 0:
             grant = Grant(order.credits, "grant", ref=order_no, reason=f"order {order_no}", order_no=order_no)
         outcome = await self.credits.grant_after(order.user_id, effect, grant)
-        reloaded = await self._load(order_no)
-        assert reloaded is not None
+        if outcome.applied:  # this call moved it: no need to read it back
+            reloaded = replace(order, status="paid", paid_at=paid_at, provider_txn_id=txn_id)
+        else:
+            found = await self._load(order_no)
+            assert found is not None
+            reloaded = found
         if outcome.applied:
             self.metrics.orders.labels(order.channel, "paid").inc()
             self.metrics.paid_fen.labels(order.channel).inc(order.amount_fen)
@@ -329,14 +401,16 @@ class Payments:
             if order.membership_days:
                 await self.profiles.invalidate(order.user_id)
             await self.hub.publish(order.user_id, "order.paid", reloaded.public())
-        return Settled(reloaded, outcome.applied)
+        return Settled(reloaded, outcome.applied, recorded=received is not None)
 
     async def dev_paid(self, order_no: str) -> Order:
         """The dev endpoint: pay an order as a verified notification would."""
         order = await self._load(order_no) if 0 < len(order_no) <= 32 else None
         if order is None:
             raise NotFound(f"No order {order_no}")
-        settled = await self.settle(order_no, "dev", txn_id=f"dev-{order_no}", amount_fen=order.amount_fen)
+        settled = await self.settle(
+            order_no, "dev", txn_id=f"dev-{order_no}", amount_fen=order.amount_fen, order=order
+        )
         return settled.order
 
     # ------------------------------------------------------------ notifications
@@ -372,9 +446,17 @@ class Payments:
             if why is not None:
                 raise NotificationRefused(why)
             settled = await self.settle(
-                order.order_no, "notify", txn_id=note.trade.txn_id, amount_fen=note.trade.amount_fen
+                order.order_no,
+                "notify",
+                txn_id=note.trade.txn_id,
+                amount_fen=note.trade.amount_fen,
+                order=order,
+                received=Received(provider_name, event_id, body, remote),
             )
             outcome, reason, status = ("applied" if settled.applied else "duplicate"), None, 204
+            if settled.recorded:
+                self.metrics.notifications.labels(provider_name, outcome).inc()
+                return status, ""
         except NotificationRefused as exc:
             verified = verified or exc.verified
             order_no = order_no or exc.order_no
@@ -435,11 +517,9 @@ class Payments:
         self.metrics.notifications.labels(provider, outcome).inc()
         try:
             await self.db.execute(
-                "INSERT INTO payment_notifications (provider, kind, event_id, order_no, verified, outcome, "
-                "reason, body, remote) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                provider, kind, event_id, order_no, verified, outcome, (reason or "")[:200] or None,
-                body[:1_000_000].decode("utf-8", "replace"), (remote or "")[:64] or None,
-            )  # fmt: skip
+                NOTE_SQL,
+                *note_args(provider, kind, event_id, order_no, verified, outcome, reason, body, remote),
+            )
         except Exception:
             logger.opt(exception=True).error("could not record a {} notification ({})", provider, outcome)
 
@@ -478,6 +558,14 @@ class Payments:
             order_no,
         )
         return order, await self.refunds.of_order(order_no), notes
+
+    async def order_counts(self) -> list[Row]:
+        """Orders by channel and status, with their money (the ops dashboard)."""
+        return await self.db.fetchall(
+            "SELECT channel, status, COUNT(*) AS n, COALESCE(SUM(amount_fen), 0) AS fen, "
+            "COALESCE(SUM(refunded_fen), 0) AS refunded_fen FROM orders GROUP BY channel, status "
+            "ORDER BY channel, status"
+        )
 
     async def latest_notifications(self, limit: int) -> list[Row]:
         return await self.db.fetchall(

@@ -97,6 +97,13 @@ class Refunds:
         )
         return [Refund.of(r) for r in rows]
 
+    async def latest(self, limit: int) -> list[Refund]:
+        rows = await self.db.fetchall(
+            f"SELECT {refunds.REFUND_COLUMNS} FROM refunds ORDER BY created_at DESC, refund_no DESC LIMIT %s",
+            limit,
+        )
+        return [Refund.of(r) for r in rows]
+
     async def _by_key(self, order_no: str, key: str, digest: str) -> Refund | None:
         no = await self.db.fetchval(
             "SELECT refund_no FROM refunds WHERE order_no = %s AND idempotency_key = %s", order_no, key
@@ -140,10 +147,11 @@ class Refunds:
         request = RefundRequest(order_no, refund_no, amount, order.amount_fen, reason)
         try:
             result = await provider.refund(request)
+            await self.apply(refund_no, result, "refund")
         except AppError as exc:  # outcome unknown: stays processing, the cron job queries it
             logger.warning("refund {}: {}; left processing", refund_no, exc.message)
-        else:
-            await self.apply(refund_no, result, "refund")
+        except NotificationRefused as exc:  # an answer that is not about this refund
+            logger.error("refund {}: provider answer refused ({}); left processing", refund_no, exc.reason)
         refund = await self.load(refund_no)
         assert refund is not None
         return refund, True

@@ -76,6 +76,7 @@ class FakeAlipay:
     refused: int = 0  # requests whose signature or app id did not check out
     delay: float = 0.0  # seconds each answer waits (latency)
     refuse_refunds: str | None = None  # a sub_code every refund is refused with
+    refund_answer: dict[str, Any] = field(default_factory=dict)  # fields a refund's answer is changed by
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -246,7 +247,7 @@ class FakeAlipay:
             "refund_fee": _yuan(trade["refunded_fen"]),
         }
         self.refunds[request_no] = {"amount_fen": amount, "answer": answer}
-        return answer
+        return {**answer, **self.refund_answer}
 
     def _refund_query(self, biz: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
         known = self.refunds.get(biz.get("out_request_no", ""))

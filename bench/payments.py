@@ -1,0 +1,504 @@
+"""Payments: (a) WeChat Pay notifications applied per second end to end, against the same
+settlement SQL run bare; (b) orders created per second through the fake gateway at 50 ms
+latency with 50 concurrent buyers, against the same gateway called bare with the SDK.
+
+    .venv/bin/python bench/payments.py [--notifications 2000] [--orders 1000] [--rounds 2]
+
+(a) The app (its own process, pinned to CPU 0) receives signed, AES-256-GCM encrypted
+TRANSACTION.SUCCESS notifications over HTTP from 50 concurrent senders and does all it
+does for a real one: headers, serial, timestamp, RSA signature, decryption, order checks,
+then `settle()` through the buyer's UserActor (one transaction: order → paid, ledger grant,
+membership, commission hook), then records the notification. Bare: the same settlement
+SQL (`apply_batch` with the same GrantWithEffect: quota row lock, conditional order
+UPDATE, grant) in one transaction per order, 50 concurrent, from this process with no
+HTTP, signature, decryption or actor. 50 buyers; every order is a fresh pending one.
+
+(b) The fake WeChat Pay gateway (tests/fakes/wechatpay.py: verifies the merchant's
+signature, signs its answer) runs in its own process (pinned to CPU 1) with 50 ms added
+latency. App: 50 buyers each POST /api/v1/orders (wechat_native) in a loop;
+WECHATPAY_THREADS=50 so the pool is as wide as the load. Bare: 50 threads calling the
+SDK's `pay()` directly against the same gateway.
+
+The app and each bare run (a process of its own) are pinned to CPU 0; the load, the
+notifications' signer and the fake gateway to CPU 1; MariaDB and Redis (private instances
+under var/bench) are not pinned. Rounds alternate bare/app and the best of each is kept.
+About a minute. Prints a table, then lines for bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import itertools
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench._support import free_port, pin, services, wait_until_up  # noqa: E402
+
+BUYERS = 50
+_serial = itertools.count()
+
+
+# ------------------------------------------------------------------ the processes
+
+
+def serve_app(port: int) -> None:
+    from aiohttp import web
+
+    from server.app import create_app
+    from server.config import load_settings
+    from server.logging import setup_logging
+
+    pin(0)
+    settings = load_settings()
+    setup_logging(settings.log_level)
+    profile_to = os.environ.get("BENCH_PROFILE")  # a file: the app's cProfile stats on exit
+    if profile_to:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    web.run_app(create_app(settings), host="127.0.0.1", port=port, access_log=None, print=None)
+    if profile_to:
+        profiler.disable()
+        profiler.dump_stats(profile_to)
+
+
+def load_keys(where: Path) -> Any:
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from tests.fakes.wechatpay import Keys
+
+    def private(name: str) -> Any:
+        return load_pem_private_key((where / name).read_bytes(), None)
+
+    return Keys(
+        private("apiclient_key.pem"),
+        private("platform_key.pem"),
+        where / "apiclient_key.pem",
+        where / "pub_key.pem",
+    )
+
+
+def serve_fake(port: int, keys_dir: Path, delay: float) -> None:
+    from aiohttp import web
+
+    from tests.fakes.wechatpay import FakeWeChatPay
+
+    pin(1)
+    web.run_app(
+        FakeWeChatPay(load_keys(keys_dir), delay=delay).app(),
+        host="127.0.0.1",
+        port=port,
+        access_log=None,
+        print=None,
+    )
+
+
+def make_keys(where: Path) -> Any:
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.fakes.wechatpay import Keys
+
+    keys = Keys.generate(where)
+    (where / "platform_key.pem").write_bytes(
+        keys.platform.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return keys
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ------------------------------------------------------------------ (a) notifications
+
+
+async def insert_orders(db: Any, n: int, tag: str) -> list[tuple[str, int]]:
+    from server.payments.orders import new_order_no
+
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None, microsecond=0)
+    made = [(new_order_no(), 1 + i % BUYERS) for i in range(n)]
+    async with db.transaction() as tx:
+        await tx.executemany(
+            "INSERT INTO orders (order_no, user_id, product_id, product_kind, credits, membership_days, "
+            "channel, amount_fen, status, pay_params, idempotency_key, request_hash, created_at, expires_at) "
+            "VALUES (%s, %s, 'credits-100', 'credits', 100, 0, 'wechat_native', 990, 'pending', '{}', %s, "
+            "%s, %s, %s)",
+            [(no, uid, f"{tag}-{no}", "0" * 64, now, now + dt.timedelta(hours=1)) for no, uid in made],
+        )
+    return made
+
+
+def signed_notifications(fake: Any, made: list[tuple[str, int]]) -> list[tuple[dict[str, str], bytes]]:
+    from tests.fakes.wechatpay import APPID, MCHID
+
+    return [
+        fake.notification(
+            no,
+            resource={
+                "appid": APPID,
+                "mchid": MCHID,
+                "out_trade_no": no,
+                "transaction_id": f"42000{next(_serial):020d}",
+                "trade_type": "NATIVE",
+                "trade_state": "SUCCESS",
+                "amount": {"total": 990, "payer_total": 990, "currency": "CNY"},
+            },
+        )
+        for no, _ in made
+    ]
+
+
+async def app_notifications(
+    base: str, notes: list[tuple[dict[str, str], bytes]], senders: int = BUYERS
+) -> float:
+    import aiohttp
+
+    work = iter(notes)
+    bad = 0
+
+    async def sender(session: aiohttp.ClientSession) -> None:
+        nonlocal bad
+        for headers, body in work:
+            async with session.post(
+                f"{base}/api/v1/payments/wechat/notify", data=body, headers=headers
+            ) as resp:
+                await resp.read()
+                bad += resp.status != 204
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=BUYERS)) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(sender(session) for _ in range(senders)))
+        rate = len(notes) / (time.perf_counter() - started)
+    if bad:
+        raise SystemExit(f"{bad} notifications were not applied")
+    return rate
+
+
+async def bare_settlements(db: Any, made: list[tuple[str, int]]) -> float:
+    from server.credits.ledger import Grant, GrantWithEffect, apply_batch
+    from server.db import Conn, is_duplicate, is_retryable
+    from server.payments import orders
+
+    work = iter(made)
+
+    async def settle(no: str, uid: int) -> None:
+        async def effect(tx: Conn) -> bool:
+            paid_at = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+            return await orders.transition(
+                tx, no, "paid", paid_at=paid_at, provider_txn_id=f"bare-{no}", paid_source="bench"
+            )
+
+        op = GrantWithEffect(effect, Grant(100, "grant", ref=no, reason=f"order {no}", order_no=no))
+        for _ in range(20):
+            try:
+                async with db.transaction("READ COMMITTED") as tx:
+                    result = await apply_batch(tx, uid, [op])
+                if isinstance(result.outcomes[0], Exception):
+                    raise result.outcomes[0]
+                return
+            except Exception as exc:
+                if not (is_retryable(exc) or is_duplicate(exc)):
+                    raise
+        raise RuntimeError("gave up after 20 deadlocks")
+
+    async def worker() -> None:
+        for no, uid in work:
+            await settle(no, uid)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(BUYERS)))
+    return len(made) / (time.perf_counter() - started)
+
+
+# ------------------------------------------------------------------ (b) orders
+
+
+def http(method: str, url: str, body: dict[str, Any] | None = None, token: str | None = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        raw = resp.read()
+        return json.loads(raw) if raw else None
+
+
+def sign_in(base: str, i: int) -> str:
+    phone = f"1380013{i:04d}"
+    http("POST", f"{base}/api/v1/auth/sms-codes", {"phone": phone, "purpose": "login"})
+    code = http("GET", f"{base}/api/v1/dev/sms/{phone}")["code"]
+    token: str = http("POST", f"{base}/api/v1/auth/login", {"phone": phone, "sms_code": code})["access_token"]
+    return token
+
+
+async def app_orders(base: str, tokens: list[str], n: int) -> float:
+    import aiohttp
+
+    work = iter(range(n))
+    run = next(_serial)
+    bad = 0
+
+    async def buyer(session: aiohttp.ClientSession, token: str) -> None:
+        nonlocal bad
+        for i in work:
+            async with session.post(
+                f"{base}/api/v1/orders",
+                json={"product_id": "credits-100", "channel": "wechat_native"},
+                headers={"Authorization": f"Bearer {token}", "Idempotency-Key": f"b{run}-{i}"},
+            ) as resp:
+                await resp.read()
+                bad += resp.status != 201
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=BUYERS)) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(buyer(session, t) for t in tokens))
+        rate = n / (time.perf_counter() - started)
+    if bad:
+        raise SystemExit(f"{bad} orders were not created")
+    return rate
+
+
+def bare_orders(keys: Any, gateway: str, n: int) -> float:
+    from wechatpayv3 import WeChatPay, WeChatPayType
+
+    from tests.fakes.wechatpay import APIV3_KEY, APPID, CERT_SERIAL, MCHID, PUBLIC_KEY_ID
+
+    wx = WeChatPay(
+        wechatpay_type=WeChatPayType.NATIVE,
+        mchid=MCHID,
+        private_key=keys.merchant_private_pem.read_text(),
+        cert_serial_no=CERT_SERIAL,
+        appid=APPID,
+        apiv3_key=APIV3_KEY,
+        notify_url="https://wardrobe.test/api/v1/payments/wechat/notify",
+        timeout=(5, 15),
+        public_key=keys.platform_public_pem.read_text(),
+        public_key_id=PUBLIC_KEY_ID,
+    )
+    wx._core._gate_way = gateway
+    run = next(_serial)
+
+    def one(i: int) -> None:
+        code, text = wx.pay(
+            description="100 credits",
+            out_trade_no=f"bare{run:04d}{i:024d}",
+            amount={"total": 990, "currency": "CNY"},
+            pay_type=WeChatPayType.NATIVE,
+        )
+        if code != 200 or "code_url" not in text:
+            raise RuntimeError(f"bare order failed: {code} {text}")
+
+    with ThreadPoolExecutor(BUYERS) as pool:
+        started = time.perf_counter()
+        list(pool.map(one, range(n)))
+        return n / (time.perf_counter() - started)
+
+
+# ------------------------------------------------------------------ bare runs (their own process, CPU 0)
+
+
+def bare_main(kind: str, n: int, keys_dir: Path, gateway: str) -> None:
+    """A bare measurement in a process pinned to CPU 0, as the app is: prints its rate."""
+    from loguru import logger
+
+    pin(0)
+    logger.remove()
+    before = cpu_seconds(os.getpid())
+    if kind == "orders":
+        rate = bare_orders(load_keys(keys_dir), gateway, n)
+    else:
+        rate = asyncio.run(bare_settle_run(n))
+    busy = cpu_seconds(os.getpid()) - before  # set-up included: an upper bound
+    print(json.dumps({"rate": rate, "cpu_ms": 1000 * busy / n}))
+
+
+async def bare_settle_run(n: int) -> float:
+    from server.config import Settings
+    from server.db import Database
+    from server.metrics import Metrics
+
+    url = os.environ["DATABASE_URL"]
+    settings = Settings(_env_file=None, database_url=url, db_pool_max=2 * BUYERS)  # type: ignore[call-arg]
+    db = await Database.connect(settings.db(), settings, Metrics())
+    try:
+        return await bare_settlements(db, await insert_orders(db, n, "bare"))
+    finally:
+        await db.close()
+
+
+def bare(kind: str, n: int, env: dict[str, str], keys_dir: Path, gateway: str) -> tuple[float, float]:
+    """(per second, CPU ms per operation) of a bare run in its own process."""
+    argv = [sys.executable, __file__, "--bare", kind, "--count", str(n), "--keys", str(keys_dir)]
+    done = subprocess.run(
+        [*argv, "--gateway", gateway], env=env, capture_output=True, check=True, timeout=600
+    )
+    got = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    return float(got["rate"]), float(got["cpu_ms"])
+
+
+# ------------------------------------------------------------------ the run
+
+
+def start(
+    args: argparse.Namespace, env: dict[str, str], procs: list[Any], keys: Any, tmp: Path
+) -> tuple[str, str]:
+    """The fake gateway and the app, each in its own process: (app base URL, gateway URL)."""
+    fake_port, app_port = free_port(), free_port()
+    gateway = f"http://127.0.0.1:{fake_port}"
+    fake_argv = ["--serve-fake", "--port", str(fake_port), "--keys", str(tmp), "--delay", str(args.delay)]
+    procs.append(subprocess.Popen([sys.executable, __file__, *fake_argv], env=env))
+    app_env = {
+        **env,
+        **{k.upper(): str(v) for k, v in keys.settings(gateway).items()},
+        "WECHAT_APPID": "wx-test-app",
+        "WECHATPAY_THREADS": str(BUYERS),
+        "WECHATPAY_MAX_PENDING": str(4 * BUYERS),
+        "SMS_RESEND_INTERVAL": "0",
+        "SMS_IP_LIMIT": "100000",
+        "DB_POOL_MAX": str(2 * BUYERS),
+    }
+    procs.append(
+        subprocess.Popen([sys.executable, __file__, "--serve-app", "--port", str(app_port)], env=app_env)
+    )
+    base = f"http://127.0.0.1:{app_port}"
+    wait_until_up(f"{base}/healthz", procs[1])
+    wait_until_up(f"{gateway}/v3/pay/transactions/native", procs[0])
+    return base, gateway
+
+
+async def run(
+    args: argparse.Namespace,
+    env: dict[str, str],
+    keys: Any,
+    base: str,
+    gateway: str,
+    tokens: list[str],
+    tmp: Path,
+    app_pid: int,
+) -> tuple[dict[str, float], dict[str, float]]:
+    from server.config import Settings
+    from server.credits.ledger import check_all
+    from server.db import Database
+    from server.metrics import Metrics
+    from server.payments.checks import check_orders
+    from tests.fakes.wechatpay import FakeWeChatPay
+
+    settings = Settings(_env_file=None, database_url=env["DATABASE_URL"], db_pool_max=2 * BUYERS)  # type: ignore[call-arg]
+    db = await Database.connect(settings.db(), settings, Metrics())
+    signer = FakeWeChatPay(keys)
+    best = {"bare_settle": 0.0, "app_notify": 0.0, "bare_order": 0.0, "app_order": 0.0}
+    cpu = dict.fromkeys(best, float("inf"))  # CPU ms per operation of the server side (least seen)
+
+    def keep(name: str, rate: float, cpu_ms: float) -> None:
+        best[name], cpu[name] = max(best[name], rate), min(cpu[name], cpu_ms)
+
+    async def on_app(name: str, n: int, work: Any) -> None:
+        before = cpu_seconds(app_pid)
+        rate = await work
+        keep(name, rate, 1000 * (cpu_seconds(app_pid) - before) / n)
+
+    try:
+        await app_orders(base, tokens, BUYERS)  # warm up: connections, caches
+        for _ in range(args.rounds):
+            keep(
+                "bare_settle", *await asyncio.to_thread(bare, "settle", args.notifications, env, tmp, gateway)
+            )
+            notes = signed_notifications(signer, await insert_orders(db, args.notifications, "app"))
+            await on_app("app_notify", len(notes), app_notifications(base, notes, args.senders))
+        for _ in range(args.rounds):
+            keep("bare_order", *await asyncio.to_thread(bare, "orders", args.orders, env, tmp, gateway))
+            await on_app("app_order", args.orders, app_orders(base, tokens, args.orders))
+        checked, problems = await check_orders(db)
+        accounts, differences = await check_all(db)
+        if problems or differences:
+            raise SystemExit(f"books not clean: {problems[:3]} {differences[:3]}")
+        print(f"books clean: {checked} paid orders, {accounts} accounts")
+    finally:
+        await db.close()
+    return best, cpu
+
+
+def report(best: dict[str, float], cpu: dict[str, float], args: argparse.Namespace) -> None:
+    notify = best["app_notify"] / best["bare_settle"]
+    order = best["app_order"] / best["bare_order"]
+    rows = [
+        ("bare settlement SQL, one transaction per order", "bare_settle", 1.0),
+        ("**app: notification over HTTP → verify → decrypt → settle**", "app_notify", notify),
+        ("bare SDK `pay()` from 50 threads, 50 ms gateway", "bare_order", 1.0),
+        ("**app: POST /orders, 50 buyers, 50 ms gateway**", "app_order", order),
+    ]
+    print("| target | per second | ratio | server CPU ms each |")
+    print("|---|---|---|---|")
+    for name, key, ratio in rows:
+        print(f"| {name} | {best[key]:.0f} | {ratio:.2f} | {cpu[key]:.2f} |")
+    print(
+        f"\nnotifications {notify:.2f} of bare (target ≥ 0.5: {'met' if notify >= 0.5 else 'NOT met'}); "
+        f"orders {order:.2f} of bare (target ≥ 0.8: {'met' if order >= 0.8 else 'NOT met'})"
+    )
+    print(
+        f"Python {platform.python_version()}, {args.notifications} notifications and {args.orders} orders "
+        f"a round, best of {args.rounds} rounds, {dt.date.today()}"
+    )
+
+
+def main(args: argparse.Namespace) -> None:
+    from loguru import logger
+
+    with (
+        services("bench_payments", redis_db=13) as ready,
+        tempfile.TemporaryDirectory(prefix="bench-pay-") as tmp,
+    ):
+        logger.remove()
+        keys = make_keys(Path(tmp))
+        base, gateway = start(args, ready.env, ready.procs, keys, Path(tmp))
+        tokens = [sign_in(base, i) for i in range(BUYERS)]
+        pin(1)  # the load (and the notifications' signer) share CPU 1 with the fake gateway
+        best, cpu = asyncio.run(
+            run(args, ready.env, keys, base, gateway, tokens, Path(tmp), ready.procs[1].pid)
+        )
+    report(best, cpu, args)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--notifications", type=int, default=2000)
+    parser.add_argument("--orders", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--senders", type=int, default=BUYERS, help="concurrent notification senders")
+    parser.add_argument("--delay", type=float, default=0.05, help="the fake gateway's latency (s)")
+    parser.add_argument("--serve-app", action="store_true")
+    parser.add_argument("--serve-fake", action="store_true")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--keys", type=Path)
+    parser.add_argument("--bare", choices=["settle", "orders"])
+    parser.add_argument("--count", type=int)
+    parser.add_argument("--gateway")
+    ns = parser.parse_args()
+    if ns.serve_app:
+        serve_app(ns.port)
+    elif ns.serve_fake:
+        serve_fake(ns.port, ns.keys, ns.delay)
+    elif ns.bare:
+        bare_main(ns.bare, ns.count, ns.keys, ns.gateway)
+    else:
+        main(ns)
