@@ -17,14 +17,17 @@ from functools import partial
 
 from aiohttp import web
 from loguru import logger
+from prometheus_client import disable_created_metrics
 
 from actors.runtime import ActorSystem
 from handlers import setup_routes
+from server import figures
 from server.auth import open_auth
 from server.auth.middleware import auth_middleware
 from server.config import ConfigError, Settings
 from server.cors import allowed_origins, setup_cors
 from server.credits.facade import Credits
+from server.credits.ledger import utcnow
 from server.cron import CronJob, CronRunner
 from server.db import Database
 from server.hub import GOING_AWAY, RedisEventHub
@@ -49,10 +52,20 @@ from server.media.storage import open_storage
 from server.metrics import Metrics
 from server.middleware import add_request_id_header, envelope_middleware
 from server.migrations import Migrator
-from server.redis import connect_redis
+from server.redis import connect_redis, pool_stats
+from server.sentry import close_sentry, init_sentry
 from server.tasks import leases
 from server.tasks.manager import tasks_ctx
 from server.vendors.facade import open_vendors
+
+
+async def sentry_ctx(app: web.Application) -> AsyncIterator[None]:
+    """First of all: Sentry (only with SENTRY_DSN), flushed and closed last."""
+    init_sentry(app[settings_key])
+    try:
+        yield
+    finally:
+        close_sentry()
 
 
 async def db_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -86,6 +99,7 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         await client.aclose()
         raise ConfigError(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
     app[redis_key] = client
+    app[metrics_key].watch_redis_pool(partial(pool_stats, client))
     try:
         yield
     finally:
@@ -147,6 +161,15 @@ async def credits_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+async def task_metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    """After tasks_ctx: wardrobe_task_jobs{state} from this instance's scheduler."""
+    scheduler = app[tasks_key].scheduler
+    app[metrics_key].watch_task_jobs(
+        lambda: {"running": scheduler.active_count, "pending": scheduler.pending_count}
+    )
+    yield
+
+
 async def vendors_ctx(app: web.Application) -> AsyncIterator[None]:
     async with open_vendors(app[settings_key], app[actor_system_key], app.get(storage_key)) as vendors:
         app[vendors_key] = vendors
@@ -170,10 +193,24 @@ async def _clean_orphan_files(app: web.Application) -> int:
     )
 
 
+async def _refresh_gauges(app: web.Application) -> int:
+    """Every instance: the cluster figures from MySQL as gauges (aggregate with max())."""
+    metrics, db = app[metrics_key], app[db_key]
+    counts = await figures.task_counts(db)
+    for status, n in counts.items():
+        metrics.tasks.labels(status).set(n)
+    held = await figures.reservations(db, utcnow())
+    metrics.credits_reservations_open.set(held["count"])
+    metrics.credits_reserved.set(held["sum"])
+    metrics.credits_reservations_overdue.set(held["overdue"])
+    return len(counts) + 3
+
+
 CRON_JOBS = [
     CronJob("reservation-sweeper", "* * * * *", _sweep_reservations),
     CronJob("task-recovery", "* * * * *", _recover_tasks),
     CronJob("orphan-files", "0 3 * * *", _clean_orphan_files, lock_ms=3_600_000),
+    CronJob("ops-gauges", "* * * * *", _refresh_gauges, once_per_cluster=False),
 ]
 
 
@@ -201,11 +238,14 @@ def create_app(settings: Settings) -> web.Application:
         handler_args={"max_field_size": settings.http_max_field_size},
     )
     app[settings_key] = settings
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # process-wide: no `_created` series
     app[metrics_key] = Metrics()
     setup_routes(app)
     setup_cors(app, allowed_origins(settings.cors_allowed_origins))  # every route is declared now
     app.on_response_prepare.append(add_request_id_header)
     app.on_shutdown.append(close_websockets)  # GOING_AWAY to every socket (issue 7)
+    if settings.sentry_dsn:
+        app.cleanup_ctx.append(sentry_ctx)
     app.cleanup_ctx.append(db_ctx)
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(hub_ctx)  # before the actors, which publish through it
@@ -215,6 +255,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(credits_ctx)  # the UserActor kind and the Credits facade
     app.cleanup_ctx.append(vendors_ctx)  # needs the actor system
     app.cleanup_ctx.append(tasks_ctx)  # features and task runs: need the vendors
+    app.cleanup_ctx.append(task_metrics_ctx)
     if settings.cron_enabled:
         app.cleanup_ctx.append(cron_ctx)
     return app

@@ -240,6 +240,11 @@ class Settings(BaseSettings):
     vendor_input_url_ttl: int = Field(3600, ge=60)  # life of the signed URLs DashScope fetches inputs from
     # The nightly orphan-file cleanup (server/orphans.py) never deletes an asset file younger than this.
     orphan_file_min_age: int = Field(86_400, ge=3600)
+    # Sentry (optional, issue 14; docs/ops.md): off unless SENTRY_DSN is set.
+    sentry_dsn: str | None = None
+    sentry_environment: str | None = None  # default: APP_ENV
+    sentry_traces_sample_rate: float = Field(0.0, ge=0.0, le=1.0)
+    sentry_sample_rate: float = Field(1.0, ge=0.0, le=1.0)  # share of error events sent
 
     @field_validator("log_level")
     @classmethod

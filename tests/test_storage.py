@@ -440,7 +440,7 @@ async def test_the_cron_job_counts_what_it_deleted_on_metrics(client: TestClient
     assert await clean_orphan_files(app[db_key], app[storage_key], app[settings_key], counter) == 1
     assert not await storage.exists(key)
     text = await (await client.get("/metrics")).text()
-    assert 'storage_orphan_files_deleted_total{prefix="u/"} 1.0' in text
+    assert 'wardrobe_storage_orphan_files_deleted_total{prefix="u/"} 1.0' in text
     assert any(job.name == "orphan-files" and job.spec == "0 3 * * *" for job in CRON_JOBS)
 
 

@@ -29,6 +29,7 @@ from server.keys import (
     features_key,
     hub_key,
     instance_id_key,
+    metrics_key,
     redis_key,
     settings_key,
     storage_key,
@@ -261,7 +262,16 @@ async def _fail(app: web.Application, task: Mapping[str, Any], error: AppError) 
 
 
 async def run_task(app: web.Application, task: Mapping[str, Any], call: VendorCall) -> None:
-    """The whole life of one task run; the caller holds its lease."""
+    """The whole life of one task run; the caller holds its lease. Timed by feature in
+    wardrobe_task_run_seconds, whatever the outcome."""
+    began = time.perf_counter()
+    try:
+        await _run_task(app, task, call)
+    finally:
+        app[metrics_key].task_run_seconds.labels(str(task["feature"])).observe(time.perf_counter() - began)
+
+
+async def _run_task(app: web.Application, task: Mapping[str, Any], call: VendorCall) -> None:
     task_id, user_id = str(task["id"]), int(task["user_id"])
     db = app[db_key]
     settings = app[settings_key]

@@ -23,6 +23,7 @@ from server.keys import (
     features_key,
     hub_key,
     instance_id_key,
+    metrics_key,
     redis_key,
     settings_key,
     storage_key,
@@ -280,4 +281,6 @@ async def mark_finished(app: web.Application, task_id: str, status: str, error: 
         None if error is None else error.message[:500],
         task_id,
     )
+    if changed == 1:
+        app[metrics_key].tasks_finished.labels(status).inc()
     return changed == 1
