@@ -20,9 +20,7 @@ UNITS = ("_seconds", "_bytes", "_total", "_bucket", "_sum", "_count")
 
 
 @pytest.fixture
-async def scraped(
-    aiohttp_client: Any, make_settings: Callable[..., Settings]
-) -> tuple[str, web.Application]:
+async def scraped(aiohttp_client: Any, make_settings: Callable[..., Settings]) -> tuple[str, web.Application]:
     app = create_app(auth_settings(make_settings, cron_enabled=False))
     client = await aiohttp_client(app)
     return await exercise(client, app), app
