@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: run test e2e lint typecheck pytest bench install clean
+.PHONY: run test e2e lint typecheck rules pytest bench install clean
 
 run: install
 	@bash ops/bootstrap.sh
@@ -14,7 +14,7 @@ run: install
 
 test: install
 	@bash ops/bootstrap.sh --all
-	$(MAKE) --no-print-directory lint typecheck pytest
+	$(MAKE) --no-print-directory lint typecheck rules pytest
 
 e2e: install
 	@bash ops/bootstrap.sh --e2e
@@ -36,6 +36,11 @@ lint:
 
 typecheck:
 	$(BIN)/mypy
+
+# Alert rules: syntax, then their unit tests (promtool from Debian's `prometheus` package).
+rules:
+	cd ops/prometheus && promtool check rules alerts.yml && promtool test rules alerts_test.yml
+	promtool check config ops/prometheus/prometheus.yml
 
 pytest:
 	$(BIN)/pytest -m "not e2e"

@@ -2,6 +2,7 @@
 # Installs what `make run` / `make test` need and is missing, on Debian/Ubuntu.
 #   ops/bootstrap.sh            python + whatever DATABASE_URL / REDIS_URL do not replace
 #   ops/bootstrap.sh --all      python + mariadb-server + redis-server (the tests start their own)
+#                               + prometheus (for promtool: make test checks the alert rules)
 #   ops/bootstrap.sh --python   python (3.11+ with venv) only
 #   ops/bootstrap.sh --e2e      as --all, plus Debian's chromium at /usr/bin/chromium (make e2e)
 set -euo pipefail
@@ -30,6 +31,10 @@ if [ "$mode" != "--python" ]; then
     if $all || [ -z "${REDIS_URL:-}" ]; then
         have redis-server || need+=(redis-server)
     fi
+fi
+# promtool (check/test the alert rules) comes with Debian's prometheus package.
+if $all; then
+    have promtool || need+=(prometheus)
 fi
 # The browser test drives the distribution's build; playwright never downloads one.
 if [ "$mode" = "--e2e" ] && [ ! -x /usr/bin/chromium ]; then
