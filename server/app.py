@@ -65,7 +65,7 @@ async def sentry_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        close_sentry()
+        await close_sentry()
 
 
 async def db_ctx(app: web.Application) -> AsyncIterator[None]:
