@@ -27,7 +27,6 @@ from server.auth.middleware import auth_middleware
 from server.config import ConfigError, Settings
 from server.cors import allowed_origins, setup_cors
 from server.credits.facade import Credits
-from server.credits.ledger import utcnow
 from server.cron import CronJob, CronRunner
 from server.db import Database
 from server.hub import GOING_AWAY, RedisEventHub
@@ -199,7 +198,7 @@ async def _refresh_gauges(app: web.Application) -> int:
     counts = await figures.task_counts(db)
     for status, n in counts.items():
         metrics.tasks.labels(status).set(n)
-    held = await figures.reservations(db, utcnow())
+    held = await figures.reservations(db)
     metrics.credits_reservations_open.set(held["count"])
     metrics.credits_reserved.set(held["sum"])
     metrics.credits_reservations_overdue.set(held["overdue"])

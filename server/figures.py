@@ -3,7 +3,6 @@ cron job (every instance, every minute) exports them as gauges (docs/ops.md)."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import TypedDict
 
 from server.db import Database
@@ -25,13 +24,13 @@ async def task_counts(db: Database) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-async def reservations(db: Database, now: datetime) -> ReservationFigures:
-    """Open reservations: how many, the credits they hold, how many are past expiry."""
+async def reservations(db: Database) -> ReservationFigures:
+    """Open reservations: how many, the credits they hold, how many are past expiry
+    (`expires_at` is UTC, as the sweeper compares it)."""
     row = await db.fetchone(
         "SELECT COUNT(*) AS n, COALESCE(SUM(amount), 0) AS total, "
-        "COALESCE(SUM(expires_at < %s), 0) AS overdue "
-        "FROM quota_transactions WHERE phase = 'reserved'",
-        now,
+        "COALESCE(SUM(expires_at < UTC_TIMESTAMP(6)), 0) AS overdue "
+        "FROM quota_transactions WHERE phase = 'reserved'"
     )
     if row is None:
         return ReservationFigures(count=0, sum=0, overdue=0)
