@@ -1,14 +1,16 @@
-"""The ops dashboard: GET /ops, and its own login (docs/ops.md).
+"""The ops dashboard: GET /ops, its JSON view GET /ops/data.json and refresh script
+/ops/dashboard.js, and its own login (docs/ops.md).
 
-Server-rendered HTML for admins. It authenticates with an `ops_token` cookie
-(HttpOnly, SameSite=Strict, Path=/ops) holding an admin's access token, issued by
-the same `AuthService.login_password` as POST /api/v1/auth/login, so lockouts and
-rate limits are shared. The login form carries a single-use CSRF token kept in Redis
-and echoed in an `ops_csrf` cookie; the logout form a token derived from the session's
-cookie. The tokens are the CSRF check: a browser may send `Origin: null` (it did while
-the page said `Referrer-Policy: no-referrer`), so Origin only refuses a foreign origin.
-Every figure is fetched under a time bound; a source that fails or is slow shows as
-"unavailable: …" and the page still renders.
+Server-rendered HTML for admins; the script only rewrites figures in place. It
+authenticates with an `ops_token` cookie (HttpOnly, SameSite=Strict, Path=/ops)
+holding an admin's access token, issued by the same `AuthService.login_password` as
+POST /api/v1/auth/login, so lockouts and rate limits are shared. The login form
+carries a single-use CSRF token kept in Redis and echoed in an `ops_csrf` cookie; the
+logout form a token derived from the session's cookie. The tokens are the CSRF check:
+a browser may send `Origin: null` (it did while the page said `Referrer-Policy:
+no-referrer`), so Origin only refuses a foreign origin. Every figure is fetched under
+a time bound; a source that fails or is slow shows as "unavailable: …" and the page
+still renders.
 """
 
 from __future__ import annotations
