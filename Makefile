@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: run test e2e cluster-test lint typecheck pytest bench install clean
+.PHONY: run test e2e cluster-test lint typecheck rules pytest bench install clean
 
 run: install
 	@bash ops/bootstrap.sh
@@ -15,7 +15,7 @@ run: install
 
 test: install
 	@bash ops/bootstrap.sh --all
-	$(MAKE) --no-print-directory lint typecheck pytest
+	$(MAKE) --no-print-directory lint typecheck rules pytest
 
 e2e: install
 	@bash ops/bootstrap.sh --e2e
@@ -42,6 +42,11 @@ lint:
 
 typecheck:
 	$(BIN)/mypy
+
+# Alert rules: syntax, then their unit tests (promtool from Debian's `prometheus` package).
+rules:
+	cd ops/prometheus && promtool check rules alerts.yml && promtool test rules alerts_test.yml
+	promtool check config ops/prometheus/prometheus.yml
 
 pytest:
 	$(BIN)/pytest -m "not e2e"

@@ -96,12 +96,14 @@ async def call(
 
 
 class VendorMetrics(Collector):
-    """The vendor_* metrics on one registry, shared by every VendorActor of an app.
+    """The wardrobe_vendor_* metrics on one registry, shared by every VendorActor of an app.
 
-    vendor_call_seconds{vendor,operation} (one observation per attempt, any outcome),
-    vendor_errors_total{vendor,kind} (per failed attempt, plus breaker_open and busy),
-    and, read from the actors at scrape time, vendor_in_flight{vendor},
-    vendor_queue_depth{vendor}, vendor_breaker_state{vendor} (0 closed, 1 half-open, 2 open),
+    wardrobe_vendor_call_seconds{vendor,operation} (one observation per attempt, any
+    outcome), wardrobe_vendor_errors_total{vendor,kind} (per failed attempt, plus
+    breaker_open and busy), and, read from the actors at scrape time,
+    wardrobe_vendor_in_flight{vendor}, wardrobe_vendor_concurrency_limit{vendor},
+    wardrobe_vendor_queue_depth{vendor}, wardrobe_vendor_breaker_state{vendor}
+    (0 closed, 1 half-open, 2 open),
     wardrobe_vendor_cluster_limit_fallback{vendor} (1 while Redis is unreachable and the
     cluster-wide limits are replaced by this process's share).
     """
@@ -110,14 +112,14 @@ class VendorMetrics(Collector):
         self.registry = registry
         self.actors: dict[str, VendorActor] = {}
         self.call_seconds = PromHistogram(
-            "vendor_call_seconds",
+            "wardrobe_vendor_call_seconds",
             "Time of one vendor attempt, whatever its outcome",
             ["vendor", "operation"],
             buckets=CALL_BUCKETS,
             registry=registry,
         )
         self.errors = PromCounter(
-            "vendor_errors",
+            "wardrobe_vendor_errors",
             "Failed vendor attempts and refused calls, by kind",
             ["vendor", "kind"],
             registry=registry,
@@ -129,9 +131,10 @@ class VendorMetrics(Collector):
 
     def collect(self) -> Iterable[Metric]:
         families = self._families()
-        in_flight, depth, breaker, fallback = families
+        in_flight, limit, depth, breaker, fallback = families
         for name, actor in list(self.actors.items()):
             in_flight.add_metric([name], actor.in_flight)
+            limit.add_metric([name], actor.limits.concurrency)
             depth.add_metric([name], actor.queue_depth)
             breaker.add_metric([name], actor.breaker.state)
             fallback.add_metric([name], int(actor.permits.fallback))
@@ -140,10 +143,17 @@ class VendorMetrics(Collector):
     @staticmethod
     def _families() -> list[GaugeMetricFamily]:
         return [
-            GaugeMetricFamily("vendor_in_flight", "Vendor calls running now", labels=["vendor"]),
-            GaugeMetricFamily("vendor_queue_depth", "Vendor calls waiting for a slot", labels=["vendor"]),
+            GaugeMetricFamily("wardrobe_vendor_in_flight", "Vendor calls running now", labels=["vendor"]),
             GaugeMetricFamily(
-                "vendor_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open", labels=["vendor"]
+                "wardrobe_vendor_concurrency_limit", "Calls a vendor may run at once", labels=["vendor"]
+            ),
+            GaugeMetricFamily(
+                "wardrobe_vendor_queue_depth", "Vendor calls waiting for a slot", labels=["vendor"]
+            ),
+            GaugeMetricFamily(
+                "wardrobe_vendor_breaker_state",
+                "Circuit breaker: 0 closed, 1 half-open, 2 open",
+                labels=["vendor"],
             ),
             GaugeMetricFamily(
                 "wardrobe_vendor_cluster_limit_fallback",

@@ -1,14 +1,16 @@
-"""The ops dashboard: GET /ops, and its own login (docs/ops.md).
+"""The ops dashboard: GET /ops, its JSON view GET /ops/data.json and refresh script
+/ops/dashboard.js, and its own login (docs/ops.md).
 
-Server-rendered HTML for admins. It authenticates with an `ops_token` cookie
-(HttpOnly, SameSite=Strict, Path=/ops) holding an admin's access token, issued by
-the same `AuthService.login_password` as POST /api/v1/auth/login, so lockouts and
-rate limits are shared. The login form carries a single-use CSRF token kept in Redis
-and echoed in an `ops_csrf` cookie; the logout form a token derived from the session's
-cookie. The tokens are the CSRF check: a browser may send `Origin: null` (it did while
-the page said `Referrer-Policy: no-referrer`), so Origin only refuses a foreign origin.
-Every figure is fetched under a time bound; a source that fails or is slow shows as
-"unavailable: …" and the page still renders.
+Server-rendered HTML for admins; the script only rewrites figures in place. It
+authenticates with an `ops_token` cookie (HttpOnly, SameSite=Strict, Path=/ops)
+holding an admin's access token, issued by the same `AuthService.login_password` as
+POST /api/v1/auth/login, so lockouts and rate limits are shared. The login form
+carries a single-use CSRF token kept in Redis and echoed in an `ops_csrf` cookie; the
+logout form a token derived from the session's cookie. The tokens are the CSRF check:
+a browser may send `Origin: null` (it did while the page said `Referrer-Policy:
+no-referrer`), so Origin only refuses a foreign origin. Every figure is fetched under
+a time bound; a source that fails or is slow shows as "unavailable: …" and the page
+still renders.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import json
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -29,14 +33,15 @@ from loguru import logger
 from multidict import MultiDictProxy
 from pydantic import ValidationError
 
-from server import __version__
+from server import __version__, figures
 from server.auth.middleware import authenticate, client_of
 from server.auth.schemas import PhoneIn
 from server.auth.tokens import Principal
-from server.errors import AppError
+from server.errors import AppError, ErrorCode
 from server.keys import (
     actor_system_key,
     auth_key,
+    cron_key,
     db_key,
     instance_id_key,
     ops_started_key,
@@ -46,7 +51,9 @@ from server.keys import (
     tasks_key,
     vendors_key,
 )
+from server.redis import pool_stats
 from server.routing import RouteTable
+from server.templates import TEMPLATE_DIR
 
 routes = RouteTable(tags=["ops"], auth="public")
 
@@ -58,6 +65,7 @@ COOKIE_PATH = "/ops"
 CSRF_TTL = 600  # seconds a login form stays valid
 QUERY_TIMEOUT = 2.0  # seconds per data source
 RECENT_TASKS = 20
+SCRIPT = TEMPLATE_DIR / "ops" / "dashboard.js"
 HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; style-src 'self' 'unsafe-inline'; "
@@ -292,53 +300,89 @@ async def _redis_info(app: web.Application) -> dict[str, Any]:
 
 
 async def _status_counts(app: web.Application) -> dict[str, int]:
-    rows = await app[db_key].fetchall("SELECT status, COUNT(*) AS n FROM tasks GROUP BY status")
-    return {str(r["status"]): int(r["n"]) for r in sorted(rows, key=lambda r: str(r["status"]))}
+    return await figures.task_counts(app[db_key])
 
 
 async def _recent_tasks(app: web.Application) -> list[dict[str, Any]]:
     # Task ids start with their creation time in ms, so the primary key gives the order.
-    return await app[db_key].fetchall(
+    rows = await app[db_key].fetchall(
         "SELECT id, user_id, feature, status, progress, created_at, error_code "
         "FROM tasks ORDER BY id DESC LIMIT %s",
         RECENT_TASKS,
     )
+    return [{**r, "progress": float(r["progress"] or 0)} for r in rows]
 
 
-async def _reservations(app: web.Application) -> dict[str, int]:
-    row = await app[db_key].fetchone(
-        "SELECT COUNT(*) AS n, COALESCE(SUM(amount), 0) AS total "
-        "FROM quota_transactions WHERE phase = 'reserved'"
-    )
-    return {"count": int(row["n"]) if row else 0, "sum": int(row["total"]) if row else 0}
+async def _reservations(app: web.Application) -> figures.ReservationFigures:
+    return await figures.reservations(app[db_key])
 
 
-@routes.get("/ops", include_in_schema=False)
-async def ops_dashboard(request: web.Request) -> web.Response:
-    principal = _principal(request)
-    if principal is None:
-        return _redirect("/ops/login")
-    if not principal.is_admin:
-        return await _login_form(request, status=403, error=ADMIN_ONLY)
-    app = request.app
+def _redis_pool(app: web.Application) -> dict[str, int]:
+    return pool_stats(app[redis_key])
+
+
+def _cron(app: web.Application) -> list[dict[str, Any]]:
+    """The cron table: schedule, next run, and what this instance saw of each job."""
+    runner = app.get(cron_key)
+    if runner is None:
+        return []  # CRON_ENABLED=false: the page says so
+    return runner.table()
+
+
+async def _figures(app: web.Application) -> dict[str, Any]:
+    """Every figure of the dashboard: a value, or the text saying why it is missing."""
     redis, counts, recent, credits = await asyncio.gather(
         _bounded("redis", _redis_info, app),
         _bounded("task counts", _status_counts, app),
         _bounded("recent tasks", _recent_tasks, app),
         _bounded("reservations", _reservations, app),
     )
-    context = {
+    return {
         "process": _now("process", _process, app),
         "db": _now("db pool", _pool, app),
         "redis": redis,
+        "redis_pool": _now("redis pool", _redis_pool, app),
         "actors": _now("actors", _actors, app),
         "vendors": _now("vendors", _vendors, app),
         "local_tasks": _now("tasks", _local_tasks, app),
         "task_counts": counts,
         "recent_tasks": recent,
         "credits": credits,
+        "cron": _now("cron", _cron, app),
+        "cron_enabled": app[settings_key].cron_enabled,
+    }
+
+
+def _json_default(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _when(ts: float | None) -> str:
+    """A Unix time as the page shows it (UTC), or a dash."""
+    return "–" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+async def _admin(request: web.Request) -> Principal | web.Response:
+    principal = _principal(request)
+    if principal is None:
+        return _redirect("/ops/login")
+    if not principal.is_admin:
+        return await _login_form(request, status=403, error=ADMIN_ONLY)
+    return principal
+
+
+@routes.get("/ops", include_in_schema=False)
+async def ops_dashboard(request: web.Request) -> web.Response:
+    principal = await _admin(request)
+    if isinstance(principal, web.Response):
+        return principal
+    context = {
+        **await _figures(request.app),
         "user_id": principal.user_id,
         "logout_csrf": logout_token(request.cookies[TOKEN_COOKIE]),
+        "when": _when,
     }
     return _page(request, "dashboard.html", context)
 
@@ -375,6 +419,28 @@ async def ops_payments(request: web.Request) -> web.Response:
         return await _login_form(request, status=403, error=ADMIN_ONLY)
     data = await _bounded("payments", _payments, request.app)
     return _page(request, "payments.html", {"payments": data, "user_id": principal.user_id})
+
+
+@routes.get("/ops/data.json", include_in_schema=False)
+async def ops_data(request: web.Request) -> web.Response:
+    """The dashboard's figures as JSON, for its refresh script (same cookie as the page).
+    Without a session: 401 UNAUTHENTICATED; a non-admin: 403 FORBIDDEN (the envelope)."""
+    principal = _principal(request)
+    if principal is None:
+        raise AppError(ErrorCode.UNAUTHENTICATED, "Log in at /ops/login first")
+    if not principal.is_admin:
+        raise AppError(ErrorCode.FORBIDDEN, ADMIN_ONLY)
+    data = await _figures(request.app)
+    body = json.dumps(data, default=_json_default, ensure_ascii=False, separators=(",", ":"))
+    resp = web.Response(body=body.encode(), content_type="application/json")
+    resp.headers.update(HEADERS)
+    return resp
+
+
+@routes.get("/ops/dashboard.js", include_in_schema=False)
+async def ops_script(request: web.Request) -> web.StreamResponse:
+    """The refresh script: no inline script, so the page's CSP needs no 'unsafe-inline'."""
+    return web.FileResponse(SCRIPT, headers={**HEADERS, "Content-Type": "text/javascript; charset=utf-8"})
 
 
 async def _started(app: web.Application) -> None:

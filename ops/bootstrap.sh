@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what `make run` / `make test` need and is missing, on Debian/Ubuntu.
 #   ops/bootstrap.sh            python + whatever DATABASE_URL / REDIS_URL do not replace
-#   ops/bootstrap.sh --all      python + mariadb-server + redis-server, and nginx + redis-sentinel for
-#                               the deployment tests (the tests start their own instances of each)
+#   ops/bootstrap.sh --all      python + mariadb-server + redis-server, nginx + redis-sentinel for
+#                               the deployment tests, prometheus for promtool (the tests start their own)
 #   ops/bootstrap.sh --python   python (3.11+ with venv) only
 #   ops/bootstrap.sh --e2e      as --all, plus Debian's chromium at /usr/bin/chromium (make e2e)
 set -euo pipefail
@@ -32,10 +32,12 @@ if [ "$mode" != "--python" ]; then
         have redis-server || need+=(redis-server)
     fi
 fi
-# tests/test_nginx.py and tests/test_sentinel.py (issue 15) run Debian's nginx and sentinels.
+# tests/test_nginx.py and tests/test_sentinel.py (issue 15) run Debian's nginx and sentinels;
+# promtool (make test checks the alert rules) comes with Debian's prometheus package.
 if $all; then
     have nginx || need+=(nginx)
     have redis-sentinel || need+=(redis-sentinel)
+    have promtool || need+=(prometheus)
 fi
 # The browser test drives the distribution's build; playwright never downloads one.
 if [ "$mode" = "--e2e" ] && [ ! -x /usr/bin/chromium ]; then

@@ -17,9 +17,11 @@ from functools import partial
 
 from aiohttp import web
 from loguru import logger
+from prometheus_client import disable_created_metrics
 
 from actors.runtime import ActorSystem
 from handlers import setup_routes
+from server import figures
 from server.auth import open_auth
 from server.auth.middleware import auth_middleware
 from server.config import ConfigError, Settings
@@ -53,10 +55,20 @@ from server.metrics import Metrics
 from server.middleware import add_request_id_header, envelope_middleware
 from server.migrations import Migrator
 from server.payments.facade import open_payments
-from server.redis import connect_redis
+from server.redis import connect_redis, pool_stats
+from server.sentry import close_sentry, init_sentry
 from server.tasks import leases
 from server.tasks.facade import open_tasks
 from server.vendors.facade import open_vendors
+
+
+async def sentry_ctx(app: web.Application) -> AsyncIterator[None]:
+    """First of all: Sentry (only with SENTRY_DSN), flushed and closed last."""
+    init_sentry(app[settings_key])
+    try:
+        yield
+    finally:
+        await close_sentry()
 
 
 async def db_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -90,6 +102,7 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         await client.aclose()
         raise ConfigError(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
     app[redis_key] = client
+    app[metrics_key].watch_redis_pool(partial(pool_stats, client))
     try:
         yield
     finally:
@@ -179,10 +192,18 @@ async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
         app[storage_key],
         app[auth_key].profiles,
         app[vendors_key],
+        app[metrics_key],
         app[instance_id_key],
     ) as tasks:
         app[tasks_key] = tasks
         yield
+
+
+async def task_metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    """After tasks_ctx: wardrobe_task_jobs{state} from this instance's scheduler."""
+    tasks = app[tasks_key]
+    app[metrics_key].watch_task_jobs(tasks.local_stats)
+    yield
 
 
 async def vendors_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -223,6 +244,22 @@ async def _close_stale_orders(app: web.Application) -> int:
     return await payments.check_pending() + await payments.check_refunds()
 
 
+async def _refresh_gauges(app: web.Application) -> int:
+    """Every instance: the cluster figures from MySQL as gauges (aggregate with max())."""
+    metrics, db = app[metrics_key], app[db_key]
+    counts = await figures.task_counts(db)
+    for status, n in counts.items():
+        metrics.tasks.labels(status).set(n)
+    held = await figures.reservations(db)
+    metrics.credits_reservations_open.set(held["count"])
+    metrics.credits_reserved.set(held["sum"])
+    metrics.credits_reservations_overdue.set(held["overdue"])
+    orders = await app[payments_key].order_counts()
+    for row in orders:
+        metrics.orders_by_status.labels(row["channel"], row["status"]).set(int(row["n"]))
+    return len(counts) + 3 + len(orders)
+
+
 CRON_JOBS = [
     CronJob("reservation-sweeper", "* * * * *", _sweep_reservations),
     CronJob("task-recovery", "* * * * *", _recover_tasks),
@@ -230,6 +267,7 @@ CRON_JOBS = [
     CronJob("pending-orders", "* * * * *", _close_stale_orders),
     CronJob("storage-figures", "7 * * * *", _measure_storage),
     CronJob("storage-listing", "30 4 * * *", _list_bucket, lock_ms=3_600_000),
+    CronJob("ops-gauges", "* * * * *", _refresh_gauges, once_per_cluster=False),
 ]
 
 
@@ -257,11 +295,14 @@ def create_app(settings: Settings) -> web.Application:
         handler_args={"max_field_size": settings.http.max_field_size},
     )
     app[settings_key] = settings
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # process-wide: no `_created` series
     app[metrics_key] = Metrics()
     setup_routes(app)
     setup_cors(app, allowed_origins(settings.http.cors_allowed_origins))  # every route is declared now
     app.on_response_prepare.append(add_request_id_header)
     app.on_shutdown.append(close_websockets)  # GOING_AWAY to every socket (issue 7)
+    if settings.sentry.dsn:
+        app.cleanup_ctx.append(sentry_ctx)
     app.cleanup_ctx.append(db_ctx)
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(hub_ctx)  # before the actors, which publish through it
@@ -272,6 +313,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(vendors_ctx)  # needs the actor system
     app.cleanup_ctx.append(tasks_ctx)  # features and task runs: need the vendors
     app.cleanup_ctx.append(payments_ctx)  # needs the actor system, the hub and auth's profiles
+    app.cleanup_ctx.append(task_metrics_ctx)
     if settings.cron_enabled:
         app.cleanup_ctx.append(cron_ctx)
     return app

@@ -387,6 +387,16 @@ class VendorSettings(Group):
     expected_instances: int = Field(1, ge=1, le=1000)
 
 
+class SentrySettings(Group):
+    """Error tracking (optional; docs/ops.md): off unless SENTRY_DSN is set."""
+
+    prefix: ClassVar[str] = "SENTRY_"
+    dsn: str | None = None
+    environment: str | None = None  # default: APP_ENV
+    traces_sample_rate: float = Field(0.0, ge=0.0, le=1.0)
+    sample_rate: float = Field(1.0, ge=0.0, le=1.0)  # share of error events sent
+
+
 #: Settings field → its group model. Each group reads its own variables (Group.env_name).
 GROUPS: dict[str, type[Group]] = {
     "db": DbSettings,
@@ -401,6 +411,7 @@ GROUPS: dict[str, type[Group]] = {
     "ws": WsSettings,
     "payments": PaymentSettings,
     "vendor": VendorSettings,
+    "sentry": SentrySettings,
 }
 
 #: flat variable name (lower case) → (group, field), e.g. "db_pool_max" → ("db", "pool_max").
@@ -472,6 +483,7 @@ class Settings(BaseSettings):
     ws: WsSettings = WsSettings()
     payments: PaymentSettings = PaymentSettings()
     vendor: VendorSettings = VendorSettings()
+    sentry: SentrySettings = SentrySettings()
 
     @classmethod
     def settings_customise_sources(

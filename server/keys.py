@@ -39,6 +39,7 @@ openapi_key: web.AppKey[dict[str, Any]] = web.AppKey("openapi")
 
 # Per-request state.
 request_id_key: web.RequestKey[str] = web.RequestKey("request_id", str)
+error_code_key: web.RequestKey[str] = web.RequestKey("error_code", str)  # wardrobe_http_errors_total
 
 # Auth (issue 4): the services, and who is calling (set by server/auth/middleware.py).
 auth_key: web.AppKey[Auth] = web.AppKey("auth")

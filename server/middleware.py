@@ -18,6 +18,7 @@ from loguru import logger
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from server import sentry
 from server.errors import (
     CODE_FOR_STATUS,
     AppError,
@@ -26,7 +27,7 @@ from server.errors import (
     Unavailable,
     UnreadableBody,
 )
-from server.keys import metrics_key, request_id_key, settings_key
+from server.keys import error_code_key, metrics_key, request_id_key, settings_key
 from server.logging import REQUEST_ID
 from server.routing import json_response
 
@@ -60,6 +61,7 @@ def error_response(
     retry_after: int | None = None,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
+    request[error_code_key] = code.value  # counted in wardrobe_http_errors_total{route,code}
     body = {
         "error": {
             "code": code.value,
@@ -121,6 +123,7 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
     started = time.perf_counter()
     status = 500
     rid_token = REQUEST_ID.set(rid)
+    sentry.tag_request(rid)
     deadline = _body_deadline(request)
     try:
         response = await handler(request)
@@ -159,6 +162,7 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
             status = CLIENT_CLOSED
             return response
         logger.opt(exception=True).error("unhandled error in {} {}", request.method, request.path)
+        sentry.capture(exc)  # answered here, so the aiohttp integration never sees it
         response = error_response(request, ErrorCode.INTERNAL, "Internal server error")
         status = 500
         return response
@@ -170,6 +174,9 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
         metrics = request.app[metrics_key]
         metrics.http_requests.labels(request.method, route, str(status)).inc()
         metrics.http_duration.labels(request.method, route).observe(elapsed)
+        code = request.get(error_code_key)
+        if code is not None:
+            metrics.http_errors.labels(route, code).inc()
         logger.info(
             "{} {} {} {:.1f}ms", request.method, route, status, elapsed * 1000, route=route, status=status
         )

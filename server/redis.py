@@ -39,6 +39,7 @@ class _Pool(ConnectionPool):
     def __init__(self, *, timeout: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.timeout = timeout
+        self.exhausted = 0  # calls that gave up with Busy (wardrobe_redis_pool_exhausted_total)
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
@@ -61,6 +62,7 @@ class _Pool(ConnectionPool):
                         with contextlib.suppress(ValueError):
                             self._waiters.remove(released)
                     if isinstance(exc, TimeoutError):
+                        self.exhausted += 1
                         raise Busy("Redis pool exhausted, retry shortly") from None
                     raise
 
@@ -68,6 +70,16 @@ class _Pool(ConnectionPool):
         await super().release(connection)
         if self._waiters:
             self._wake_one()
+
+    def stats(self) -> dict[str, int]:
+        """The figures of wardrobe_redis_pool_* (read at scrape time)."""
+        return {
+            "in_use": len(self._in_use_connections),
+            "idle": len(self._available_connections),
+            "waiting": len(self._waiters),
+            "max": self.max_connections,
+            "exhausted": self.exhausted,
+        }
 
     def _wake_one(self) -> None:
         while self._waiters:  # the longest waiter still waiting
@@ -124,6 +136,12 @@ def derived_pool(redis: Redis, max_connections: int, **overrides: Any) -> Connec
             base.service_name, base.sentinel_manager, max_connections=max_connections, **kwargs
         )
     return ConnectionPool(connection_class=base.connection_class, max_connections=max_connections, **kwargs)
+
+
+def pool_stats(client: Redis) -> dict[str, int]:
+    """In use, idle, waiting, max and exhausted of a client made by connect_redis."""
+    pool = client.connection_pool
+    return pool.stats() if isinstance(pool, _Pool) else {}
 
 
 async def ping(client: Redis) -> None:

@@ -187,7 +187,7 @@ async def test_an_exhausted_pool_answers_503_busy_with_retry_after(
     resp = await client.get("/api/v1/_probe/hold-db")
     assert resp.status == 200
     metrics = await (await client.get("/metrics")).text()
-    assert "db_pool_acquire_timeouts_total 1.0" in metrics
+    assert "wardrobe_db_pool_acquire_timeouts_total 1.0" in metrics
 
 
 async def test_readyz_is_200_when_db_redis_and_migrations_are_current(client: Any) -> None:
@@ -264,10 +264,16 @@ async def test_metrics_count_requests_by_route_template_and_show_pool_gauges(cli
     await client.get("/healthz")
     await client.get("/api/v1/_probe/boom")
     text = await (await client.get("/metrics")).text()
-    assert 'http_requests_total{method="GET",route="/healthz",status="200"} 1.0' in text
-    assert 'http_requests_total{method="GET",route="/api/v1/_probe/boom",status="500"} 1.0' in text
-    assert 'http_request_duration_seconds_bucket{le="0.005",method="GET",route="/healthz"}' in text
-    for gauge in ("db_pool_size", "db_pool_free", "db_pool_in_use", "db_pool_waiting", "db_pool_max 10.0"):
+    assert 'wardrobe_http_requests_total{method="GET",route="/healthz",status="200"} 1.0' in text
+    assert 'wardrobe_http_requests_total{method="GET",route="/api/v1/_probe/boom",status="500"} 1.0' in text
+    assert 'wardrobe_http_request_duration_seconds_bucket{le="0.005",method="GET",route="/healthz"}' in text
+    for gauge in (
+        "wardrobe_db_pool_size",
+        "wardrobe_db_pool_free",
+        "wardrobe_db_pool_in_use",
+        "wardrobe_db_pool_waiting",
+        "wardrobe_db_pool_max 10.0",
+    ):
         assert gauge in text
     assert "process_resident_memory_bytes" in text
 

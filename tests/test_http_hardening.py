@@ -175,7 +175,7 @@ async def disconnect_mid_body(host: str, port: int) -> None:
         await answered.wait()
 
 
-LOGIN_COUNTS = 'http_requests_total{method="POST",route="/api/v1/auth/login"'
+LOGIN_COUNTS = 'wardrobe_http_requests_total{method="POST",route="/api/v1/auth/login"'
 
 
 @pytest.mark.parametrize("server", ["run.py", "TestServer"])

@@ -11,8 +11,9 @@ import pytest
 from aiohttp import web
 
 from handlers import ops
+from server.app import CRON_JOBS, create_app
 from server.config import Settings
-from server.keys import db_key, redis_key
+from server.keys import cron_key, db_key, redis_key
 from server.media.assets import new_id
 from tests.auth_support import PASSWORD, auth_settings, register
 
@@ -89,16 +90,28 @@ async def test_an_admin_sees_every_section_with_its_figures(client: Any, app: we
         "default-src 'self'; style-src 'self' 'unsafe-inline'"
     )
     html = await resp.text()
-    for section in ("process", "mysql", "redis", "credits", "tasks", "actors", "vendors"):
+    for section in (
+        "process",
+        "mysql",
+        "redis",
+        "redis-pool",
+        "credits",
+        "tasks",
+        "actors",
+        "vendors",
+        "cron",
+    ):
         assert f'<section id="{section}">' in html
-    assert '<meta http-equiv="refresh" content="10">' in html
+    assert '<noscript><meta http-equiv="refresh" content="10"></noscript>' in html
+    assert '<script src="/ops/dashboard.js" defer></script>' in html
     assert 'href="/metrics"' in html and 'href="/api/docs"' in html
     assert "<dt>Size / max</dt><dd>" in html and " / 7</dd>" in html
     assert 'data-status="succeeded">3<' in html
     assert 'data-status="queued">1<' in html
     assert 'data-status="failed">1<' in html
-    assert "<dt>Open reservations</dt><dd>2</dd>" in html
-    assert "<dt>Credits reserved</dt><dd>42</dd>" in html
+    assert '<dt>Open reservations</dt><dd data-k="credits.count">2</dd>' in html
+    assert '<dt>Credits reserved</dt><dd data-k="credits.sum">42</dd>' in html
+    assert '<dt>Past their TTL</dt><dd data-k="credits.overdue">0</dd>' in html
     assert html.count("<td>tryon-preview</td>") == 5
     assert "&lt;b&gt;VENDOR_FAILED&lt;/b&gt;" in html  # autoescaped
     assert "<b>VENDOR_FAILED" not in html
@@ -128,7 +141,8 @@ async def test_a_source_that_fails_or_hangs_shows_as_unavailable(
     html = await resp.text()
     assert "unavailable: RuntimeError: MySQL went away" in html
     assert "unavailable: no answer within 0.1s" in html
-    assert "<dt>Open reservations</dt><dd>0</dd>" in html  # the other sources still show
+    # the other sources still show
+    assert '<dt>Open reservations</dt><dd data-k="credits.count">0</dd>' in html
 
 
 async def test_without_a_valid_cookie_the_dashboard_redirects_to_login(client: Any) -> None:
@@ -278,3 +292,58 @@ async def test_a_cross_site_logout_is_refused_even_with_the_token(client: Any) -
     )
     assert resp.status == 403
     assert (await client.get("/ops", allow_redirects=False)).status == 200
+
+
+async def test_the_json_view_has_the_page_figures_and_needs_an_admin_session(
+    client: Any, app: web.Application
+) -> None:
+    resp = await client.get("/ops/data.json")
+    assert resp.status == 401
+    assert (await resp.json())["error"]["code"] == "UNAUTHENTICATED"
+    await seed_tasks(app, "bg-remove", ["succeeded", "failed"])
+    await admin_login(client)
+    resp = await client.get("/ops/data.json")
+    assert resp.status == 200 and resp.content_type == "application/json"
+    assert resp.headers["Cache-Control"] == "no-store"
+    data = await resp.json()
+    assert data["task_counts"] == {"cancelled": 0, "failed": 1, "queued": 0, "running": 0, "succeeded": 1}
+    assert data["db"]["max"] == 7
+    assert data["credits"] == {"count": 0, "sum": 0, "overdue": 0}
+    assert set(data["redis_pool"]) == {"in_use", "idle", "waiting", "max", "exhausted"}
+    assert sorted(t["status"] for t in data["recent_tasks"]) == ["failed", "succeeded"]
+    assert data["cron_enabled"] is False and data["cron"] == []
+    script = await client.get("/ops/dashboard.js")
+    assert script.status == 200 and "/ops/data.json" in await script.text()
+
+
+async def test_a_user_who_is_not_admin_gets_403_from_the_json_view(client: Any) -> None:
+    body = await register(client)
+    client.session.cookie_jar.update_cookies({"ops_token": body["access_token"]})
+    resp = await client.get("/ops/data.json")
+    assert resp.status == 403
+    assert (await resp.json())["error"]["code"] == "FORBIDDEN"
+
+
+async def test_the_cron_table_shows_each_job_its_next_run_and_last_result(
+    aiohttp_client: Any, make_settings: Callable[..., Settings]
+) -> None:
+    app = create_app(
+        auth_settings(
+            make_settings, cron_enabled=True, admin_phone=ADMIN_PHONE, admin_password=ADMIN_PASSWORD
+        )
+    )
+    client = await aiohttp_client(app)
+    runner = app[cron_key]
+    await runner.run(CRON_JOBS[0])
+    await admin_login(client)
+    data = await (await client.get("/ops/data.json")).json()
+    rows = {row["name"]: row for row in data["cron"]}
+    assert set(rows) == {job.name for job in CRON_JOBS}
+    sweeper = rows["reservation-sweeper"]
+    assert sweeper["last_result"] == "ok" and sweeper["runs"] == {"ok": 1}
+    assert sweeper["last_start"] <= sweeper["last_end"] == sweeper["last_success"]
+    assert sweeper["next_run"] > sweeper["last_end"]
+    assert rows["orphan-files"]["last_start"] is None
+    html = await (await client.get("/ops")).text()
+    assert html.count('<section id="cron">') == 1 and "<code>0 3 * * *</code>" in html
+    assert '<td data-k="cron.0.last_result" class="result-ok">ok</td>' in html

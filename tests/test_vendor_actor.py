@@ -136,15 +136,15 @@ async def test_a_burst_of_50_calls_never_has_more_than_5_in_flight_and_all_finis
     await fake.until(lambda: fake.in_flight == 5)
     assert actor.in_flight == 5
     assert actor.queue_depth == 45  # 44 in the mailbox, 1 held by the actor waiting for a slot
-    assert metric(vendors, "vendor_in_flight", vendor="fake") == 5
-    assert metric(vendors, "vendor_queue_depth", vendor="fake") == 45
+    assert metric(vendors, "wardrobe_vendor_in_flight", vendor="fake") == 5
+    assert metric(vendors, "wardrobe_vendor_queue_depth", vendor="fake") == 45
     fake.hold.set()
     results = await asyncio.gather(*calls)
     assert all(r.data == PNG and r.content_type == "image/png" for r in results)
     assert fake.max_in_flight == 5
     assert fake.completed == 50
     assert actor.stats()["calls"]["ok"] == 50
-    assert metric(vendors, "vendor_call_seconds_count", vendor="fake", operation="echo") == 50
+    assert metric(vendors, "wardrobe_vendor_call_seconds_count", vendor="fake", operation="echo") == 50
 
 
 async def test_a_full_mailbox_answers_busy_at_once(
@@ -163,7 +163,7 @@ async def test_a_full_mailbox_answers_busy_at_once(
         await vendors.call("fake", "echo", {"image": PNG})
     assert time.perf_counter() - started < 0.1
     assert caught.value.code == ErrorCode.BUSY
-    assert metric(vendors, "vendor_errors_total", vendor="fake", kind="busy") == 1
+    assert metric(vendors, "wardrobe_vendor_errors_total", vendor="fake", kind="busy") == 1
     fake.hold.set()
     assert len(await asyncio.gather(*accepted)) == 5
     assert vendors.stats()["fake"]["calls"]["busy"] == 1
@@ -198,7 +198,7 @@ async def test_a_500_is_retried_with_backoff_until_it_succeeds(
     assert fake.calls == 3
     assert actor.counts["retries"] == 2
     assert actor.stats()["errors"] == {"server": 2}
-    assert metric(vendors, "vendor_errors_total", vendor="fake", kind="server") == 2
+    assert metric(vendors, "wardrobe_vendor_errors_total", vendor="fake", kind="server") == 2
 
 
 async def test_a_429_is_retried_too(
@@ -264,7 +264,7 @@ async def test_the_breaker_opens_after_n_failures_then_one_probe_after_the_coold
         with pytest.raises(VendorError, match="HTTP 500"):
             await vendors.call("fake", "echo", {"image": PNG})
     assert actor.breaker.state == OPEN
-    assert metric(vendors, "vendor_breaker_state", vendor="fake") == 2
+    assert metric(vendors, "wardrobe_vendor_breaker_state", vendor="fake") == 2
 
     with pytest.raises(VendorError) as caught:
         await vendors.call("fake", "echo", {"image": PNG})
@@ -282,9 +282,9 @@ async def test_the_breaker_opens_after_n_failures_then_one_probe_after_the_coold
     fake.hold.set()
     assert (await probe).data == PNG
     assert actor.breaker.state == CLOSED
-    assert metric(vendors, "vendor_breaker_state", vendor="fake") == 0
+    assert metric(vendors, "wardrobe_vendor_breaker_state", vendor="fake") == 0
     assert actor.stats()["breaker"] == {"state": "closed", "failures": 0, "opens": 1, "retry_in": 0.0}
-    assert metric(vendors, "vendor_errors_total", vendor="fake", kind="breaker_open") == 2
+    assert metric(vendors, "wardrobe_vendor_errors_total", vendor="fake", kind="breaker_open") == 2
 
 
 async def test_a_failed_probe_opens_the_breaker_again(
@@ -367,7 +367,7 @@ async def test_shutdown_drains_then_cancels_calls_in_flight_and_refuses_queued_o
         assert caught.value.code == ErrorCode.BUSY
     await fake.until(lambda: fake.cancelled == 1)
     assert fake.calls == 1
-    assert metric(vendors, "vendor_in_flight", vendor="fake") is None  # unregistered
+    assert metric(vendors, "wardrobe_vendor_in_flight", vendor="fake") is None  # unregistered
 
 
 # ---------------------------------------------------------------- QPS
@@ -528,5 +528,5 @@ async def test_the_app_runs_the_local_vendor_and_exports_its_metrics(client: Any
     result = await vendors.call("local", "resize", {"image": PNG}, {"width": 8})
     assert result.content_type == "image/png"
     body = await (await client.get("/metrics")).text()
-    assert 'vendor_in_flight{vendor="local"} 0.0' in body
-    assert 'vendor_call_seconds_count{operation="resize",vendor="local"} 1.0' in body
+    assert 'wardrobe_vendor_in_flight{vendor="local"} 0.0' in body
+    assert 'wardrobe_vendor_call_seconds_count{operation="resize",vendor="local"} 1.0' in body

@@ -145,7 +145,7 @@ class Credits:
                 cancelled += outcome.changed
             elif isinstance(outcome, BaseException):
                 logger.warning("sweeper could not cancel a reservation: {}", outcome)
-        self.metrics.quota_swept.inc(cancelled)
+        self.metrics.credits_swept.inc(cancelled)
         return cancelled
 
     def _user(self, user_id: int) -> ActorRef[QuotaOp]:

@@ -12,6 +12,7 @@ from server.credits.facade import Credits
 from server.db import Database
 from server.hub.events import EventHub
 from server.media.storage import Storage
+from server.metrics import Metrics
 from server.tasks.features import FeatureStore
 
 
@@ -25,4 +26,5 @@ class TaskDeps:
     storage: Storage
     features: FeatureStore
     profiles: Profiles
+    metrics: Metrics
     owner: str  # this process's instance id: the holder named in the tasks' leases

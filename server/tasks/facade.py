@@ -22,6 +22,7 @@ from server.credits.facade import Credits
 from server.db import Database
 from server.hub.events import EventHub
 from server.media.storage import Storage
+from server.metrics import Metrics
 from server.tasks import store
 from server.tasks.deps import TaskDeps
 from server.tasks.features import FeatureStore
@@ -73,12 +74,13 @@ async def open_tasks(
     storage: Storage,
     profiles: Profiles,
     vendors: Vendors,
+    metrics: Metrics,
     owner: str,
 ) -> AsyncIterator[Tasks]:
     """Features (checked against the vendors' catalog) and this process's task runs; at
     start it recovers what a dead process left, at exit it stops its runs."""
     features = FeatureStore(db, redis, vendors.catalog())
-    deps = TaskDeps(settings, db, redis, credits, hub, storage, features, profiles, owner)
+    deps = TaskDeps(settings, db, redis, credits, hub, storage, features, profiles, metrics, owner)
     runs = TaskManager(deps, vendors.call)
     runs.start_renewing()
     recovery = asyncio.get_running_loop().create_task(runs.recover(), name="tasks:recover-at-start")

@@ -21,7 +21,7 @@ import aiojobs
 from loguru import logger
 
 from server.errors import AppError, Busy, ErrorCode
-from server.tasks import leases, states
+from server.tasks import leases, states, store
 from server.tasks.deps import TaskDeps
 from server.tasks.runner import VendorCall, fail, hold_lease, run_task
 from server.tasks.slots import RunSlot, TaskRow
@@ -172,7 +172,7 @@ class TaskManager:
                 finally:
                     await leases.release(redis, task_id, owner)
             elif phase == "confirmed":  # died between the charge and the status: it succeeded
-                await states.finish(db, task_id, "succeeded", None)
+                await store.finish(self.deps, task_id, "succeeded", None)
                 await leases.release(redis, task_id, owner)
             elif phase == "reserved" and int(row["attempts"]) < settings.tasks.max_attempts:
                 logger.warning("recovering task {} (attempt {})", task_id, int(row["attempts"]) + 1)

@@ -24,7 +24,7 @@ from actors.errors import AskTimeout, MailboxFull
 from server.errors import AppError, ErrorCode
 from server.media import assets
 from server.media.images import ValidatedImage
-from server.tasks import leases, states
+from server.tasks import leases, states, store
 from server.tasks.deps import TaskDeps
 from server.tasks.features import Feature
 from server.tasks.leases import cancel_key
@@ -253,12 +253,21 @@ async def fail(deps: TaskDeps, task: Mapping[str, Any], error: AppError) -> None
         # CONFLICT: settled meanwhile; NOT_FOUND: a half-submitted task never reserved any.
         if exc.code not in (ErrorCode.CONFLICT, ErrorCode.NOT_FOUND):
             raise
-    if await states.finish(deps.db, task_id, "failed", error):
+    if await store.finish(deps, task_id, "failed", error):
         await _publish_status(deps, user_id, task_id, "failed")
 
 
 async def run_task(deps: TaskDeps, task: Mapping[str, Any], call: VendorCall) -> None:
-    """The whole life of one task run; the caller holds its lease."""
+    """The whole life of one task run; the caller holds its lease. Timed by feature in
+    wardrobe_task_run_seconds, whatever the outcome."""
+    began = time.perf_counter()
+    try:
+        await _run_task(deps, task, call)
+    finally:
+        deps.metrics.task_run_seconds.labels(str(task["feature"])).observe(time.perf_counter() - began)
+
+
+async def _run_task(deps: TaskDeps, task: Mapping[str, Any], call: VendorCall) -> None:
     task_id, user_id = str(task["id"]), int(task["user_id"])
     db = deps.db
     settings = deps.settings
@@ -300,7 +309,7 @@ async def run_task(deps: TaskDeps, task: Mapping[str, Any], call: VendorCall) ->
         if exc.code == ErrorCode.CONFLICT:
             return  # cancelled while the last step ran: the credits went back, no charge
         raise
-    if await states.finish(deps.db, task_id, "succeeded", None):
+    if await store.finish(deps, task_id, "succeeded", None):
         await _publish_status(deps, user_id, task_id, "succeeded")
 
 

@@ -13,7 +13,7 @@ import datetime as dt
 import hashlib
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from loguru import logger
 
@@ -326,9 +326,19 @@ async def cancel_task(
         if exc.code == ErrorCode.CONFLICT:  # the credits were confirmed first: it succeeded
             raise Conflict(f"Task {task_id} has already finished") from None
         raise
-    if await states.finish(db, task_id, "cancelled", None):
+    if await finish(deps, task_id, "cancelled", None):
         await deps.hub.publish(user_id, "task.updated", {"task_id": task_id, "status": "cancelled"})
     # The instance running it stops at its next lease renewal; this one stops it now.
     await deps.redis.set(cancel_key(task_id), b"1", ex=3600)
     cancel_local(task_id)
     return await get_task(deps, user_id, task_id)
+
+
+async def finish(
+    deps: TaskDeps, task_id: str, status: Literal["succeeded", "failed", "cancelled"], error: AppError | None
+) -> bool:
+    """The task's final status (states.finish), counted in wardrobe_tasks_finished_total."""
+    if await states.finish(deps.db, task_id, status, error):
+        deps.metrics.tasks_finished.labels(status).inc()
+        return True
+    return False

@@ -55,7 +55,7 @@ class VendorResult:
 
 
 class VendorError(AppError):
-    """A vendor call failed; `kind` says why (it is the `kind` label of vendor_errors_total):
+    """A vendor call failed; `kind` says why (it is the `kind` label of wardrobe_vendor_errors_total):
 
     timeout, connection, rate_limited (429), server (5xx), auth (401/403), rejected (other
     4xx), task_failed (the vendor ran the task and reported failure), bad_response (an

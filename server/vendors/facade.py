@@ -157,7 +157,7 @@ class Vendors:
         return out
 
     def latency(self) -> dict[str, dict[str, Any]]:
-        """Per vendor, from the `vendor_call_seconds` histogram (every attempt of this
+        """Per vendor, from the `wardrobe_vendor_call_seconds` histogram (every attempt of this
         process, any outcome, all operations): `attempts`, `mean_seconds`, and
         `p50_seconds`/`p99_seconds` estimated as PromQL's histogram_quantile does
         (linear within the bucket; the highest finite bound when it falls in +Inf)."""
