@@ -15,7 +15,6 @@ row or the reservation changed elsewhere) rolls back and takes the batch path.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -35,6 +34,7 @@ from server.credits.ledger import (
 from server.db import Database, is_duplicate, is_retryable
 from server.errors import Busy
 from server.hub.events import EventHub
+from server.timing import backoff_delay
 
 
 class UserActor(Actor[QuotaOp]):
@@ -111,7 +111,7 @@ class UserActor(Actor[QuotaOp]):
                         raise Busy("Credits are busy for this user, retry shortly") from exc
                     raise
                 self.log.warning("credit batch attempt {} hit {}; retrying", attempt, exc)
-                await asyncio.sleep(0.01 * 2**attempt * (0.5 + random.random()))
+                await asyncio.sleep(backoff_delay(attempt, 0.01, 0.5))
         raise AssertionError("unreachable")
 
     async def receive_batch(self, batch: Sequence[Envelope[QuotaOp]]) -> None:

@@ -39,11 +39,12 @@ from prometheus_client.registry import Collector
 
 from actors.errors import ActorStopped
 from actors.runtime import Actor, ActorRef, Message
+from server.timing import backoff_delay
 from server.vendors import OperationSpec
 from server.vendors.adapters import Adapter, Inputs, VendorError, VendorResult, classify
 from server.vendors.config import VendorLimits
 from server.vendors.permits import LocalPermits, Permits
-from server.vendors.resilience import STATE_NAMES, Breaker, Clock, backoff_delay
+from server.vendors.resilience import STATE_NAMES, Breaker, Clock
 
 CALL_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 

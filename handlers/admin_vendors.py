@@ -6,7 +6,6 @@ The figures are this process's (each instance has its own vendor actors), read f
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any, Literal
 
 from aiohttp import web
@@ -14,6 +13,7 @@ from pydantic import BaseModel, Field
 
 from server.keys import vendors_key
 from server.routing import RouteTable
+from server.timing import rfc3339
 
 routes = RouteTable(tags=["admin"], auth="admin")
 
@@ -101,7 +101,7 @@ class AdminVendor(BaseModel):
             else LastError(
                 kind=last["kind"],
                 message=last["message"],
-                at=dt.datetime.fromtimestamp(last["at"], dt.UTC).isoformat().replace("+00:00", "Z"),
+                at=rfc3339(float(last["at"])),
             ),
         )
 

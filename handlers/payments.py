@@ -13,6 +13,7 @@ from server.keys import payments_key
 from server.paging import Page, PageQuery
 from server.payments.orders import Order
 from server.routing import RouteTable, idempotency_key, omittable
+from server.timing import rfc3339
 
 public = RouteTable(tags=["payments"], auth="public")
 routes = RouteTable(tags=["payments"], auth="user")
@@ -149,7 +150,7 @@ def notification_view(row: dict[str, Any]) -> dict[str, Any]:
         "verified": bool(row["verified"]),
         "outcome": row["outcome"],
         "reason": row["reason"],
-        "created_at": row["created_at"].replace(microsecond=0).isoformat() + "Z",
+        "created_at": rfc3339(row["created_at"]),
     }
 
 

@@ -12,11 +12,12 @@ from server.auth.accounts import mask_phone
 from server.auth.login import banned
 from server.auth.middleware import client_of, principal_of
 from server.auth.passwords import password_problem
-from server.auth.schemas import Gender, PhoneIn, User, rfc3339, sms_code_field, user_json
+from server.auth.schemas import Gender, PhoneIn, User, sms_code_field, user_json
 from server.errors import ErrorCode, NotFound
 from server.keys import auth_key
 from server.paging import Page, PageQuery
 from server.routing import RouteTable, json_response, omittable
+from server.timing import rfc3339
 
 routes = RouteTable(tags=["users"], auth="user")
 

@@ -24,9 +24,10 @@ from server.auth.tokens import Principal
 from server.config import Settings
 from server.errors import AppError, ErrorCode, parse_uint
 from server.hub import RedisEventHub, Session
-from server.hub.session import AUTH_TIMEOUT, TOO_MANY, UNAUTHENTICATED, UNAVAILABLE, rfc3339
+from server.hub.session import AUTH_TIMEOUT, TOO_MANY, UNAUTHENTICATED, UNAVAILABLE
 from server.keys import hub_key, settings_key
 from server.routing import RouteTable
+from server.timing import rfc3339
 
 routes = RouteTable(tags=["events"], auth="public")
 

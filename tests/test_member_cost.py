@@ -20,7 +20,7 @@ wx_keys, ali_keys, wxpay_gateway, alipay_gateway = (
     support.wx_keys,
     support.ali_keys,
     support.wxpay_gateway,
-    support.payments.alipay_gateway,
+    support.alipay_gateway,
 )
 settings, admin = support.settings, support.admin
 

@@ -22,7 +22,7 @@ wx_keys, ali_keys, wxpay_gateway, alipay_gateway = (
     support.wx_keys,
     support.ali_keys,
     support.wxpay_gateway,
-    support.payments.alipay_gateway,
+    support.alipay_gateway,
 )
 settings, client2, alipay, admin = support.settings, support.client2, support.alipay, support.admin
 

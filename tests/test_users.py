@@ -284,7 +284,6 @@ async def test_a_hash_made_with_old_parameters_is_replaced_at_login(
     await login(client, account["phone"])
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(180)  # a hang guard: 8 s on an idle machine, 30-55 s at load average 8 on 2 cores
 async def test_1000_concurrent_registrations_get_1000_distinct_invite_codes(
     aiohttp_client: Any, make_settings: Callable[..., Settings], services: Services, database: str

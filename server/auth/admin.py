@@ -11,13 +11,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from server.auth.schemas import USER_COLUMNS, record_of, rfc3339
+from server.auth.schemas import USER_COLUMNS, record_of
 from server.auth.sessions import Sessions
 from server.auth.tokens import Principal
 from server.auth.users import Profiles
 from server.db import Conn, Database
 from server.errors import AppError, ErrorCode, NotFound
 from server.paging import decode_cursor, page_of
+from server.timing import rfc3339
 
 ADMIN_COLUMNS = f"{USER_COLUMNS}, banned_at, ban_reason"
 

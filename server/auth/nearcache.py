@@ -30,8 +30,10 @@ from typing import Any
 from loguru import logger
 from redis.asyncio import Redis
 
+from server.timing import backoff_delay
+
 ACK_TIMEOUT = 0.5
-RECONNECT_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
+RECONNECT_BASE, RECONNECT_MAX = 0.1, 5.0  # seconds: full-jitter backoff between attempts
 
 
 class NearCache:
@@ -128,7 +130,7 @@ class NearCache:
             except Exception as exc:  # the connection broke: no copies until we listen again
                 self._listening = False
                 self._entries.clear()
-                delay = RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)]
+                delay = backoff_delay(attempt + 1, RECONNECT_BASE, RECONNECT_MAX)
                 attempt += 1
                 logger.warning("profile invalidation channel lost ({}); retrying in {}s", exc, delay)
                 await asyncio.sleep(delay)

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from server.auth.accounts import PHONE_RE, mask_phone
+from server.timing import rfc3339
 
 Gender = Literal["male", "female", "unknown"]
 RoleName = Literal["user", "admin"]
@@ -19,14 +20,6 @@ USER_COLUMNS = (
     "password_hash IS NOT NULL AS has_password, wechat_openid IS NOT NULL AS has_wechat, "
     "membership_tier, membership_expires_at"
 )
-
-
-def rfc3339(value: datetime) -> str:
-    """A UTC RFC 3339 string with microseconds and Z (the columns are DATETIME(6), as the
-    tasks' are); naive datetimes from MySQL are already UTC."""
-    if value.tzinfo is not None:
-        value = value.astimezone(UTC).replace(tzinfo=None)
-    return value.isoformat(timespec="microseconds") + "Z"
 
 
 def record_of(row: dict[str, Any]) -> dict[str, Any]:

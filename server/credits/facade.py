@@ -30,11 +30,11 @@ from server.credits.ledger import (
     Reserve,
     Snapshot,
     WithEffect,
-    utcnow,
 )
 from server.db import Conn, Database, Row
 from server.hub.events import EventHub
 from server.metrics import Metrics
+from server.timing import utcnow
 
 EXPIRED_REASON = "expired: no live process held the task"
 SWEEP_BATCH = 500

@@ -32,13 +32,10 @@ from typing import Any, Literal
 from actors.runtime import Message
 from server.db import Conn, Database
 from server.errors import AppError, Conflict, ErrorCode, NotFound, validation_failed
+from server.timing import utcnow
 
 Phase = Literal["reserved", "confirmed", "cancelled"]
 GrantKind = Literal["grant", "refund", "adjust"]
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 @dataclass(frozen=True, slots=True)

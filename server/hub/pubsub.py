@@ -34,9 +34,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from server.redis import derived_pool
+from server.timing import backoff_delay
 
 PING_INTERVAL = 10.0
-RECONNECT_DELAYS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
+RECONNECT_BASE, RECONNECT_MAX = 0.05, 5.0  # seconds: full-jitter backoff between attempts
 SUBSCRIBE_BATCH = 500  # channels per SUBSCRIBE when a connection is (re)opened
 CLIENT_NAME = "wardrobe-events"
 
@@ -240,9 +241,9 @@ class LiveChannels:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                delay = RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)]
+                delay = backoff_delay(attempt + 1, RECONNECT_BASE, RECONNECT_MAX)
                 attempt += 1
-                logger.warning("events pub/sub cannot connect ({!r}); retrying in {}s", exc, delay)
+                logger.warning("events pub/sub cannot connect ({!r}); retrying in {:.2f}s", exc, delay)
                 await asyncio.sleep(delay)
                 continue
             self._pubsub, self._reader = pubsub, reader

@@ -22,7 +22,6 @@ WS_SEND_TIMEOUT also closes the socket with 4429.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from loguru import logger
 
 from server.config import Settings
 from server.hub.stream import EventStreams
+from server.timing import rfc3339
 
 CONTROL_SLOTS = 16
 REPLAY_BATCH = 256
@@ -59,10 +59,6 @@ class HubStats:
     replayed: int = 0
     resets: int = 0
     closed: dict[int, int] = field(default_factory=dict)
-
-
-def rfc3339(epoch: float) -> str:
-    return dt.datetime.fromtimestamp(int(epoch), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def encode(frame: dict[str, Any]) -> bytes:

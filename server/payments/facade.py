@@ -38,6 +38,7 @@ from server.payments.providers import NotificationRefused, PayRequest, Provider,
 from server.payments.refunding import Refunds
 from server.payments.refunds import Refund
 from server.statemachine import IllegalTransition
+from server.timing import utcnow
 
 #: Every channel the API knows; a server offers those its providers are configured for.
 KNOWN_CHANNELS = ("wechat_jsapi", "wechat_native", "alipay_qr")
@@ -45,10 +46,6 @@ MEMBER_TIER = "member"
 STALE_AFTER = dt.timedelta(minutes=1)  # the cron job asks about pending orders this old
 STALE_BATCH = 500
 NOTIFICATION_COLUMNS = "id, provider, kind, event_id, order_no, verified, outcome, reason, remote, created_at"
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 def request_hash(product_id: str, channel: str) -> str:

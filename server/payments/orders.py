@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from server.db import Conn, Row
 from server.statemachine import StateMachine
+from server.timing import rfc3339
 
 Status = Literal["pending", "paid", "partially_refunded", "refunded", "closed"]
 
@@ -108,15 +109,11 @@ class Order:
             "amount_fen": self.amount_fen,
             "status": self.status,
             "pay_params": self.pay_params if self.status == "pending" else None,
-            "paid_at": _utc(self.paid_at),
-            "expires_at": _utc(self.expires_at),
+            "paid_at": rfc3339(self.paid_at),
+            "expires_at": rfc3339(self.expires_at),
             "refunded_fen": self.refunded_fen,
-            "created_at": _utc(self.created_at),
+            "created_at": rfc3339(self.created_at),
         }
-
-
-def _utc(value: dt.datetime | None) -> str | None:
-    return None if value is None else value.replace(microsecond=0).isoformat() + "Z"
 
 
 async def load(conn: Conn, order_no: str, *, lock: bool = False) -> Order | None:

@@ -40,6 +40,7 @@ from server.payments.orders import Order
 from server.payments.providers import NotificationRefused, Provider, RefundRequest, RefundResult
 from server.payments.refunds import Refund
 from server.statemachine import IllegalTransition
+from server.timing import utcnow
 
 REFUNDABLE = ("paid", "partially_refunded")
 STALE_AFTER = dt.timedelta(seconds=30)  # the cron job queries refunds processing this long
@@ -48,10 +49,6 @@ STALE_BATCH = 200
 
 class _KeyTaken(Exception):
     """A racing request with the same Idempotency-Key inserted its refund first."""
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 def refund_hash(amount_fen: int | None, reason: str) -> str:

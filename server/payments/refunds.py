@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from server.db import Conn, Row
 from server.statemachine import StateMachine
+from server.timing import rfc3339
 
 Status = Literal["processing", "succeeded", "failed"]
 
@@ -76,13 +77,9 @@ class Refund:
             "reason": self.reason,
             "clawback_credits": self.clawback_credits,
             "clawback_shortfall": self.clawback_shortfall,
-            "created_at": _utc(self.created_at),
-            "finished_at": _utc(self.finished_at),
+            "created_at": rfc3339(self.created_at),
+            "finished_at": rfc3339(self.finished_at),
         }
-
-
-def _utc(value: dt.datetime | None) -> str | None:
-    return None if value is None else value.replace(microsecond=0).isoformat() + "Z"
 
 
 async def load(conn: Conn, refund_no: str, *, lock: bool = False) -> Refund | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -29,6 +28,7 @@ from server.tasks.deps import TaskDeps
 from server.tasks.features import Feature
 from server.tasks.leases import cancel_key
 from server.tasks.pipeline import CallStep, Combiner, ForkStep, JoinStep
+from server.timing import backoff_delay
 from server.vendors.adapters import VendorResult
 
 # (vendor, operation, inputs, params) -> output: the vendor actors' `Vendors.call`.
@@ -115,7 +115,7 @@ class PipelineRun:
             except MailboxFull:
                 if attempt == BUSY_RETRIES:
                     raise
-                await asyncio.sleep(0.05 * 2**attempt * (0.5 + random.random()))
+                await asyncio.sleep(backoff_delay(attempt + 1, 0.05, 1.0))
             except AskTimeout as exc:
                 raise AppError(
                     ErrorCode.UPSTREAM_FAILED,

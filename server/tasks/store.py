@@ -9,7 +9,6 @@ cancel that wins makes the runner's confirm fail and the task ends cancelled.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import hashlib
 import json
 from collections.abc import Callable
@@ -17,7 +16,6 @@ from typing import Any, Literal
 
 from loguru import logger
 
-from server.credits.ledger import utcnow
 from server.db import Row, is_duplicate
 from server.errors import AppError, Busy, Conflict, ErrorCode, NotFound, validation_failed
 from server.media import assets
@@ -27,6 +25,7 @@ from server.tasks.features import Feature
 from server.tasks.leases import cancel_key
 from server.tasks.pricing import task_cost
 from server.tasks.slots import RunSlot
+from server.timing import backoff_delay, rfc3339, utcnow
 
 # `new`: the row claims its Idempotency-Key while the credits are reserved; it is not
 # shown, listed or run until it becomes `queued` (or is deleted when the submission fails).
@@ -37,10 +36,6 @@ _TASK_COLUMNS = (
     "id, user_id, feature, feature_version, status, progress, cost, inputs, idempotency_key, request_hash, "
     "attempts, error_code, error_message, created_at, updated_at"
 )
-
-
-def _utc(value: dt.datetime | None) -> str | None:
-    return None if value is None else value.replace(tzinfo=dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 def request_hash(feature: str, inputs: dict[str, Any]) -> str:
@@ -222,7 +217,7 @@ async def _withdraw(
             if attempt == WITHDRAW_ATTEMPTS - 1:
                 logger.opt(exception=True).error("could not withdraw the submission of task {}", task_id)
                 return
-            await asyncio.sleep(0.1 * 2**attempt)
+            await asyncio.sleep(backoff_delay(attempt + 1, 0.1, 1.0))
 
 
 def _render(row: Row, steps: list[Row], outputs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -242,16 +237,16 @@ def _render(row: Row, steps: list[Row], outputs: list[dict[str, Any]]) -> dict[s
                 "vendor": s["vendor"],
                 "operation": s["operation"],
                 "status": s["status"],
-                "started_at": _utc(s["started_at"]),
-                "finished_at": _utc(s["finished_at"]),
+                "started_at": rfc3339(s["started_at"]),
+                "finished_at": rfc3339(s["finished_at"]),
                 "error": s["error"],
             }
             for s in steps
         ],
         "outputs": outputs,
         "error": error,
-        "created_at": _utc(row["created_at"]),
-        "updated_at": _utc(row["updated_at"]),
+        "created_at": rfc3339(row["created_at"]),
+        "updated_at": rfc3339(row["updated_at"]),
     }
 
 

@@ -8,7 +8,6 @@ so tests move time forward instead of sleeping.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Callable
 from typing import Final
 
@@ -124,12 +123,3 @@ class TokenBucket:
         self._next = start + self.interval
         if start > now:
             await asyncio.sleep(start - now)
-
-
-def backoff_delay(attempt: int, base: float, cap: float, hint: float | None = None) -> float:
-    """Full jitter: uniform(0, min(cap, base * 2**(attempt-1))) before attempt `attempt` + 1;
-    never shorter than a vendor's Retry-After `hint` (itself capped at `cap`)."""
-    delay = random.uniform(0.0, min(cap, base * 2 ** max(0, attempt - 1)))
-    if hint is not None:
-        delay = max(delay, min(hint, cap))
-    return delay
