@@ -228,16 +228,22 @@ async def _notify_body(request: web.Request) -> bytes | web.Response:
     return body
 
 
-async def _wechat_notify(request: web.Request) -> web.Response:
+async def _wechat_answer(request: web.Request, refund: bool) -> web.Response:
+    """A WeChat Pay notification (payment or refund) in WeChat's answer format: 204 when
+    applied or applied before, else `{"code": "FAIL", "message"}` (WeChat retries)."""
     body = await _notify_body(request)
     if isinstance(body, web.Response):
         return body
-    status, message = await request.app[payments_key].wechat_notification(
-        request.headers, body, request.remote
-    )
+    payments = request.app[payments_key]
+    handle = payments.wechat_refund_notification if refund else payments.wechat_notification
+    status, message = await handle(request.headers, body, request.remote)
     if status == 204:
         return web.Response(status=204)
     return web.json_response({"code": "FAIL", "message": message or "failed"}, status=status)
+
+
+async def _wechat_notify(request: web.Request) -> web.Response:
+    return await _wechat_answer(request, refund=False)
 
 
 @public.post(
@@ -261,15 +267,7 @@ async def wechat_notify_slash(request: web.Request) -> web.Response:
 
 
 async def _wechat_refund_notify(request: web.Request) -> web.Response:
-    body = await _notify_body(request)
-    if isinstance(body, web.Response):
-        return body
-    status, message = await request.app[payments_key].wechat_refund_notification(
-        request.headers, body, request.remote
-    )
-    if status == 204:
-        return web.Response(status=204)
-    return web.json_response({"code": "FAIL", "message": message or "failed"}, status=status)
+    return await _wechat_answer(request, refund=True)
 
 
 @public.post(
