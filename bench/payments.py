@@ -339,7 +339,7 @@ async def bare_settle_run(n: int) -> float:
 
     url = os.environ["DATABASE_URL"]
     settings = Settings(_env_file=None, database_url=url, db_pool_max=2 * BUYERS)  # type: ignore[call-arg]
-    db = await Database.connect(settings.db(), settings, Metrics())
+    db = await Database.connect(settings.database(), settings, Metrics())
     try:
         return await bare_settlements(db, await insert_orders(db, n, "bare"))
     finally:
@@ -404,7 +404,7 @@ async def run(
     from tests.fakes.wechatpay import FakeWeChatPay
 
     settings = Settings(_env_file=None, database_url=env["DATABASE_URL"], db_pool_max=2 * BUYERS)  # type: ignore[call-arg]
-    db = await Database.connect(settings.db(), settings, Metrics())
+    db = await Database.connect(settings.database(), settings, Metrics())
     signer = FakeWeChatPay(keys)
     best = {"bare_settle": 0.0, "app_notify": 0.0, "bare_order": 0.0, "app_order": 0.0}
     cpu = dict.fromkeys(best, float("inf"))  # CPU ms per operation of the server side (least seen)

@@ -99,7 +99,7 @@ async def main(batched: int, single: int, latency: float) -> None:
                 cos_secret_key=SECRET_KEY,
                 cos_retries=0,
             )
-            db = await Database.connect(settings.db(), settings, Metrics())
+            db = await Database.connect(settings.database(), settings, Metrics())
             await Migrator(db).migrate()
             storage = create_storage(settings)
             assert isinstance(storage, CosStorage)

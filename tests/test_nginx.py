@@ -45,7 +45,7 @@ class Cluster:
         return redis_sync.Redis.from_url(str(self.settings.redis_url))
 
     async def check_quota(self) -> list[Any]:
-        db = await Database.connect(self.settings.db(), self.settings, Metrics())
+        db = await Database.connect(self.settings.database(), self.settings, Metrics())
         try:
             _, problems = await check_all(db)
         finally:
