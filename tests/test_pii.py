@@ -90,6 +90,10 @@ async def test_a_sealed_record_opens_only_on_its_own_row_and_column(tmp_path: Pa
         )
 
 
+def mode_and_leftovers(path: Path) -> tuple[int, list[str]]:
+    return path.stat().st_mode & 0o777, [p.name for p in path.parent.iterdir() if p.name.startswith(".")]
+
+
 async def test_processes_starting_together_share_one_key_ring(tmp_path: Path) -> None:
     path = tmp_path / "ring.json"
     code = (
@@ -107,8 +111,7 @@ async def test_processes_starting_together_share_one_key_ring(tmp_path: Path) ->
     assert sorted(int(made) for made, _ in outs) == [0] * 7 + [1]
     assert len({ring for _, ring in outs}) == 1
     assert json.loads(outs[0][1])["versions"][0]["version"] == 1
-    assert path.stat().st_mode & 0o777 == 0o600
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+    assert mode_and_leftovers(path) == (0o600, [])  # no temporary file left
 
 
 def test_prod_refuses_a_missing_or_readable_key_ring(
