@@ -39,6 +39,7 @@ from server.keys import (
     actor_system_key,
     auth_key,
     db_key,
+    distributors_key,
     instance_id_key,
     ops_started_key,
     redis_key,
@@ -318,6 +319,13 @@ async def _reservations(app: web.Application) -> dict[str, int]:
     return {"count": int(row["n"]) if row else 0, "sum": int(row["total"]) if row else 0}
 
 
+# --- distributors (issue 13): pending applications and commission totals
+
+
+async def _distributors(app: web.Application) -> dict[str, int]:
+    return await app[distributors_key].dashboard()
+
+
 @routes.get("/ops", include_in_schema=False)
 async def ops_dashboard(request: web.Request) -> web.Response:
     principal = _principal(request)
@@ -332,6 +340,7 @@ async def ops_dashboard(request: web.Request) -> web.Response:
         _bounded("recent tasks", _recent_tasks, app),
         _bounded("reservations", _reservations, app),
     )
+    distributors = await _bounded("distributors", _distributors, app)  # issue 13
     context = {
         "process": _now("process", _process, app),
         "db": _now("db pool", _pool, app),
@@ -342,6 +351,7 @@ async def ops_dashboard(request: web.Request) -> web.Response:
         "task_counts": counts,
         "recent_tasks": recent,
         "credits": credits,
+        "distributors": distributors,
         "user_id": principal.user_id,
         "logout_csrf": logout_token(request.cookies[TOKEN_COOKIE]),
     }
