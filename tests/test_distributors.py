@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -33,6 +33,16 @@ async def client2(aiohttp_client: Any, settings: Settings) -> TestClient[Any, An
     """A second instance on the same MariaDB and Redis."""
     client: TestClient[Any, Any] = await aiohttp_client(create_app(settings))
     return client
+
+
+@pytest.fixture
+def masked() -> Iterator[None]:
+    """The patcher setup_logging installs, for this test's log lines."""
+    from loguru import logger
+
+    logger.configure(patcher=patch_record)
+    yield
+    logger.configure(patcher=None)
 
 
 async def mysqldump(services: Services, database: str) -> bytes:
@@ -231,11 +241,11 @@ async def test_no_id_number_or_name_in_a_dump_of_the_database_or_in_the_logs(
     settings: Settings,
     services: Services,
     database: str,
+    masked: None,
     log_lines: list[str],
 ) -> None:
     from loguru import logger
 
-    logger.configure(patcher=patch_record, extra={"request_id": "-"})  # as setup_logging does
     who, user_id, _ = await user(client)
     number = new_id()
     await apply(client, who, NAME, number)
