@@ -10,6 +10,11 @@
     python run.py clean-files [--dry-run]          delete storage objects nothing refers to
     python run.py storage lifecycle --apply|--check   set or compare the bucket's lifecycle rules
     python run.py storage report                   bytes, objects and monthly cost per class
+    python run.py grant|revoke --phone P --permission pii:read   an admin's permissions
+    python run.py rotate-keys [--batch N]          re-wrap every data key under the newest KEK
+    python run.py check-pii [--sample N]           decrypt a sample; rows under retired KEKs
+    python run.py kms encrypt [--value V]          print a kms:<ciphertext> secret (stdin if no --value)
+    python run.py kms add-version | retire N       the local key ring's KEK versions
 
 With no DATABASE_URL / REDIS_URL, private MariaDB and Redis servers are started
 under VAR_DIR (./var) for the life of the command; while `serve` runs, the other
@@ -374,6 +379,144 @@ def cmd_storage(settings: Settings, args: argparse.Namespace) -> int:
     return _run_db_command(settings, report, migrated=True)
 
 
+PERMISSIONS = ("pii:read",)  # what `grant` knows (docs/pii.md)
+
+
+def cmd_permission(settings: Settings, args: argparse.Namespace) -> int:
+    """grant / revoke: add or remove a permission of an admin. It travels in the access
+    token (`perms`), so it takes effect at the admin's next login or token refresh."""
+    from server.auth.accounts import mask_phone, normalize_phone
+    from server.auth.nearcache import NearCache
+    from server.auth.schemas import permissions_of
+    from server.auth.users import Profiles
+    from server.errors import NotFound
+    from server.redis import connect_redis
+
+    if args.permission not in PERMISSIONS:
+        raise ConfigError(f"--permission must be one of {', '.join(PERMISSIONS)}")
+
+    async def go(db: Any) -> int:
+        phone = normalize_phone(args.phone)
+        async with db.transaction() as tx:
+            row = await tx.fetchone(
+                "SELECT id, role, permissions FROM users WHERE phone = %s FOR UPDATE", phone
+            )
+            if row is None:
+                raise NotFound(f"no user has the phone {mask_phone(phone)}")
+            if args.command == "grant" and row["role"] != "admin":
+                raise ConfigError(f"user {row['id']} is not an admin: make them one first (create-admin)")
+            perms = set(permissions_of(row["permissions"]))
+            perms = perms | {args.permission} if args.command == "grant" else perms - {args.permission}
+            await tx.execute(
+                "UPDATE users SET permissions = %s WHERE id = %s", ",".join(sorted(perms)), row["id"]
+            )
+        redis = connect_redis(str(settings.redis_url), settings)
+        try:
+            near = NearCache(redis, 1, 1.0)  # size > 0: it tells the servers to drop their copies
+            await Profiles(db, redis, settings.auth.profile_cache_ttl, near).invalidate(int(row["id"]))
+        finally:
+            await redis.aclose()
+        print(f"user {row['id']}: permissions {','.join(sorted(perms)) or '(none)'}")
+        return 0
+
+    return _run_db_command(settings, go, migrated=True)
+
+
+def _with_distributors(
+    settings: Settings, fn: Callable[[Any], Awaitable[int]]
+) -> Callable[[Any], Awaitable[int]]:
+    """`fn(distributors)` on the command's database, with the configured KMS."""
+    from server.distributors import Distributors
+    from server.pii import blind_key, open_kms, resolve_secrets
+
+    async def go(db: Any) -> int:
+        async with open_kms(settings) as kms:
+            resolved = await resolve_secrets(settings, kms)
+            return await fn(Distributors(db, kms, blind_key(resolved, kms), resolved.distributors))
+
+    return go
+
+
+def cmd_rotate_keys(settings: Settings, args: argparse.Namespace) -> int:
+    """Re-wrap every data key under the newest KEK version; online, resumable, idempotent."""
+    started = time.monotonic()
+
+    def progress(done: int, total: int) -> None:
+        logger.info("rotate-keys: {}/{} row(s) ({:.0f} s)", done, total, time.monotonic() - started)
+
+    async def go(distributors: Any) -> int:
+        newest = await distributors.kms.current_version()
+        report = await distributors.rotate(args.batch, progress)
+        print(
+            f"rotate-keys: newest KEK {newest}: {report.rewrapped} re-wrapped, "
+            f"{report.already} done by another run, {report.failed} failed"
+        )
+        return 1 if report.failed else 0
+
+    return _run_db_command(settings, _with_distributors(settings, go), migrated=True)
+
+
+def cmd_check_pii(settings: Settings, args: argparse.Namespace) -> int:
+    """Decrypt a sample of identities; report rows per KEK version and under retired ones."""
+
+    async def go(distributors: Any) -> int:
+        report = await distributors.check(args.sample)
+        for version, n in sorted(report["versions"].items()):
+            retired = " (retired)" if version in report["under_retired"] else ""
+            print(f"KEK {version}: {n} row(s){retired}")
+        for failure in report["failures"]:
+            print(f"does not decrypt: {failure}")
+        print(
+            f"check-pii: {report['sampled']} sampled, {len(report['failures'])} failed, "
+            f"{sum(report['under_retired'].values())} row(s) under retired versions"
+        )
+        return 1 if report["failures"] or report["under_retired"] else 0
+
+    return _run_db_command(settings, _with_distributors(settings, go), migrated=True)
+
+
+def cmd_kms(settings: Settings, args: argparse.Namespace) -> int:
+    """kms encrypt: a `kms:<ciphertext>` value for any secret setting; add-version / retire:
+    the local key ring's KEK versions (retire refuses while a row still uses it)."""
+    from server.pii import keyring_path, open_kms
+    from server.pii.kms import KeyRing, KmsError
+
+    if args.kms_command == "encrypt":
+        value = args.value if args.value is not None else sys.stdin.read().rstrip("\n")
+        if not value:
+            raise ConfigError("give the secret with --value or on standard input")
+
+        async def encrypt() -> int:
+            async with open_kms(settings) as kms:
+                print("kms:" + await kms.encrypt_secret(value))
+            return 0
+
+        return asyncio.run(encrypt())
+    if settings.pii.provider != "local":
+        raise ConfigError("KEK versions of KMS_PROVIDER=tencent are managed in Tencent Cloud KMS")
+    ring = KeyRing(keyring_path(settings))
+    try:
+        if args.kms_command == "add-version":
+            print(f"key ring {ring.path}: version {ring.add_version()} is now the newest")
+            return 0
+    except KmsError as exc:
+        raise ConfigError(str(exc)) from None
+
+    async def retire(db: Any) -> int:
+        version = f"local:{args.version}"
+        left = await db.fetchval("SELECT COUNT(*) FROM distributors WHERE kek_version = %s", version)
+        if left:
+            raise ConfigError(f"{left} row(s) still use {version}: run rotate-keys first")
+        try:
+            ring.retire(args.version)
+        except KmsError as exc:
+            raise ConfigError(str(exc)) from None
+        print(f"key ring {ring.path}: version {args.version} retired")
+        return 0
+
+    return _run_db_command(settings, retire, migrated=True)
+
+
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "serve": cmd_serve,
     "migrate": cmd_migrate,
@@ -383,6 +526,11 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "check-orders": cmd_check_orders,
     "clean-files": cmd_clean_files,
     "storage": cmd_storage,
+    "grant": cmd_permission,
+    "revoke": cmd_permission,
+    "rotate-keys": cmd_rotate_keys,
+    "check-pii": cmd_check_pii,
+    "kms": cmd_kms,
 }
 
 
@@ -417,6 +565,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     mode.add_argument("--apply", action="store_true", help="put the configured rules on the bucket")
     mode.add_argument("--check", action="store_true", help="exit 1 when the bucket's rules differ")
     storage_sub.add_parser("report", help="bytes, objects and estimated monthly cost per retention class")
+    for name in ("grant", "revoke"):
+        perm = sub.add_parser(name, help=f"{name} an admin's permission (docs/pii.md)")
+        perm.add_argument("--phone", required=True)
+        perm.add_argument("--permission", required=True, help="pii:read")
+    rotate = sub.add_parser("rotate-keys", help="re-wrap every data key under the newest KEK version")
+    rotate.add_argument("--batch", type=int, default=500, help="rows per batch (progress after each)")
+    check = sub.add_parser(
+        "check-pii", help="decrypt a sample; exit 1 on a failure or rows under retired KEKs"
+    )
+    check.add_argument("--sample", type=int, default=100)
+    kms = sub.add_parser("kms", help="kms: secrets and the local key ring (docs/pii.md)")
+    kms_sub = kms.add_subparsers(dest="kms_command", required=True)
+    enc = kms_sub.add_parser("encrypt", help="print kms:<ciphertext> of a secret")
+    enc.add_argument("--value", help="the secret (default: read from standard input)")
+    kms_sub.add_parser("add-version", help="a new newest KEK version in the local key ring")
+    ret = kms_sub.add_parser("retire", help="retire a KEK version no row uses any more")
+    ret.add_argument("version", type=int)
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["serve", *argv])

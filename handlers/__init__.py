@@ -12,6 +12,7 @@ from handlers import (
     credits,
     demo,
     dev,
+    distributors,
     files,
     ops,
     payments,
@@ -41,6 +42,9 @@ ROUTE_TABLES: list[RouteTable] = [
     payments.public,
     payments.routes,
     payments.admin_routes,
+    distributors.routes,
+    distributors.admin_routes,
+    distributors.pii_routes,
 ]
 
 

@@ -43,6 +43,7 @@ from server.keys import (
     auth_key,
     cron_key,
     db_key,
+    distributors_key,
     instance_id_key,
     ops_started_key,
     payments_key,
@@ -317,6 +318,11 @@ async def _reservations(app: web.Application) -> figures.ReservationFigures:
     return await figures.reservations(app[db_key])
 
 
+async def _distributors(app: web.Application) -> dict[str, int]:
+    """Pending applications and commission totals (issue 13)."""
+    return await app[distributors_key].dashboard()
+
+
 def _redis_pool(app: web.Application) -> dict[str, int]:
     return pool_stats(app[redis_key])
 
@@ -348,6 +354,7 @@ async def _figures(app: web.Application) -> dict[str, Any]:
         "task_counts": counts,
         "recent_tasks": recent,
         "credits": credits,
+        "distributors": await _bounded("distributors", _distributors, app),
         "cron": _now("cron", _cron, app),
         "cron_enabled": app[settings_key].cron_enabled,
     }

@@ -29,6 +29,7 @@ from server.cors import allowed_origins, setup_cors
 from server.credits.facade import Credits
 from server.cron import CronJob, CronRunner
 from server.db import Database
+from server.distributors import Distributors
 from server.hub import GOING_AWAY, RedisEventHub
 from server.keys import (
     actor_system_key,
@@ -36,8 +37,10 @@ from server.keys import (
     credits_key,
     cron_key,
     db_key,
+    distributors_key,
     hub_key,
     instance_id_key,
+    kms_key,
     metrics_key,
     migrator_key,
     payments_key,
@@ -55,6 +58,7 @@ from server.metrics import Metrics
 from server.middleware import add_request_id_header, envelope_middleware
 from server.migrations import Migrator
 from server.payments.facade import open_payments
+from server.pii import blind_key, open_kms, resolve_secrets
 from server.redis import connect_redis, pool_stats
 from server.sentry import close_sentry, init_sentry
 from server.tasks import leases
@@ -214,6 +218,22 @@ async def vendors_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def kms_ctx(app: web.Application) -> AsyncIterator[None]:
+    """First of all (issue 13): the KMS, then every `kms:<ciphertext>` secret setting
+    decrypted, so the steps after it read plaintext settings."""
+    async with open_kms(app[settings_key]) as kms:
+        app[kms_key] = kms
+        app[settings_key] = await resolve_secrets(app[settings_key], kms)
+        yield
+
+
+async def distributors_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[settings_key]
+    kms = app[kms_key]
+    app[distributors_key] = Distributors(app[db_key], kms, blind_key(settings, kms), settings.distributors)
+    yield
+
+
 # ------------------------------------------------------------------ cron (once per cluster)
 
 
@@ -260,6 +280,10 @@ async def _refresh_gauges(app: web.Application) -> int:
     return len(counts) + 3 + len(orders)
 
 
+async def _settle_commissions(app: web.Application) -> int:
+    return await app[distributors_key].settle_commissions()
+
+
 CRON_JOBS = [
     CronJob("reservation-sweeper", "* * * * *", _sweep_reservations),
     CronJob("task-recovery", "* * * * *", _recover_tasks),
@@ -268,6 +292,7 @@ CRON_JOBS = [
     CronJob("storage-figures", "7 * * * *", _measure_storage),
     CronJob("storage-listing", "30 4 * * *", _list_bucket, lock_ms=3_600_000),
     CronJob("ops-gauges", "* * * * *", _refresh_gauges, once_per_cluster=False),
+    CronJob("commissions-settle", "17 * * * *", _settle_commissions),  # issue 13
 ]
 
 
@@ -301,6 +326,7 @@ def create_app(settings: Settings) -> web.Application:
     setup_cors(app, allowed_origins(settings.http.cors_allowed_origins))  # every route is declared now
     app.on_response_prepare.append(add_request_id_header)
     app.on_shutdown.append(close_websockets)  # GOING_AWAY to every socket (issue 7)
+    app.cleanup_ctx.append(kms_ctx)  # first: it decrypts kms: secrets the others read
     if settings.sentry.dsn:
         app.cleanup_ctx.append(sentry_ctx)
     app.cleanup_ctx.append(db_ctx)
@@ -314,6 +340,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(tasks_ctx)  # features and task runs: need the vendors
     app.cleanup_ctx.append(payments_ctx)  # needs the actor system, the hub and auth's profiles
     app.cleanup_ctx.append(task_metrics_ctx)
+    app.cleanup_ctx.append(distributors_ctx)  # the KMS and the database (issue 13)
     if settings.cron_enabled:
         app.cleanup_ctx.append(cron_ctx)
     return app

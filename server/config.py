@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import types
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -397,6 +398,39 @@ class SentrySettings(Group):
     sample_rate: float = Field(1.0, ge=0.0, le=1.0)  # share of error events sent
 
 
+class PiiSettings(Group):
+    """Personal data (docs/pii.md): the KMS that holds the key-encryption keys, and the
+    blind index key. `local`: a versioned key ring file (KMS_LOCAL_KEYRING; unset in dev
+    and test: VAR_DIR/keyring.json, created on first start; prod: must exist, mode 0600).
+    `tencent`: Tencent Cloud KMS (KMS_KEY_ID, KMS_REGION, KMS_SECRET_ID, KMS_SECRET_KEY)."""
+
+    prefix: ClassVar[str] = "KMS_"
+    env_names: ClassVar[dict[str, str]] = {"blind_index_key": "BLIND_INDEX_KEY"}
+    provider: Literal["local", "tencent"] = "local"
+    local_keyring: Path | None = None
+    key_id: str | None = None
+    region: str = "ap-guangzhou"
+    secret_id: str | None = None
+    secret_key: SecretStr | None = None
+    endpoint: str = "https://kms.tencentcloudapi.com"
+    timeout: float = Field(5.0, gt=0)  # one KMS call (the SDK's request timeout is its ceiling)
+    threads: int = Field(4, ge=1)  # threads running the (blocking) SDK
+    # HMAC key of the ID-number blind index (≥ 32 characters). Unset with KMS_PROVIDER=local:
+    # the key ring's own. Changing it orphans every stored index.
+    blind_index_key: SecretStr | None = None
+
+
+class DistributorSettings(Group):
+    """Distributor commissions (docs/pii.md)."""
+
+    env_names: ClassVar[dict[str, str]] = {
+        "commission_rate": "DISTRIBUTOR_COMMISSION_RATE",
+        "settle_days": "COMMISSION_SETTLE_DAYS",
+    }
+    commission_rate: Decimal = Field(Decimal("0.10"), ge=0, le=1)  # default rate (per-distributor override)
+    settle_days: int = Field(7, ge=0)  # a commission stays pending (reversible) this long
+
+
 #: Settings field → its group model. Each group reads its own variables (Group.env_name).
 GROUPS: dict[str, type[Group]] = {
     "db": DbSettings,
@@ -412,6 +446,8 @@ GROUPS: dict[str, type[Group]] = {
     "payments": PaymentSettings,
     "vendor": VendorSettings,
     "sentry": SentrySettings,
+    "pii": PiiSettings,  # issue 13
+    "distributors": DistributorSettings,  # issue 13
 }
 
 #: flat variable name (lower case) → (group, field), e.g. "db_pool_max" → ("db", "pool_max").
@@ -484,6 +520,8 @@ class Settings(BaseSettings):
     payments: PaymentSettings = PaymentSettings()
     vendor: VendorSettings = VendorSettings()
     sentry: SentrySettings = SentrySettings()
+    pii: PiiSettings = PiiSettings()
+    distributors: DistributorSettings = DistributorSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -633,6 +671,28 @@ class Settings(BaseSettings):
                 "TENCENT_SMS_APP_ID, TENCENT_SMS_SIGN_NAME and TENCENT_SMS_TEMPLATE_ID"
             )
         return problems
+
+
+KMS_SECRET_PREFIX = "kms:"  # a secret setting given as kms:<ciphertext> (docs/pii.md)
+
+
+def kms_secrets(settings: Settings) -> dict[str, str]:
+    """Every secret setting given as `kms:<ciphertext>`: flat name → ciphertext. Whoever
+    opens the KMS decrypts them and makes `settings.updated(**plaintexts)` (server/pii)."""
+    found: dict[str, str] = {}
+
+    def check(value: Any, flat: str) -> None:
+        if isinstance(value, SecretStr) and value.get_secret_value().startswith(KMS_SECRET_PREFIX):
+            found[flat] = value.get_secret_value().removeprefix(KMS_SECRET_PREFIX)
+
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if name in GROUPS:
+            for field in GROUPS[name].model_fields:
+                check(getattr(value, field), GROUPS[name].env_name(field).lower())
+        else:
+            check(value, name)
+    return found
 
 
 def load_settings(**overrides: object) -> Settings:

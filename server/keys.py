@@ -16,12 +16,14 @@ if TYPE_CHECKING:
     from server.credits.facade import Credits
     from server.cron import CronRunner
     from server.db import Database
+    from server.distributors import Distributors
     from server.hub import RedisEventHub
     from server.media.costs import StorageMeter
     from server.media.storage import Storage
     from server.metrics import Metrics
     from server.migrations import Migrator
     from server.payments.facade import Payments
+    from server.pii.kms import Kms
     from server.tasks.facade import Tasks
     from server.vendors.facade import Vendors
 
@@ -60,3 +62,7 @@ ops_started_key: web.AppKey[float] = web.AppKey("ops_started", float)
 
 # Payments (issue 12): products, orders, providers, settlement (server/payments).
 payments_key: web.AppKey[Payments] = web.AppKey("payments")
+
+# Personal data (issue 13): the KMS (server/pii) and the distributors (server/distributors).
+kms_key: web.AppKey[Kms] = web.AppKey("kms")
+distributors_key: web.AppKey[Distributors] = web.AppKey("distributors")

@@ -71,9 +71,11 @@ class AuthService:
 
     # --- issuing -----------------------------------------------------------
 
-    def pair(self, user_id: int, role: str, sid: str, refresh_token: str) -> TokenPair:
+    def pair(
+        self, user_id: int, role: str, sid: str, refresh_token: str, perms: list[str] | None = None
+    ) -> TokenPair:
         return TokenPair(
-            access_token=self.tokens.issue_access(user_id, role, sid),
+            access_token=self.tokens.issue_access(user_id, role, sid, perms=perms or ()),
             refresh_token=refresh_token,
             expires_in=self.settings.auth.access_token_ttl,
             refresh_expires_in=self.settings.auth.refresh_token_ttl,
@@ -82,7 +84,9 @@ class AuthService:
     async def _signed_in(self, user_id: int, session: NewSession, *, is_new: bool) -> AuthResult:
         await self.sessions.activate(user_id, session)
         record = await self.profiles.require(user_id)
-        tokens = self.pair(user_id, record["role"], session.sid, session.refresh_token)
+        tokens = self.pair(
+            user_id, record["role"], session.sid, session.refresh_token, record.get("permissions")
+        )
         return AuthResult(**tokens.model_dump(), user=User.of(record), is_new_user=is_new)
 
     async def _start(self, row: dict[str, Any], method: str, client: Client) -> AuthResult:
@@ -198,7 +202,9 @@ class AuthService:
         if record is None or record["status"] != "active":
             await self.sessions.end_all(rotated.user_id, "ban")
             raise banned() if record else AppError(ErrorCode.UNAUTHENTICATED, "This account no longer exists")
-        return self.pair(rotated.user_id, record["role"], rotated.sid, rotated.refresh_token)
+        return self.pair(
+            rotated.user_id, record["role"], rotated.sid, rotated.refresh_token, record.get("permissions")
+        )
 
     async def logout(self, refresh_token: str) -> None:
         await self.sessions.end(refresh_token)

@@ -18,7 +18,7 @@ RoleName = Literal["user", "admin"]
 USER_COLUMNS = (
     "id, phone, nickname, avatar_url, gender, role, status, invite_code, referrer_id, created_at, "
     "password_hash IS NOT NULL AS has_password, wechat_openid IS NOT NULL AS has_wechat, "
-    "membership_tier, membership_expires_at"
+    "membership_tier, membership_expires_at, permissions"
 )
 
 
@@ -38,10 +38,16 @@ def record_of(row: dict[str, Any]) -> dict[str, Any]:
         "has_password": bool(row["has_password"]),
         "has_wechat": bool(row["has_wechat"]),
         "membership_tier": row["membership_tier"],
+        "permissions": permissions_of(row.get("permissions")),
         "membership_expires_at": (
             None if row["membership_expires_at"] is None else rfc3339(row["membership_expires_at"])
         ),
     }
+
+
+def permissions_of(value: str | None) -> list[str]:
+    """The users.permissions column ("pii:read,…") as a sorted list (issue 13)."""
+    return sorted({p.strip() for p in (value or "").split(",") if p.strip()})
 
 
 def membership_json(record: dict[str, Any], now: datetime | None = None) -> dict[str, str] | None:

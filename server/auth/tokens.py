@@ -17,6 +17,7 @@ import hashlib
 import secrets
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -46,6 +47,7 @@ class Principal:
     user_id: int
     role: Role
     sid: str
+    perms: frozenset[str] = frozenset()  # the `perms` claim: an admin's permissions (issue 13)
 
     @property
     def is_admin(self) -> bool:
@@ -128,9 +130,11 @@ class TokenIssuer:
     def from_settings(cls, settings: _Settings) -> TokenIssuer:
         return cls(parse_jwt_keys(settings), settings.auth.access_token_ttl)
 
-    def issue_access(self, user_id: int, role: str, sid: str, *, now: float | None = None) -> str:
+    def issue_access(
+        self, user_id: int, role: str, sid: str, *, now: float | None = None, perms: Iterable[str] = ()
+    ) -> str:
         iat = int(time.time() if now is None else now)
-        claims = {
+        claims: dict[str, Any] = {
             "sub": str(user_id),
             "role": role,
             "sid": sid,
@@ -139,6 +143,8 @@ class TokenIssuer:
             "exp": iat + self.access_ttl,
             "jti": uuid.uuid4().hex,
         }
+        if role == "admin" and (granted := sorted(set(perms))):
+            claims["perms"] = granted  # read back with no database query, like the role
         signer = self.keys[0]
         return jwt.encode(claims, signer.secret, algorithm=ALGORITHM, headers={"kid": signer.kid})
 
@@ -190,7 +196,11 @@ class TokenIssuer:
             raise _bad("The access token carries invalid claims")
         if not isinstance(sid, str) or not sid:
             raise _bad("The access token carries invalid claims")
-        return Principal(user_id=int(sub), role=role, sid=sid), int(claims["exp"])
+        perms = claims.get("perms", [])
+        if not isinstance(perms, list) or not all(isinstance(p, str) for p in perms):
+            raise _bad("The access token carries invalid claims")
+        principal = Principal(user_id=int(sub), role=role, sid=sid, perms=frozenset(perms))
+        return principal, int(claims["exp"])
 
 
 def bearer_token(header: str | None) -> str | None:

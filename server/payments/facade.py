@@ -378,7 +378,7 @@ class Payments:
                     "GREATEST(COALESCE(membership_expires_at, %s), %s), INTERVAL %s DAY) WHERE id = %s",
                     MEMBER_TIER, paid_at, paid_at, order.membership_days, order.user_id,
                 )  # fmt: skip
-            await record_commission(tx, order)
+            await record_commission(tx, order, self.settings.distributors)
             return True
 
         grant = None
