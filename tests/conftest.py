@@ -180,3 +180,19 @@ def log_lines() -> Iterator[list[str]]:
     sink = logger.add(lambda m: lines.append(str(m)), level="DEBUG", format="{message}\n{exception}")
     yield lines
     logger.remove(sink)
+
+
+@pytest.fixture
+def make_prod_settings(make_settings: Callable[..., Settings], tmp_path: Path) -> Callable[..., Settings]:
+    """Settings with APP_ENV=prod on this test's database: prod also wants a key ring file
+    of its own (mode 0600) for the personal data, as an operator would provide."""
+    from server.pii.kms import KeyRing
+
+    ring = tmp_path / "prod-keyring.json"
+    KeyRing(ring).create_if_missing()
+    ring.chmod(0o600)
+
+    def make(**overrides: Any) -> Settings:
+        return make_settings(app_env="prod", kms_local_keyring=ring, **overrides)
+
+    return make

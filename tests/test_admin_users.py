@@ -151,9 +151,9 @@ async def test_one_user_is_shown_with_ban_details(client: Any, admin: dict[str, 
 
 
 async def test_the_dev_endpoint_does_not_exist_in_prod(
-    aiohttp_client: Any, make_settings: Callable[..., Settings]
+    aiohttp_client: Any, make_prod_settings: Callable[..., Settings]
 ) -> None:
-    client = await aiohttp_client(create_app(make_settings(app_env="prod")))
+    client = await aiohttp_client(create_app(make_prod_settings()))
     resp = await client.get("/api/v1/dev/sms/13800138000")
     assert resp.status == 404
     doc = await (await client.get("/api/openapi.json")).json()

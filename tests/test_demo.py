@@ -64,9 +64,9 @@ async def test_the_demo_is_not_in_the_openapi_document_as_json(client: Any) -> N
 
 
 async def test_the_demo_does_not_exist_in_prod(
-    aiohttp_client: Any, make_settings: Callable[..., Settings]
+    aiohttp_client: Any, make_prod_settings: Callable[..., Settings]
 ) -> None:
-    client = await aiohttp_client(create_app(make_settings(app_env="prod")))
+    client = await aiohttp_client(create_app(make_prod_settings()))
     for path in ("/demo", "/demo/demo.js", "/demo/demo.css", "/demo/favicon.svg"):
         resp = await client.get(path)
         assert resp.status == 404, path
