@@ -341,13 +341,13 @@ def cmd_storage(settings: Settings, args: argparse.Namespace) -> int:
             wanted = retention.lifecycle_rules(settings)
             for rule in wanted:
                 print(f"rule {rule.id}: {rule.prefix} expires after {rule.days} day(s)")
-            if not isinstance(storage, CosStorage):
+            differences = await retention.lifecycle_check(storage, settings)
+            if differences is None or not isinstance(storage, CosStorage):
                 print(
                     "local backend: the nightly cleanup applies these rules; there is no bucket to configure"
                 )
                 return 0
             current = await storage.get_lifecycle()
-            differences = retention.lifecycle_differences(wanted, current)
             for line in differences:
                 print(line)
             if args.apply:

@@ -49,9 +49,12 @@ from server.keys import (
     payments_key,
     redis_key,
     settings_key,
+    storage_key,
+    storage_meter_key,
     tasks_key,
     vendors_key,
 )
+from server.media import retention
 from server.redis import pool_stats
 from server.routing import RouteTable
 from server.templates import TEMPLATE_DIR
@@ -318,6 +321,30 @@ async def _reservations(app: web.Application) -> figures.ReservationFigures:
     return await figures.reservations(app[db_key])
 
 
+async def _storage(app: web.Application) -> dict[str, Any]:
+    """Bytes and objects per retention class, the estimated monthly cost, and whether the
+    bucket's lifecycle rules match the configuration (issue 14)."""
+    report = await app[storage_meter_key].measure()
+    bucket = report.bucket or {}
+    differences = await retention.lifecycle_check(app[storage_key], app[settings_key])
+    return {
+        "classes": [
+            {
+                "name": cls,
+                "objects": report.database[cls][0],
+                "bytes": report.database[cls][1],
+                "bucket": bucket.get(cls),
+            }
+            for cls in report.database
+        ],
+        "monthly_cost_cny": round(report.monthly_cost, 4),
+        "lifecycle": "applied by the nightly job (local backend)"
+        if differences is None
+        else ("rules match" if not differences else "; ".join(differences)),
+        "lifecycle_ok": differences is None or not differences,
+    }
+
+
 async def _distributors(app: web.Application) -> dict[str, int]:
     """Pending applications and commission totals (issue 13)."""
     return await app[distributors_key].dashboard()
@@ -355,6 +382,7 @@ async def _figures(app: web.Application) -> dict[str, Any]:
         "recent_tasks": recent,
         "credits": credits,
         "distributors": await _bounded("distributors", _distributors, app),
+        "storage": await _bounded("storage", _storage, app),
         "cron": _now("cron", _cron, app),
         "cron_enabled": app[settings_key].cron_enabled,
     }

@@ -99,6 +99,8 @@ async def test_an_admin_sees_every_section_with_its_figures(client: Any, app: we
         "tasks",
         "actors",
         "vendors",
+        "storage",
+        "distributors",
         "cron",
     ):
         assert f'<section id="{section}">' in html
@@ -118,6 +120,11 @@ async def test_an_admin_sees_every_section_with_its_figures(client: Any, app: we
     assert "<td>VendorActor[local]</td>" in html
     assert "<td>local</td>" in html
     assert '<th class="n">Latency p50 / p99</th>' in html
+    assert (
+        '<dt>Lifecycle rules</dt><dd class="state-closed">applied by the nightly job (local backend)</dd>'
+        in html
+    )
+    assert "<dt>Estimated monthly cost</dt><dd>" in html
     assert "unavailable:" not in html
 
 

@@ -21,7 +21,7 @@ from server.app import CRON_JOBS, create_app
 from server.config import Settings
 from server.db import Database
 from server.keys import db_key, settings_key, storage_key
-from server.media import assets
+from server.media import assets, retention
 from server.media.images import validate_image
 from server.media.orphans import DELETE_ATTEMPTS, clean_orphans
 from server.media.storage import Storage
@@ -30,6 +30,7 @@ from server.media.storage.local import LocalStorage
 from tests.auth_support import auth_settings, bearer, error_code, register
 from tests.conftest import Services, run_command
 from tests.fakes.cos import FakeCos
+from tests.test_ops import ADMIN_PASSWORD, ADMIN_PHONE, admin_login
 
 SECRET_ID = "AKIDfakeWardrobe0002"
 SECRET_KEY = "fake-secret-key-for-retention"
@@ -85,7 +86,8 @@ def settings(
         server: TestServer = request.getfixturevalue("cos_server")
         assert server.port is not None
         extra = cos_env(server.port)
-    return auth_settings(make_settings, var_dir=tmp_path, cron_enabled=False, **extra)
+    admin = {"admin_phone": ADMIN_PHONE, "admin_password": ADMIN_PASSWORD}
+    return auth_settings(make_settings, var_dir=tmp_path, cron_enabled=False, **admin, **extra)
 
 
 @pytest.fixture
@@ -395,6 +397,27 @@ async def test_lifecycle_check_fails_until_apply_puts_the_rules_and_keeps_foreig
     assert code == 1 and "differs: wardrobe-outputs: bucket has o/ after 31 day(s), want o/ after 8" in out, (
         out
     )
+
+
+@pytest.mark.parametrize("backend", ["cos"], indirect=True)
+async def test_the_dashboard_says_whether_the_bucket_rules_match(
+    backend: str, app: web.Application, client: TestClient[Any, Any], fake_cos: FakeCos, settings: Settings
+) -> None:
+    storage = app[storage_key]
+    assert fake_cos.lifecycle is None
+    assert await retention.lifecycle_check(storage, settings) == [
+        "missing: wardrobe-outputs (o/ after 31 day(s))",
+        "missing: wardrobe-vendor-inputs (vendor-inputs/ after 1 day(s))",
+        "missing: wardrobe-tmp (tmp/ after 1 day(s))",
+    ]
+    await admin_login(client)
+    html = await (await client.get("/ops")).text()
+    assert '<dd class="state-open">missing: wardrobe-outputs (o/ after 31 day(s));' in html
+
+    await storage.put_lifecycle(retention.merged_configuration(retention.lifecycle_rules(settings), []))
+    assert await retention.lifecycle_check(storage, settings) == []
+    html = await (await client.get("/ops")).text()
+    assert '<dt>Lifecycle rules</dt><dd class="state-closed">rules match</dd>' in html
 
 
 @pytest.mark.parametrize("backend", ["cos"], indirect=True)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from server.config import Settings
+from server.media.storage import Storage
 from server.vendors.facade import INPUT_PREFIX
 
 UPLOAD: Final = "upload"
@@ -123,6 +124,16 @@ def lifecycle_differences(wanted: list[Rule], current: list[dict[str, Any]]) -> 
             )
     lines.extend(f"unexpected: {rule_id} (not in the configuration)" for rule_id in sorted(ours))
     return lines
+
+
+async def lifecycle_check(storage: Storage, settings: Settings) -> list[str] | None:
+    """The bucket's rules against ours (`lifecycle_differences`; [] when they match), or
+    None for a backend with no bucket rules (local: the nightly job applies them)."""
+    get_lifecycle = getattr(storage, "get_lifecycle", None)
+    if get_lifecycle is None:
+        return None
+    current: list[dict[str, Any]] = await get_lifecycle()
+    return lifecycle_differences(lifecycle_rules(settings), current)
 
 
 def merged_configuration(wanted: list[Rule], current: list[dict[str, Any]]) -> list[dict[str, Any]]:
