@@ -10,6 +10,14 @@ connection each, half on each instance) repeat: with probability `--post-share`
 POST /api/v1/tasks (feature `bg-remove` on the built-in local vendor, a fresh
 Idempotency-Key each), else GET /api/v1/me.
 
+`--rolling` (issue 15): the two instances serve on unix sockets behind a real nginx
+(ops/nginx/wardrobe.conf, as tests/test_nginx.py runs it) and the load goes through
+nginx; a quarter into the run the first instance gets SIGTERM (its drain) and is
+started again, half-way the second. Then it waits for every task to end (the
+recovery job, every minute, takes over what a stopped instance left) and checks: no
+5xx other than 503, tasks in the database = 202 answers, none left unfinished, and
+`check-quota` clean (no credit lost or doubled).
+
 Prints the answers per route and status, p50/p99 per route, the POST /tasks p99 over
 the GET /me p99 (target ≤ 3), the tasks in the database against the 202 answers (must
 be equal), and the 500s counted in each server's /metrics (must be 0). Exit status 1 when
@@ -167,10 +175,10 @@ def mean_of(metrics_text: str, name: str, labels: str = "") -> tuple[float, int]
 
 
 def server_errors(metrics_text: str, status: str = "500") -> int:
-    """Answers with `status` in one server's http_requests_total (500: INTERNAL, a defect)."""
+    """Answers with `status` in one server's wardrobe_http_requests_total (500: a defect)."""
     total = 0
     for line in metrics_text.splitlines():
-        if line.startswith("http_requests_total{") and f'status="{status}"' in line:
+        if line.startswith("wardrobe_http_requests_total{") and f'status="{status}"' in line:
             total += int(float(line.rsplit(" ", 1)[1]))
     return total
 
@@ -295,15 +303,117 @@ def main(args: argparse.Namespace) -> int:
         errors = [server_errors(t) for t in texts]
         ok = report(args, tally, tasks, errors)
         for i, text in enumerate(texts, 1):
-            me = mean_of(text, "http_request_duration_seconds", 'method="GET",route="/api/v1/me"')
-            post = mean_of(text, "http_request_duration_seconds", 'method="POST",route="/api/v1/tasks"')
-            acquire = mean_of(text, "db_pool_acquire_seconds")
+            duration = "wardrobe_http_request_duration_seconds"
+            me = mean_of(text, duration, 'method="GET",route="/api/v1/me"')
+            post = mean_of(text, duration, 'method="POST",route="/api/v1/tasks"')
+            acquire = mean_of(text, "wardrobe_db_pool_acquire_seconds")
             print(
                 f"server {i} (its own clock): GET /me mean {me[0] * 1000:.1f} ms, POST /tasks mean "
                 f"{post[0] * 1000:.0f} ms, MySQL pool acquire mean {acquire[0] * 1000:.1f} ms "
                 f"over {acquire[1]}"
             )
         return 0 if ok else 1
+
+
+# ------------------------------------------------------------------ rolling restart (issue 15)
+
+
+async def restart_each(instances: list[Any], seconds: float) -> list[str]:
+    """SIGTERM and restart each instance in turn, a quarter and a half into the run."""
+    done = []
+    for instance in instances:
+        await asyncio.sleep(seconds / 4)
+        began = time.perf_counter()
+        code = await instance.stop()  # SIGTERM: the drain
+        instance.start()
+        await instance.ready()
+        done.append(f"{instance.name}: exit {code}, back in {time.perf_counter() - began:.1f} s")
+    return done
+
+
+def quota_problems(url: str) -> list[str]:
+    from server.config import Settings
+    from server.credits.ledger import check_all
+    from server.db import Database
+    from server.metrics import Metrics
+
+    async def go() -> list[str]:
+        settings = Settings(_env_file=None, app_env="test", database_url=url)  # type: ignore[call-arg]
+        db = await Database.connect(settings.database(), settings, Metrics())
+        try:
+            _, problems = await check_all(db)
+            return [str(p) for p in problems]
+        finally:
+            await db.close()
+
+    return asyncio.run(go())
+
+
+def rolling(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from tests.cluster_support import Instance, Nginx
+
+    with services("bench_rolling", redis_db=13) as ready:
+        env = {
+            **ready.env,
+            "SMS_RESEND_INTERVAL": "0",
+            "SMS_IP_LIMIT": "1000000",
+            "SMS_DAILY_CAP": "1000000",
+            "SIGNUP_CREDITS": "100000",
+            "TRUSTED_PROXY_HOPS": "1",
+            "CRON_ENABLED": "true",  # task recovery takes over what a stopped instance left
+            "SHUTDOWN_TIMEOUT": "10",
+            **dict(kv.split("=", 1) for kv in args.set),
+        }
+        base = Path(tempfile.mkdtemp(prefix="rolling-"))
+        instances = [Instance(f"instance{n}", base, env) for n in (1, 2)]
+
+        async def run() -> tuple[Tally, list[str]]:
+            for instance in instances:
+                instance.start()
+            await asyncio.gather(*(i.ready() for i in instances))
+            nginx = Nginx(base, [i.sock for i in instances])
+            await nginx.start()
+            try:
+                users = await set_up_users([nginx.url], args.users)
+                roll = asyncio.ensure_future(restart_each(instances, args.seconds))
+                tally = await drive([nginx.url], users, args.seconds, args.connections, args.post_share)
+                return tally, await roll
+            finally:
+                await nginx.stop()
+
+        try:
+            tally, restarts = asyncio.run(run())
+            deadline = time.monotonic() + 150
+            tasks = count_tasks(env["DATABASE_URL"])
+            while any(tasks.get(s, 0) for s in ("new", "queued", "running")) and time.monotonic() < deadline:
+                time.sleep(2)
+                tasks = count_tasks(env["DATABASE_URL"])
+        finally:
+
+            async def stop_all() -> None:
+                await asyncio.gather(*(i.stop() for i in instances))
+
+            asyncio.run(stop_all())
+        problems = quota_problems(env["DATABASE_URL"])
+    fives = {s: n for (_, s), n in tally.answers.items() if 500 <= s < 600 and s != 503}
+    unfinished = sum(tasks.get(s, 0) for s in ("new", "queued", "running"))
+    print(f"rolling restart behind nginx: {args.connections} connections, {args.seconds:.0f} s")
+    for line in restarts:
+        print("  restarted", line)
+    print(f"{'route':<22}{'status':>7}{'answers':>10}")
+    for (route, status), n in sorted(tally.answers.items()):
+        print(f"{route:<22}{status:>7}{n:>10}")
+    accepted = tally.answers[(TASKS, 202)]
+    print(f"5xx other than 503: {sum(fives.values())} {fives}")
+    print(
+        f"tasks in the database: {sum(tasks.values())} {dict(sorted(tasks.items()))}; 202 answers: {accepted}"
+    )
+    print(f"tasks left unfinished: {unfinished}; check-quota differences: {len(problems)} {problems[:3]}")
+    ok = not fives and sum(tasks.values()) == accepted and not unfinished and not problems
+    print("checks:", "OK" if ok else "FAILED")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
@@ -316,10 +426,11 @@ if __name__ == "__main__":
         "--profile", type=Path, help="py-spy collapsed stacks of both servers into this folder"
     )
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="server setting")
+    parser.add_argument("--rolling", action="store_true", help="restart each instance behind nginx")
     parser.add_argument("--serve", action="store_true")
     parser.add_argument("--port", type=int)
     ns = parser.parse_args()
     if ns.serve:
         serve(ns.port)
     else:
-        sys.exit(main(ns))
+        sys.exit(rolling(ns) if ns.rolling else main(ns))
