@@ -9,7 +9,7 @@ TRANSACTION.SUCCESS notifications over HTTP from 50 concurrent senders and does 
 does for a real one: headers, serial, timestamp, RSA signature, decryption, order checks,
 then `settle()` through the buyer's UserActor (one transaction: order → paid, ledger grant,
 membership, commission hook), then records the notification. Bare: the same settlement
-SQL (`apply_batch` with the same GrantWithEffect: quota row lock, conditional order
+SQL (`apply_batch` with the same WithEffect: quota row lock, conditional order
 UPDATE, grant) in one transaction per order, 50 concurrent, from this process with no
 HTTP, signature, decryption or actor. 50 buyers; every order is a fresh pending one.
 
@@ -41,7 +41,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -194,20 +194,21 @@ async def app_notifications(
 
 
 async def bare_settlements(db: Any, made: list[tuple[str, int]]) -> float:
-    from server.credits.ledger import Grant, GrantWithEffect, apply_batch
+    from server.credits.ledger import Grant, QuotaState, WithEffect, apply_batch
     from server.db import Conn, is_duplicate, is_retryable
     from server.payments import orders
 
     work = iter(made)
 
     async def settle(no: str, uid: int) -> None:
-        async def effect(tx: Conn) -> bool:
+        async def effect(tx: Conn, _: QuotaState) -> Grant | Literal[False]:
             paid_at = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-            return await orders.transition(
+            moved = await orders.transition(
                 tx, no, "paid", paid_at=paid_at, provider_txn_id=f"bare-{no}", paid_source="bench"
             )
+            return Grant(100, "grant", ref=no, reason=f"order {no}", order_no=no) if moved else False
 
-        op = GrantWithEffect(effect, Grant(100, "grant", ref=no, reason=f"order {no}", order_no=no))
+        op = WithEffect(effect)
         for _ in range(20):
             try:
                 async with db.transaction("READ COMMITTED") as tx:

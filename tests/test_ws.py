@@ -23,7 +23,8 @@ from server.auth.tokens import TokenIssuer
 from server.config import Settings
 from server.credits.ledger import Grant
 from server.hub import RedisEventHub
-from server.keys import actor_system_key, auth_key, hub_key
+from server.hub.stream import EventStreams
+from server.keys import actor_system_key, auth_key, hub_key, redis_key
 from tests.auth_support import auth_settings, register
 
 WS = "/api/v1/ws"
@@ -287,6 +288,8 @@ class RedisProxy:
         self.db = redis_url.split("db=", 1)[1] if "db=" in redis_url else "0"
         self.pubsub: list[asyncio.StreamWriter] = []  # toward the app, one per hub connection
         self.server: asyncio.Server | None = None
+        self.gate = asyncio.Event()  # cleared: new connections are refused (Redis is "away")
+        self.gate.set()
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
@@ -294,6 +297,9 @@ class RedisProxy:
         return f"redis://127.0.0.1:{port}/{self.db}"
 
     async def _link(self, app_r: asyncio.StreamReader, app_w: asyncio.StreamWriter) -> None:
+        if not self.gate.is_set():
+            app_w.transport.abort()
+            return
         redis_r, redis_w = await asyncio.open_unix_connection(self.target)
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, watch: bool) -> None:
@@ -352,6 +358,44 @@ async def test_a_lost_pubsub_connection_is_caught_up_from_the_stream(
         await publish(client, uid, "task.progress", {"i": 10})
         await expect_events(ws, range(11, 12))
         await nothing_more(ws)
+        await ws.close()
+    finally:
+        await proxy.stop()
+
+
+async def test_an_open_socket_detects_events_a_failover_lost_and_renumbered(
+    aiohttp_client: Any, client: Client, settings: Settings
+) -> None:
+    """A Redis failover can lose the events the replica never got; the new primary then
+    numbers new events from its own count, giving a socket's last seqs to other events.
+    When the socket's instance reaches the new primary, it finds another event at its last
+    seq and sends `reset`, instead of going on as if nothing was missed."""
+    proxy = RedisProxy(str(settings.redis_url))
+    proxied = settings.updated(redis_url=await proxy.start())
+    try:
+        client_b = await aiohttp_client(create_app(proxied))
+        uid, token = await account(client)
+        ws, _ = await connect(client_b, token)
+        for i in range(3):
+            await publish(client, uid, "task.progress", {"i": i})
+        await expect_events(ws, range(1, 4))
+        live = hub(client_b).live
+        reconnects = live.reconnects
+        proxy.gate.clear()  # B's next connections are refused, as while the sentinels fail over
+        proxy.pubsub[0].transport.abort()  # B's events connection to the old primary dies
+        # The new primary never got events 2 and 3, and numbers new ones from its count (1).
+        seq_key, stream, _ = EventStreams.keys(uid)
+        redis = client.app[redis_key]
+        [(_, first)] = await redis.xrange(stream, "1-0", "1-0")
+        await redis.delete(stream)  # the replica's stream: event 1 only
+        await redis.xadd(stream, first, id="1-0")
+        await redis.set(seq_key, 1)
+        for i in range(3):
+            assert await publish(client, uid, "task.progress", {"i": 10 + i}) == 2 + i
+        proxy.gate.set()  # B reaches the new primary
+
+        assert await recv(ws) == {"type": "reset", "last_seq": 4, "reason": "unknown_seq"}
+        assert live.reconnects > reconnects
         await ws.close()
     finally:
         await proxy.stop()

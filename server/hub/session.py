@@ -94,6 +94,7 @@ class Session:
         self._live = False
         self._started = False  # go_live() ran: `cursor` means something
         self._target = 0
+        self._cursor_frame: bytes | None = None  # the frame this socket sent for `cursor`
         self._check_last = False
         self._room: asyncio.Event | None = None
         self._sending_since = 0.0  # the writer waits in send_frame (the peer takes no bytes)
@@ -114,7 +115,7 @@ class Session:
                 self._too_slow()
                 return
             queue.put_nowait(frame)
-            self.cursor = seq
+            self.cursor, self._cursor_frame = seq, frame
             self.stats.delivered += 1
         elif seq > cursor:  # a hole: read cursor+1 … seq from the stream
             self._target = seq
@@ -166,11 +167,11 @@ class Session:
         self._started = True
         if after_seq is not None:
             self._target = max(self._target, last_seq)
-            self.cursor = after_seq
+            self.cursor, self._cursor_frame = after_seq, None
             self._check_last = after_seq > last_seq  # a seq Redis never gave: reset
             self._start_catch_up()
             return
-        self.cursor = last_seq
+        self.cursor, self._cursor_frame = last_seq, None
         if self._target > last_seq:
             self._start_catch_up()
         else:
@@ -184,7 +185,7 @@ class Session:
         if self.close_code is not None:
             return
         self._target = max(self._target, self.cursor)
-        self.cursor = after_seq
+        self.cursor, self._cursor_frame = after_seq, None
         self._check_last = True
         self._live = False
         self._catchup = asyncio.create_task(self._catch_up(), name="ws-catch-up")
@@ -240,7 +241,10 @@ class Session:
                 if self._check_last:
                     self._check_last = False
                     last = await streams.last_seq(uid)
-                    if self.cursor > last:  # the client knows seqs Redis does not: data was lost
+                    if self.cursor > last or not await self._cursor_kept(last):
+                        # The client knows seqs Redis does not, or Redis gave the client's last
+                        # seq to another event (a failover lost events the replica never had,
+                        # and the new primary numbered new ones from its own count).
                         self._reset(last, "unknown_seq")
                     self._target = max(self._target, last)
                 entries = await streams.read_after(uid, self.cursor, REPLAY_BATCH)
@@ -251,7 +255,7 @@ class Session:
                     continue
                 for seq, frame in entries:
                     await self._put(frame)
-                    self.cursor = seq
+                    self.cursor, self._cursor_frame = seq, frame
                 self.stats.replayed += len(entries)
                 if len(entries) < REPLAY_BATCH and self._target <= self.cursor and not self._check_last:
                     self._live = True  # no await since the last read: nothing slips between
@@ -262,11 +266,23 @@ class Session:
             logger.warning("replay for user {} failed ({!r}); closing so the client resumes", uid, exc)
             self.close(UNAVAILABLE, "events unavailable, reconnect")
 
+    async def _cursor_kept(self, last: int) -> bool:
+        """Whether the stream still holds, at the client's seq, the frame this socket sent
+        for it (True when unknown: nothing was sent here yet, or the entry was trimmed)."""
+        sent = self._cursor_frame
+        if sent is None or self.cursor == 0 or self.cursor > last:
+            return True
+        assert self.user_id is not None
+        kept = await self.streams.read_after(self.user_id, self.cursor - 1, 1)
+        if not kept or kept[0][0] != self.cursor:
+            return True  # trimmed: the replay below says so if anything after it is gone
+        return kept[0][1] == sent
+
     def _reset(self, last: int, reason: str) -> None:
         """Events after the client's seq are gone: it must refetch; live goes on after `last`."""
         self.stats.resets += 1
         self.send({"type": "reset", "last_seq": last, "reason": reason})
-        self.cursor = last
+        self.cursor, self._cursor_frame = last, None
         self._target = last
 
     async def _put(self, frame: bytes) -> None:
