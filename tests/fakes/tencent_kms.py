@@ -14,31 +14,19 @@ another key (or a tampered one) fails with InvalidParameter as Tencent's does.
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
-import re
 import secrets
-import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from aiohttp import web
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-_AUTH = re.compile(
-    r"^TC3-HMAC-SHA256 "
-    r"Credential=(?P<sid>[^/]+)/(?P<date>\d{4}-\d{2}-\d{2})/(?P<service>[a-z]+)/tc3_request, "
-    r"SignedHeaders=(?P<headers>[a-z0-9;-]+), Signature=(?P<sig>[0-9a-f]{64})$"
-)
+from tests.fakes.tc3 import answer, check_tc3
+
 SERVICE = "kms"
 VERSION = "2019-01-18"
-
-
-def _hmac(key: bytes, msg: str) -> bytes:
-    return hmac.new(key, msg.encode(), hashlib.sha256).digest()
 
 
 @dataclass
@@ -57,7 +45,7 @@ class FakeTencentKms:
 
     def error(self, code: str, message: str) -> web.Response:
         self.rejected.append(code)
-        return _answer({"Error": {"Code": code, "Message": message}, "RequestId": uuid.uuid4().hex})
+        return answer({"Error": {"Code": code, "Message": message}, "RequestId": uuid.uuid4().hex})
 
     def _master(self, key_id: str) -> bytes:
         return self.keys.setdefault(key_id, AESGCM.generate_key(bit_length=256))
@@ -97,7 +85,7 @@ class FakeTencentKms:
             if params.get("KeySpec") != "AES_256" or not params.get("KeyId"):
                 return self.error("InvalidParameter", "KeyId and KeySpec AES_256 are required")
             key = secrets.token_bytes(32)
-            return _answer(
+            return answer(
                 {
                     "KeyId": params["KeyId"],
                     "Plaintext": base64.b64encode(key).decode(),
@@ -110,7 +98,7 @@ class FakeTencentKms:
                 plaintext = base64.b64decode(params.get("Plaintext", ""), validate=True)
             except ValueError:
                 return self.error("InvalidParameter", "Plaintext is not base64")
-            return _answer(
+            return answer(
                 {
                     "KeyId": params["KeyId"],
                     "CiphertextBlob": self._wrap(params["KeyId"], plaintext),
@@ -124,50 +112,10 @@ class FakeTencentKms:
                     "InvalidParameterValue.InvalidCiphertext", "the ciphertext does not decrypt"
                 )
             key_id, plaintext = opened
-            return _answer(
+            return answer(
                 {"KeyId": key_id, "Plaintext": base64.b64encode(plaintext).decode(), "RequestId": rid}
             )
         return self.error("InvalidAction", f"unknown action {action!r}")
 
     def check_signature(self, request: web.Request, body: bytes) -> tuple[str, str] | None:
-        m = _AUTH.match(request.headers.get("Authorization", ""))
-        if m is None:
-            return "AuthFailure.SignatureFailure", "malformed Authorization header"
-        if m["sid"] != self.secret_id:
-            return "AuthFailure.SecretIdNotFound", "unknown SecretId"
-        try:
-            timestamp = int(request.headers.get("X-TC-Timestamp", ""))
-        except ValueError:
-            return "AuthFailure.InvalidAuthorization", "X-TC-Timestamp is missing"
-        if abs(time.time() - timestamp) > 300:
-            return "AuthFailure.SignatureExpire", "the signature has expired"
-        date = datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d")
-        if m["date"] != date or m["service"] != SERVICE:
-            return "AuthFailure.SignatureFailure", "credential scope mismatch"
-        names = m["headers"].split(";")
-        if "host" not in names or "content-type" not in names:
-            return "AuthFailure.SignatureFailure", "host and content-type must be signed"
-        canonical_headers = "".join(f"{n}:{request.headers.get(n, '').strip().lower()}\n" for n in names)
-        canonical = "\n".join(
-            [
-                request.method,
-                request.path,
-                request.query_string,
-                canonical_headers,
-                m["headers"],
-                hashlib.sha256(body).hexdigest(),
-            ]
-        )
-        scope = f"{date}/{SERVICE}/tc3_request"
-        to_sign = f"TC3-HMAC-SHA256\n{timestamp}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
-        key = _hmac(_hmac(_hmac(("TC3" + self.secret_key).encode(), date), SERVICE), "tc3_request")
-        expected = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(expected, m["sig"]):
-            return "AuthFailure.SignatureFailure", "the signature does not match"
-        return None
-
-
-def _answer(response: dict[str, object]) -> web.Response:
-    resp = web.Response(body=json.dumps({"Response": response}).encode())
-    resp.headers["Content-Type"] = "application/json"
-    return resp
+        return check_tc3(request, body, self.secret_id, self.secret_key, SERVICE)

@@ -16,26 +16,13 @@ as the real API does.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-import re
-import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from aiohttp import web
 
-_AUTH = re.compile(
-    r"^TC3-HMAC-SHA256 "
-    r"Credential=(?P<sid>[^/]+)/(?P<date>\d{4}-\d{2}-\d{2})/(?P<service>[a-z]+)/tc3_request, "
-    r"SignedHeaders=(?P<headers>[a-z0-9;-]+), Signature=(?P<sig>[0-9a-f]{64})$"
-)
-
-
-def _hmac(key: bytes, msg: str) -> bytes:
-    return hmac.new(key, msg.encode(), hashlib.sha256).digest()
+from tests.fakes.tc3 import answer, check_tc3
 
 
 @dataclass
@@ -62,7 +49,7 @@ class FakeTencentSms:
 
     def error(self, code: str, message: str) -> web.Response:
         self.rejected.append(code)
-        return _answer({"Error": {"Code": code, "Message": message}, "RequestId": uuid.uuid4().hex})
+        return answer({"Error": {"Code": code, "Message": message}, "RequestId": uuid.uuid4().hex})
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -105,47 +92,7 @@ class FakeTencentSms:
                     "IsoCode": "CN",
                 }
             )
-        return _answer({"SendStatusSet": statuses, "RequestId": uuid.uuid4().hex})
+        return answer({"SendStatusSet": statuses, "RequestId": uuid.uuid4().hex})
 
     def check_signature(self, request: web.Request, body: bytes) -> tuple[str, str] | None:
-        m = _AUTH.match(request.headers.get("Authorization", ""))
-        if m is None:
-            return "AuthFailure.SignatureFailure", "malformed Authorization header"
-        if m["sid"] != self.secret_id:
-            return "AuthFailure.SecretIdNotFound", "unknown SecretId"
-        try:
-            timestamp = int(request.headers.get("X-TC-Timestamp", ""))
-        except ValueError:
-            return "AuthFailure.InvalidAuthorization", "X-TC-Timestamp is missing"
-        if abs(time.time() - timestamp) > 300:
-            return "AuthFailure.SignatureExpire", "the signature has expired"
-        date = datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d")
-        if m["date"] != date or m["service"] != "sms":
-            return "AuthFailure.SignatureFailure", "credential scope mismatch"
-        names = m["headers"].split(";")
-        if "host" not in names or "content-type" not in names:
-            return "AuthFailure.SignatureFailure", "host and content-type must be signed"
-        canonical_headers = "".join(f"{n}:{request.headers.get(n, '').strip().lower()}\n" for n in names)
-        canonical = "\n".join(
-            [
-                request.method,
-                request.path,
-                request.query_string,
-                canonical_headers,
-                m["headers"],
-                hashlib.sha256(body).hexdigest(),
-            ]
-        )
-        scope = f"{date}/sms/tc3_request"
-        to_sign = f"TC3-HMAC-SHA256\n{timestamp}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
-        key = _hmac(_hmac(_hmac(("TC3" + self.secret_key).encode(), date), "sms"), "tc3_request")
-        expected = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(expected, m["sig"]):
-            return "AuthFailure.SignatureFailure", "the signature does not match"
-        return None
-
-
-def _answer(response: dict[str, object]) -> web.Response:
-    resp = web.Response(body=json.dumps({"Response": response}).encode())
-    resp.headers["Content-Type"] = "application/json"
-    return resp
+        return check_tc3(request, body, self.secret_id, self.secret_key, "sms")
