@@ -16,7 +16,6 @@ import datetime as dt
 import re
 from collections.abc import Callable, Mapping
 from decimal import Decimal
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 from zoneinfo import ZoneInfo
@@ -35,6 +34,7 @@ from server.payments.providers import (
     RefundResult,
     Trade,
     TradeStatus,
+    read_key_file,
 )
 
 _T = TypeVar("_T")
@@ -76,13 +76,6 @@ def settings_complete(settings: Settings) -> bool:
     )
 
 
-def _read(path: Path | None, name: str) -> str:
-    try:
-        return Path(str(path)).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{name}: cannot read {path}: {exc}") from exc
-
-
 class AlipayProvider:
     name = "alipay"
     channels = CHANNELS
@@ -95,8 +88,12 @@ class AlipayProvider:
             self._ali = AliPay(
                 appid=self.appid,
                 app_notify_url=settings.public_base_url.rstrip("/") + "/api/v1/payments/alipay/notify",
-                app_private_key_string=_read(settings.payments.alipay_private_key, "ALIPAY_PRIVATE_KEY"),
-                alipay_public_key_string=_read(settings.payments.alipay_public_key, "ALIPAY_PUBLIC_KEY"),
+                app_private_key_string=read_key_file(
+                    settings.payments.alipay_private_key, "ALIPAY_PRIVATE_KEY"
+                ),
+                alipay_public_key_string=read_key_file(
+                    settings.payments.alipay_public_key, "ALIPAY_PUBLIC_KEY"
+                ),
                 sign_type="RSA2",
                 config=AliPayConfig(timeout=15),
             )

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Protocol
+
+from server.config import ConfigError
 
 TradeStatus = Literal["paid", "pending", "closed", "refunded", "unknown"]
 RefundStatus = Literal["processing", "succeeded", "failed"]
@@ -117,3 +120,11 @@ class Provider(Protocol):
         ...
 
     async def close_pool(self) -> None: ...
+
+
+def read_key_file(path: Path | None, name: str) -> str:
+    """A provider's PEM file named by setting `name`; ConfigError saying which when unreadable."""
+    try:
+        return Path(str(path)).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path}: {exc}") from exc

@@ -18,7 +18,6 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, TypeVar
 
 from wechatpayv3 import WeChatPay, WeChatPayType
@@ -36,6 +35,7 @@ from server.payments.providers import (
     RefundStatus,
     Trade,
     TradeStatus,
+    read_key_file,
 )
 
 _T = TypeVar("_T")
@@ -69,13 +69,6 @@ def settings_complete(settings: Settings) -> bool:
     )
 
 
-def _read(path: Path | None, name: str) -> str:
-    try:
-        return Path(str(path)).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{name}: cannot read {path}: {exc}") from exc
-
-
 class WeChatPayProvider:
     name = "wechat"
     channels = CHANNELS
@@ -92,13 +85,13 @@ class WeChatPayProvider:
             self._wx = WeChatPay(
                 wechatpay_type=WeChatPayType.NATIVE,
                 mchid=self.mchid,
-                private_key=_read(settings.payments.wechatpay_private_key, "WECHATPAY_PRIVATE_KEY"),
+                private_key=read_key_file(settings.payments.wechatpay_private_key, "WECHATPAY_PRIVATE_KEY"),
                 cert_serial_no=settings.payments.wechatpay_cert_serial_no,
                 appid=self.appid,
                 apiv3_key=settings.payments.wechatpay_apiv3_key.get_secret_value(),
                 notify_url=notify_url,
                 timeout=(5, 15),
-                public_key=_read(settings.payments.wechatpay_public_key, "WECHATPAY_PUBLIC_KEY"),
+                public_key=read_key_file(settings.payments.wechatpay_public_key, "WECHATPAY_PUBLIC_KEY"),
                 public_key_id=self.public_key_id,
             )
         except ConfigError:
