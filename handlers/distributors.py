@@ -209,6 +209,15 @@ async def list_distributors(request: web.Request, query: DistributorSearch) -> D
     return DistributorPage(items=[Distributor.of(r) for r in rows], next_cursor=cursor)
 
 
+async def _decide(
+    request: web.Request, status: Literal["approved", "rejected"], reason: str | None
+) -> Distributor:
+    row = await request.app[distributors_key].decide(
+        principal_of(request).user_id, _user_id(request), status, reason
+    )
+    return Distributor.of(row)
+
+
 @admin_routes.post(
     "/api/v1/admin/distributors/{user_id}/approve",
     body=DecisionIn,
@@ -217,9 +226,7 @@ async def list_distributors(request: web.Request, query: DistributorSearch) -> D
 )
 async def approve(request: web.Request, body: DecisionIn) -> Distributor:
     """Approve a pending application (409 when it was decided already)."""
-    distributors = request.app[distributors_key]
-    row = await distributors.decide(principal_of(request).user_id, _user_id(request), "approved", body.reason)
-    return Distributor.of(row)
+    return await _decide(request, "approved", body.reason)
 
 
 @admin_routes.post(
@@ -230,9 +237,7 @@ async def approve(request: web.Request, body: DecisionIn) -> Distributor:
 )
 async def reject(request: web.Request, body: DecisionIn) -> Distributor:
     """Reject a pending application (409 when it was decided already)."""
-    distributors = request.app[distributors_key]
-    row = await distributors.decide(principal_of(request).user_id, _user_id(request), "rejected", body.reason)
-    return Distributor.of(row)
+    return await _decide(request, "rejected", body.reason)
 
 
 @admin_routes.put(
