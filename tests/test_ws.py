@@ -197,6 +197,29 @@ async def test_interleaved_events_of_two_users_are_numbered_per_user_and_kept_un
     await ws.close()
 
 
+async def test_events_published_at_once_go_together_in_the_order_they_were_published(
+    client: Client,
+) -> None:
+    uid, token = await account(client)
+    ws, _ = await connect(client, token)
+    seqs = await asyncio.gather(*(publish(client, uid, "task.progress", {"n": n}) for n in range(50)))
+    assert seqs == list(range(1, 51))  # one pipeline, sent in call order
+    frames = await expect_events(ws, range(1, 51))
+    assert [f["data"]["n"] for f in frames] == list(range(50))
+    await nothing_more(ws)
+    await ws.close()
+
+
+async def test_events_sent_together_after_redis_lost_its_scripts_are_all_numbered(client: Client) -> None:
+    uid, _ = await account(client)
+    await publish(client, uid, "task.updated", {"n": 0})  # the script is loaded
+    await client.app[redis_key].script_flush()  # as after a Redis restart without persistence
+    seqs = await asyncio.gather(*(publish(client, uid, "task.updated", {"n": n}) for n in range(1, 21)))
+    assert seqs == list(range(2, 22))
+    kept = await hub(client).streams.read_after(uid, 0, 100)
+    assert [json.loads(frame)["data"]["n"] for _, frame in kept] == list(range(21))
+
+
 async def test_quota_changed_from_the_user_actor_arrives_on_the_socket(
     client: Client, client_b: Client
 ) -> None:

@@ -101,6 +101,7 @@ class RedisEventHub:
         for task in self._subscriptions.values():
             task.cancel()
         await self.live.stop()
+        await self.streams.close()
 
     async def close_all(self, code: int, reason: str) -> None:
         """Close every socket of this process (on_shutdown: GOING_AWAY), bounded in time."""

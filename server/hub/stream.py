@@ -12,6 +12,12 @@ One Lua script numbers, stores and announces an event: INCR, XADD, trim, PUBLISH
 atomically, so seqs have no gaps across every instance, and an event is in the stream
 before any subscriber can see it live (whoever sees N+1 live can read N from the stream).
 
+Group commit: events published while a round trip is in flight wait for it and then go
+together, one EVALSHA each in one redis-py pipeline (no MULTI: each event is its own
+atomic script run). A lone event costs one call as before; under load (many tasks
+announcing at once) a round trip carries many events. Callers keep their order: the
+batch is sent in the order `publish` was called.
+
 Retention: an event is kept while it is younger than EVENTS_RETENTION_HOURS *or* among
 the user's last EVENTS_KEEP_MIN. Time is tracked in buckets of 1/24 of the retention
 (an hour for 24 h); at the first publish of a user in a new bucket, the script drops
@@ -31,6 +37,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 # KEYS: the user's seq, stream and marks (EventStreams.keys). ARGV: now_ms, bucket_ms,
 # retention_ms, keep_min, max_len, channel prefix, event (a JSON string), data (JSON),
@@ -68,6 +75,8 @@ return seq
 FRAME_PREFIX = b'{"type":"event","seq":'
 
 _Entries = list[tuple[bytes, dict[bytes, bytes]]]  # XRANGE, decode_responses=False
+# One queued event: the script's KEYS and ARGV, and the future of its seq.
+_Queued = tuple[tuple[str, str, str], list[bytes | str | int], "asyncio.Future[int]"]
 
 
 def _dumps(value: Any) -> str:
@@ -100,6 +109,8 @@ class EventStreams:
         self.max_per_user = max_per_user
         self.clock = clock
         self.script = redis.register_script(_PUBLISH)
+        self._queue: list[_Queued] = []  # waiting for the round trip in flight
+        self._sender: asyncio.Task[None] | None = None
         # ARGV 2-6 of every call (ARGV 1 is the time).
         self._settings: list[bytes | str | int] = [
             self.bucket_ms,
@@ -117,8 +128,60 @@ class EventStreams:
         return f"ev:{{{user_id}}}:seq", f"ev:{{{user_id}}}:stream", f"ev:{{{user_id}}}:marks"
 
     async def publish(self, user_id: int, event: str, data: dict[str, Any]) -> int:
-        """Number, keep and announce one event; returns its seq. Raises on Redis errors."""
-        return int(await self.script(keys=list(self.keys(user_id)), args=self.args(user_id, event, data)))
+        """Number, keep and announce one event; returns its seq. Raises on Redis errors.
+        Concurrent calls share a round trip (the module doc); a caller that stops waiting
+        (a timeout) does not stop its event from being sent."""
+        loop = asyncio.get_running_loop()
+        seq: asyncio.Future[int] = loop.create_future()
+        self._queue.append((self.keys(user_id), self.args(user_id, event, data), seq))
+        if self._sender is None:
+            self._sender = loop.create_task(self._send(), name="events:send")
+        return await seq
+
+    async def _send(self) -> None:
+        """Send what is queued, one round trip at a time, until nothing is left."""
+        batch: list[_Queued] = []
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    results = await self._run(batch)
+                except Exception as exc:
+                    results = [exc] * len(batch)
+                for (_, _, seq), result in zip(batch, results, strict=True):
+                    if seq.done():  # its caller stopped waiting
+                        continue
+                    if isinstance(result, Exception):
+                        seq.set_exception(result)
+                    else:
+                        seq.set_result(int(result))
+        finally:
+            self._sender = None
+            for _, _, seq in batch + self._queue:  # cancelled (shutdown): no answer will come
+                if not seq.done():
+                    seq.cancel()
+            self._queue = []
+
+    async def _run(self, batch: list[_Queued]) -> list[Any]:
+        if len(batch) == 1:
+            keys, args, _ = batch[0]
+            return [await self.script(keys=list(keys), args=args)]  # loads the script if needed
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for keys, args, _ in batch:
+                pipe.evalsha(self.script.sha, 3, *keys, *args)
+            results: list[Any] = list(await pipe.execute(raise_on_error=False))
+        if any(isinstance(r, NoScriptError) for r in results):  # Redis lost its scripts (restart)
+            await self.redis.script_load(_PUBLISH)
+            for i, (keys, args, _) in enumerate(batch):
+                if isinstance(results[i], NoScriptError):
+                    results[i] = await self.redis.evalsha(self.script.sha, 3, *keys, *args)
+        return results
+
+    async def close(self) -> None:
+        """Wait (briefly) for the events still being sent."""
+        sender = self._sender
+        if sender is not None:
+            await asyncio.wait({sender}, timeout=5.0)
 
     def args(self, user_id: int, event: str, data: dict[str, Any]) -> list[bytes | str | int]:
         """The script's ARGV for one event (`script` with `keys(user_id)` publishes it)."""

@@ -2,6 +2,8 @@
 
 The cache holds the enabled features as one JSON document (`features:v1`),
 deleted on every admin change, so every instance sees a change at its next read.
+Each process decodes a version of that document once and parses a feature once per
+version (`FeatureStore._feature`): a read costs one GET.
 """
 
 from __future__ import annotations
@@ -97,38 +99,57 @@ _COLUMNS = "id, slug, name, description, cost, inputs, pipeline, enabled, versio
 
 
 class FeatureStore:
+    # Parsed features by (id, version): every change bumps the version, so an entry never
+    # goes stale; parsing (pydantic, the pipeline check) is the costly part of a read.
+    PARSED_MAX = 256
+
     def __init__(self, db: Database, redis: Redis, catalog: Catalog) -> None:
         self.db = db
         self.redis = redis
         self.catalog = catalog
+        self._parsed: dict[tuple[int, int], Feature] = {}
+        self._cached: bytes | str | None = None  # the last cache document read, and its rows
+        self._cached_rows: list[Row] = []
+
+    def _feature(self, row: Row) -> Feature:
+        key = (int(row["id"]), int(row["version"]))
+        feature = self._parsed.get(key)
+        if feature is None or feature.enabled != bool(row["enabled"]):
+            if len(self._parsed) >= self.PARSED_MAX:
+                self._parsed.clear()
+            feature = self._parsed[key] = _from_row(row, self.catalog)
+        return feature
 
     async def _rows(self) -> list[Row]:
         cached = await self.redis.get(CACHE_KEY)
         if cached is not None:
-            rows: list[Row] = json.loads(cached)
-            return rows
-        rows = await self.db.fetchall(f"SELECT {_COLUMNS} FROM features WHERE enabled = 1 ORDER BY id")
+            if cached != self._cached:  # decoded once per version of the document
+                self._cached, self._cached_rows = cached, json.loads(cached)
+            return self._cached_rows
+        rows: list[Row] = await self.db.fetchall(
+            f"SELECT {_COLUMNS} FROM features WHERE enabled = 1 ORDER BY id"
+        )
         await self.redis.set(CACHE_KEY, json.dumps(rows), ex=CACHE_TTL_S)
         return rows
 
     async def enabled(self) -> list[Feature]:
-        return [_from_row(r, self.catalog) for r in await self._rows()]
+        return [self._feature(r) for r in await self._rows()]
 
     async def get_enabled(self, slug: str) -> Feature | None:
         for row in await self._rows():
             if row["slug"] == slug:
-                return _from_row(row, self.catalog)
+                return self._feature(row)
         return None
 
     async def get_any(self, slug: str) -> Feature:
         row = await self.db.fetchone(f"SELECT {_COLUMNS} FROM features WHERE slug = %s", slug)
         if row is None:
             raise NotFound(f"No feature {slug!r}")
-        return _from_row(row, self.catalog)
+        return self._feature(row)
 
     async def all(self) -> list[Feature]:
         rows = await self.db.fetchall(f"SELECT {_COLUMNS} FROM features ORDER BY id")
-        return [_from_row(r, self.catalog) for r in rows]
+        return [self._feature(r) for r in rows]
 
     async def invalidate(self) -> None:
         await self.redis.delete(CACHE_KEY)

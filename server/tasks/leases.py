@@ -31,6 +31,12 @@ def key(task_id: str) -> str:
     return PREFIX + task_id
 
 
+def renew_interval(ttl: float) -> float:
+    """How often a held lease is renewed: a third of its TTL, at most 2 s, so it always
+    keeps two thirds of its TTL in hand."""
+    return min(ttl / 3, 2.0)
+
+
 async def acquire(redis: Redis, task_id: str, owner: str, ttl_ms: int) -> bool:
     return bool(await redis.set(key(task_id), owner, nx=True, px=ttl_ms))
 

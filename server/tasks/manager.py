@@ -24,7 +24,7 @@ from server.errors import AppError, Busy, ErrorCode
 from server.tasks import leases, states, store
 from server.tasks.deps import TaskDeps
 from server.tasks.runner import VendorCall, fail, hold_lease, run_task
-from server.tasks.slots import RunSlot, TaskRow
+from server.tasks.slots import Run, RunSlot
 
 _HALF_SUBMITTED = "The server taking this task stopped before scheduling it"
 _TASK_ROW = "SELECT id, user_id, feature, inputs, attempts, status FROM tasks WHERE id = %s"
@@ -58,7 +58,7 @@ class TaskManager:
     async def _renew_waiting(self) -> None:
         ttl = self.deps.settings.tasks.lease_ttl
         while True:
-            await asyncio.sleep(min(ttl / 3, 2.0))
+            await asyncio.sleep(leases.renew_interval(ttl))
             waiting = list(self._waiting)
             try:
                 kept = await asyncio.gather(
@@ -85,16 +85,16 @@ class TaskManager:
     def _give_back(self) -> None:
         self._claimed -= 1
 
-    async def _spawn(self, row: TaskRow) -> None:
+    async def _spawn(self, run: Run) -> None:
         # Room was counted for this job, so the scheduler starts or queues it without waiting.
-        run = self._job(row)
-        task_id = str(row["id"])
+        job = self._job(run)
+        task_id = str(run.row["id"])
         self._waiting.add(task_id)
         try:
-            self.jobs[task_id] = await self.scheduler.spawn(run, name=f"task:{task_id}")
+            self.jobs[task_id] = await self.scheduler.spawn(job, name=f"task:{task_id}")
         except BaseException:
             self._waiting.discard(task_id)
-            run.close()  # the scheduler is closing: recovery runs the task elsewhere
+            job.close()  # the scheduler is closing: recovery runs the task elsewhere
             raise
 
     async def start(self, task_id: str) -> None:
@@ -104,22 +104,27 @@ class TaskManager:
             await db.execute("UPDATE tasks SET attempts = attempts + 1 WHERE id = %s", task_id)
             row = await db.fetchone(_TASK_ROW, task_id)
             if row is not None:
-                await slot.spawn(row)
+                await slot.spawn(Run(row, leased_at=0.0))  # renewed when it starts
 
-    async def _job(self, row: TaskRow) -> None:
-        task_id = str(row["id"])
+    async def _job(self, run: Run) -> None:
+        task_id = str(run.row["id"])
         self._waiting.discard(task_id)
         redis, owner = self.deps.redis, self.deps.owner
-        ttl_ms = int(self.deps.settings.tasks.lease_ttl * 1000)
+        ttl = self.deps.settings.tasks.lease_ttl
+        ttl_ms = int(ttl * 1000)
         try:
-            # A run that waited in the queue longer than the lease TTL lost its lease; if
-            # recovery gave the task to another instance meanwhile, that one runs it.
-            if not await leases.renew(redis, task_id, owner, ttl_ms) and not await leases.acquire(
-                redis, task_id, owner, ttl_ms
+            # A run that starts within one renewal interval of taking its lease still has
+            # at least two thirds of it (hold_lease renews from here on). One that waited in
+            # the queue longer may have lost it; if recovery gave the task to another
+            # instance meanwhile, that one runs it.
+            fresh = asyncio.get_running_loop().time() - run.leased_at < leases.renew_interval(ttl)
+            if not fresh and not (
+                await leases.renew(redis, task_id, owner, ttl_ms)
+                or await leases.acquire(redis, task_id, owner, ttl_ms)
             ):
                 logger.warning("task {} waited past its lease and another instance took it", task_id)
                 return
-            await hold_lease(self.deps, task_id, run_task(self.deps, row, self.call))
+            await hold_lease(self.deps, task_id, run_task(self.deps, run, self.call))
         except asyncio.CancelledError:
             raise
         except Exception:

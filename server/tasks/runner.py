@@ -28,6 +28,7 @@ from server.tasks.deps import TaskDeps
 from server.tasks.features import Feature
 from server.tasks.leases import cancel_key
 from server.tasks.pipeline import CallStep, Combiner, ForkStep, JoinStep
+from server.tasks.slots import Run
 from server.timing import backoff_delay
 from server.vendors.adapters import VendorResult
 
@@ -87,11 +88,15 @@ class PipelineRun:
         await states.finish_step(self.deps.db, self.task_id, step_id, status, error)
 
     async def _progress(self) -> None:
+        """Write, then announce (≤ 5 a second) the share of calls done. The last call's 1.0
+        is written with the final status and announced with it (run_task)."""
         self.done += 1
-        progress = min(1.0, self.done / self.total)
+        if self.done >= self.total:
+            return
+        progress = self.done / self.total
         await self.deps.db.execute("UPDATE tasks SET progress = %s WHERE id = %s", progress, self.task_id)
         now = time.monotonic()
-        if now - self._last_progress >= PROGRESS_INTERVAL_S or self.done >= self.total:
+        if now - self._last_progress >= PROGRESS_INTERVAL_S:
             self._last_progress = now
             await self.deps.hub.publish(
                 self.user_id, "task.progress", {"task_id": self.task_id, "progress": round(progress, 4)}
@@ -257,34 +262,38 @@ async def fail(deps: TaskDeps, task: Mapping[str, Any], error: AppError) -> None
         await _publish_status(deps, user_id, task_id, "failed")
 
 
-async def run_task(deps: TaskDeps, task: Mapping[str, Any], call: VendorCall) -> None:
-    """The whole life of one task run; the caller holds its lease. Timed by feature in
-    wardrobe_task_run_seconds, whatever the outcome."""
+async def run_task(deps: TaskDeps, run: Run, call: VendorCall) -> bool:
+    """The whole life of one task run; the caller holds its lease. True when the task has
+    its final status (whoever gave it). Timed by feature in wardrobe_task_run_seconds,
+    whatever the outcome."""
     began = time.perf_counter()
     try:
-        await _run_task(deps, task, call)
+        return await _run_task(deps, run, call)
     finally:
-        deps.metrics.task_run_seconds.labels(str(task["feature"])).observe(time.perf_counter() - began)
+        deps.metrics.task_run_seconds.labels(str(run.row["feature"])).observe(time.perf_counter() - began)
 
 
-async def _run_task(deps: TaskDeps, task: Mapping[str, Any], call: VendorCall) -> None:
+async def _run_task(deps: TaskDeps, run: Run, call: VendorCall) -> bool:
+    task = run.row
     task_id, user_id = str(task["id"]), int(task["user_id"])
     db = deps.db
     settings = deps.settings
     try:
-        feature = await deps.features.get_any(str(task["feature"]))
+        feature = run.feature or await deps.features.get_any(str(task["feature"]))
         if not await states.start(db, task_id):
-            return  # cancelled before it began
+            return False  # cancelled before it began (or no longer this run's to start)
         await _publish_status(deps, user_id, task_id, "running")
         storage = deps.storage
         refs = json.loads(task["inputs"])
-        mine = await assets.owned(
-            db, user_id, [v for k, v in refs.items() if feature.inputs[k].type == "image"]
-        )
+        mine = run.inputs
+        if mine is None:
+            mine = await assets.owned(
+                db, user_id, [v for k, v in refs.items() if feature.inputs[k].type == "image"]
+            )
         images = {k: await storage.get(mine[v].storage_key) for k, v in refs.items() if v in mine}
-        run = PipelineRun(deps, task, feature, images, call)
+        pipeline = PipelineRun(deps, task, feature, images, call)
         async with asyncio.timeout(settings.tasks.timeout):
-            out = await run.execute()
+            out = await pipeline.execute()
         image = ValidatedImage(out.data, out.content_type, *_size(out.data), len(out.data))
         await assets.store(db, storage, user_id, image, kind="output", task_id=task_id)
     except asyncio.CancelledError:
@@ -295,22 +304,26 @@ async def _run_task(deps: TaskDeps, task: Mapping[str, Any], call: VendorCall) -
             task,
             AppError(ErrorCode.UPSTREAM_FAILED, f"The task took longer than {settings.tasks.timeout:.0f}s"),
         )
-        return
+        return True
     except AppError as exc:
         await fail(deps, task, exc)
-        return
+        return True
     except Exception as exc:
         logger.opt(exception=True).error("task {} crashed", task_id)
         await fail(deps, task, AppError(ErrorCode.INTERNAL, f"The task failed: {type(exc).__name__}"))
-        return
+        return True
     try:
         await deps.credits.confirm(user_id, task_id)
     except AppError as exc:
         if exc.code == ErrorCode.CONFLICT:
-            return  # cancelled while the last step ran: the credits went back, no charge
+            return True  # cancelled while the last step ran: the credits went back, no charge
         raise
-    if await store.finish(deps, task_id, "succeeded", None):
-        await _publish_status(deps, user_id, task_id, "succeeded")
+    if await store.finish(deps, task_id, "succeeded", None):  # progress 1 with it
+        await asyncio.gather(  # one round trip to the hub, in this order
+            deps.hub.publish(user_id, "task.progress", {"task_id": task_id, "progress": 1.0}),
+            _publish_status(deps, user_id, task_id, "succeeded"),
+        )
+    return True
 
 
 def _size(data: bytes) -> tuple[int, int]:
@@ -319,14 +332,17 @@ def _size(data: bytes) -> tuple[int, int]:
         return im.size
 
 
-async def hold_lease(deps: TaskDeps, task_id: str, body: Awaitable[None]) -> None:
-    """Run `body` while renewing the task's lease; stop it if the lease is lost."""
+async def hold_lease(deps: TaskDeps, task_id: str, body: Awaitable[bool]) -> None:
+    """Run `body` while renewing the task's lease; stop it if the lease is lost. The lease
+    is given back unless `body` answers True (the task has its final status): then it
+    just expires, as nothing acts on the lease of a finished task (one round trip less)."""
     redis, owner = deps.redis, deps.owner
     ttl = deps.settings.tasks.lease_ttl
     work = asyncio.ensure_future(body)
+    finished = False
     try:
         while not work.done():
-            await asyncio.wait({work}, timeout=min(ttl / 3, 2.0))
+            await asyncio.wait({work}, timeout=leases.renew_interval(ttl))
             if work.done():
                 break
             if await redis.exists(cancel_key(task_id)):
@@ -335,9 +351,10 @@ async def hold_lease(deps: TaskDeps, task_id: str, body: Awaitable[None]) -> Non
             elif not await leases.renew(redis, task_id, owner, int(ttl * 1000)):
                 logger.warning("task {} lost its lease; stopping here", task_id)
                 work.cancel()
-        await work
+        finished = await work
     finally:
         if not work.done():
             work.cancel()
             await asyncio.gather(work, return_exceptions=True)
-        await asyncio.shield(leases.release(redis, task_id, owner))
+        if not finished:
+            await asyncio.shield(leases.release(redis, task_id, owner))

@@ -24,7 +24,7 @@ from server.tasks.deps import TaskDeps
 from server.tasks.features import Feature
 from server.tasks.leases import cancel_key
 from server.tasks.pricing import task_cost
-from server.tasks.slots import RunSlot
+from server.tasks.slots import Run, RunSlot
 from server.timing import backoff_delay, rfc3339, utcnow
 
 # `new`: the row claims its Idempotency-Key while the credits are reserved; it is not
@@ -45,8 +45,9 @@ def request_hash(feature: str, inputs: dict[str, Any]) -> str:
 
 async def resolve_inputs(
     deps: TaskDeps, user_id: int, feature: Feature, raw: dict[str, Any]
-) -> dict[str, Any]:
-    """The task's inputs checked against the feature; image inputs must be the caller's assets."""
+) -> tuple[dict[str, Any], dict[str, assets.Asset]]:
+    """The task's inputs checked against the feature, and its image inputs: they must be
+    the caller's assets (by id)."""
     errors: list[dict[str, str]] = []
     for name in sorted(set(raw) - set(feature.inputs)):
         errors.append({"field": f"inputs.{name}", "message": f"{feature.slug} has no input {name!r}"})
@@ -74,7 +75,7 @@ async def resolve_inputs(
             errors.append({"field": f"inputs.{name}", "message": "no such asset of yours"})
     if errors:
         raise validation_failed(errors)
-    return out
+    return out, mine
 
 
 async def _existing(deps: TaskDeps, user_id: int, key: str, digest: str) -> dict[str, Any] | None:
@@ -112,21 +113,41 @@ async def create_task(
     raw_inputs: dict[str, Any],
 ) -> tuple[dict[str, Any], bool]:
     """(task, created): created means reserved and scheduled. A repeat of a key with the
-    same body answers the first task. Any error leaves nothing written."""
+    same body answers the first task. Any error leaves nothing written.
+
+    The key is looked up only when it matters: the insert of the new row finds a repeat
+    (a duplicate key), and an error answer first checks whether the key already has a
+    task, which a repeat answers whatever changed since (the feature, the inputs, the
+    runner's room). So a new task costs no lookup round trip."""
     digest = request_hash(feature_slug, raw_inputs)
-    found = await _existing(deps, user_id, key, digest)
-    if found is not None:
-        return found, False
-    feature = await deps.features.get_enabled(feature_slug)
-    if feature is None:
-        raise validation_failed([{"field": "feature", "message": f"no feature {feature_slug!r}"}])
-    inputs = await resolve_inputs(deps, user_id, feature, raw_inputs)
+    try:
+        feature = await deps.features.get_enabled(feature_slug)
+        if feature is None:
+            raise validation_failed([{"field": "feature", "message": f"no feature {feature_slug!r}"}])
+        inputs, images = await resolve_inputs(deps, user_id, feature, raw_inputs)
+    except AppError as exc:
+        return await _first_or_raise(deps, user_id, key, digest, exc)
     for _ in range(3):  # again only when a concurrent submission of this key was withdrawn
-        with claim() as slot:  # a full runner: BUSY before anything is written
-            outcome = await _submit(deps, slot, user_id, key, digest, feature, inputs)
+        try:
+            slot = claim()  # a full runner: BUSY before anything is written
+        except Busy as exc:
+            return await _first_or_raise(deps, user_id, key, digest, exc)
+        with slot:
+            outcome = await _submit(deps, slot, user_id, key, digest, feature, inputs, images)
         if outcome is not None:
             return outcome
     raise Busy("A request with this Idempotency-Key is still being submitted; retry shortly")
+
+
+async def _first_or_raise(
+    deps: TaskDeps, user_id: int, key: str, digest: str, error: AppError
+) -> tuple[dict[str, Any], bool]:
+    """A submission that would answer `error`: a repeat of a key answers its first task
+    instead, whatever changed since (the feature, the inputs, the runner's room)."""
+    found = await _existing(deps, user_id, key, digest)
+    if found is None:
+        raise error
+    return found, False
 
 
 async def _submit(
@@ -137,6 +158,7 @@ async def _submit(
     digest: str,
     feature: Feature,
     inputs: dict[str, Any],
+    images: dict[str, assets.Asset],
 ) -> tuple[dict[str, Any], bool] | None:
     """Claim the key with an invisible `new` row, reserve, then make it `queued` and run it.
     None: the key was claimed by a submission that was then withdrawn."""
@@ -147,6 +169,7 @@ async def _submit(
     cost = await task_cost(deps, user_id, feature)
     created = utcnow()
     # The lease first: from the moment the row exists, a live process holds the task.
+    leased_at = asyncio.get_running_loop().time()
     await leases.acquire(redis, task_id, owner, int(settings.tasks.lease_ttl * 1000))
     inserted = scheduled = False
     reserved: bool | None = False  # None: unknown (the ask failed without an answer)
@@ -187,7 +210,7 @@ async def _submit(
             "created_at": created, "updated_at": queued,
         }  # fmt: skip
         await deps.hub.publish(user_id, "task.updated", {"task_id": task_id, "status": "queued"})
-        await slot.spawn(row)
+        await slot.spawn(Run(row, leased_at, feature, images))
         scheduled = True
         return _render(row, [], []), True
     finally:
