@@ -17,7 +17,7 @@ from server.tasks import leases
 from tests.auth_support import auth_settings, error_code, register
 from tests.conftest import Services
 from tests.fakes.vendor import FakeVendor
-from tests.test_tasks import ADMIN, User, add_feature, enhance, image_bytes, vendor_settings
+from tests.test_tasks import ADMIN, User, add_feature, admin_headers, enhance, image_bytes, vendor_settings
 
 # One run at a time and one waiting: the third submission finds the runner full.
 SMALL_RUNNER = {"task_concurrency": 1, "task_pending": 1}
@@ -163,3 +163,57 @@ async def test_a_run_waiting_in_the_queue_keeps_its_lease_so_no_other_instance_t
 
     fake.hold.set()
     assert (await user.finished(waiting))["status"] == "succeeded"
+
+
+@small_runner
+async def test_a_repeat_answers_its_first_task_when_the_runner_is_full_or_the_feature_is_disabled_since(
+    user: User, client: Any, fake: FakeVendor, services: Services, database: str
+) -> None:
+    """The key is looked up before an error is answered, not before every submission."""
+    await add_feature(client, "held", {"steps": [enhance("e")], "output": "e"}, cost=1)
+    await user.grant(10)
+    photo = await user.upload(image_bytes("plum"))
+    fake.hold = asyncio.Event()
+    running = await user.create("held", {"image": photo["id"]}, "one")
+    await fake.until(lambda: fake.in_flight == 1)
+    waiting = await user.create("held", {"image": photo["id"]}, "two")
+    assert (running.status, waiting.status) == (202, 202)
+    first_id = (await running.json())["id"]
+
+    full = await user.create("held", {"image": photo["id"]}, "three")
+    assert full.status == 503 and await error_code(full) == "BUSY"
+    repeat = await user.create("held", {"image": photo["id"]}, "one")  # the runner is still full
+    assert repeat.status == 200 and (await repeat.json())["id"] == first_id
+
+    resp = await client.patch(
+        "/api/v1/admin/features/held", json={"enabled": False}, headers=await admin_headers(client)
+    )
+    assert resp.status == 200
+    repeat = await user.create("held", {"image": photo["id"]}, "one")
+    assert repeat.status == 200 and (await repeat.json())["id"] == first_id
+    conflict = await user.create("held", {"image": "0" * 24}, "one")  # another body, still the key's
+    assert conflict.status == 409 and await error_code(conflict) == "IDEMPOTENCY_CONFLICT"
+    refused = await user.create("held", {"image": photo["id"]}, "four")
+    assert refused.status == 422 and await error_code(refused) == "VALIDATION_FAILED"
+
+    fake.hold.set()
+    assert len(rows(services, database, "SELECT id FROM tasks")) == 2
+    assert await user.quota() == QuotaState(10, 2)
+
+
+async def test_a_finished_task_keeps_its_lease_until_it_expires_and_recovery_leaves_it(
+    user: User, client: Any, app: web.Application, settings: Settings, aiohttp_client: Any
+) -> None:
+    """A run that gave its task the final status lets the lease expire (no round trip to
+    delete it); nothing acts on the lease of a finished task."""
+    await user.grant(2)
+    photo = await user.upload(image_bytes("tan"))
+    task_id = str((await (await user.create("bg-remove", {"image": photo["id"]}, "k")).json())["id"])
+    assert (await user.finished(task_id))["status"] == "succeeded"
+    assert await leases.held(app[redis_key], [task_id]) == {task_id}
+    assert 0 < await app[redis_key].pttl(leases.key(task_id)) <= settings.tasks.lease_ttl * 1000
+    other = create_app(settings)
+    await aiohttp_client(other)
+    assert await other[tasks_key].recover() == 0
+    assert (await user.finished(task_id))["status"] == "succeeded"
+    assert await user.quota() == QuotaState(0, 0)
