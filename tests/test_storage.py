@@ -140,8 +140,16 @@ async def test_keys_that_could_escape_the_root_or_need_quoting_are_refused(
 
 async def test_local_writes_leave_no_temporary_files_behind(local: LocalStorage) -> None:
     await local.put("a/b/c.webp", b"data", "image/webp")
+    await local.put("a/b/d.bin", b"data", "image/png")
     files = sorted(p.relative_to(local.root).as_posix() for p in local.root.rglob("*") if p.is_file())
-    assert files == [".types/a/b/c.webp", "a/b/c.webp"]
+    assert files == [".types/a/b/d.bin", "a/b/c.webp", "a/b/d.bin"]  # a type the extension says is not kept
+    assert (await local.content_type("a/b/c.webp"), await local.content_type("a/b/d.bin")) == (
+        "image/webp",
+        "image/png",
+    )
+    await local.put("a/b/d.bin", b"data", "application/octet-stream")  # now what the extension says
+    assert not (local.root / ".types/a/b/d.bin").exists()
+    assert await local.content_type("a/b/d.bin") == "application/octet-stream"
 
 
 def test_the_url_secret_is_derived_from_the_jwt_secret_unless_configured() -> None:

@@ -1,7 +1,8 @@
 """Files under `<VAR_DIR>/storage`, for development and single-machine deployments.
 
-Layout: the object `a/b.png` is the file `<root>/a/b.png`; its content type is kept in
-`<root>/.types/a/b.png` (keys never start a segment with `.`, so the two cannot clash).
+Layout: the object `a/b.png` is the file `<root>/a/b.png`; its content type, unless it
+is the one the extension says (image/png here), is kept in `<root>/.types/a/b.png` (keys
+never start a segment with `.`, so the two cannot clash).
 Every write goes to a hidden temporary file in the target directory and is renamed
 into place, so a reader sees the old object or the new one, never half of one.
 
@@ -106,7 +107,10 @@ class LocalStorage:
         path, type_path = self.path_for(key), self._type_path(key)
 
         def write() -> None:
-            _write_atomically(type_path, content_type.encode())
+            if content_type == mimetypes.guess_type(key)[0]:
+                type_path.unlink(missing_ok=True)  # the extension says it (see content_type)
+            else:
+                _write_atomically(type_path, content_type.encode())
             _write_atomically(path, data)
 
         await self._io(write)
