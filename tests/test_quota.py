@@ -152,6 +152,29 @@ async def test_waiting_operations_are_committed_as_one_batch(
     assert after - before < 10  # 100 reservations, a handful of commits
 
 
+async def test_confirms_and_cancels_settled_in_one_batch_each_keep_their_own_phase_and_reason(
+    client: Any, app: web.Application, services: Services, database: str
+) -> None:
+    uid = next(_user_ids)
+    u = user(app, uid)
+    await u.ask(Grant(100, "grant"))
+    tasks = [f"mixed-{uid}-{i}" for i in range(6)]
+    await asyncio.gather(*(u.ask(Reserve(t, 5, ttl=60)) for t in tasks))
+    await asyncio.gather(
+        *(u.ask(Confirm(t) if i % 2 == 0 else Cancel(t, f"why {i}")) for i, t in enumerate(tasks))
+    )
+    rows = services.query(
+        database,
+        "SELECT task_id, phase, reason FROM quota_transactions WHERE user_id = %s ORDER BY task_id",
+        uid,
+    )
+    assert [(r["task_id"], r["phase"]) for r in rows] == [
+        (t, "confirmed" if i % 2 == 0 else "cancelled") for i, t in enumerate(tasks)
+    ]
+    assert [r["reason"] for r in rows if r["phase"] == "cancelled"] == ["why 1", "why 3", "why 5"]
+    assert await u.ask(Snapshot()) == QuotaState(85, 0)
+
+
 async def test_a_storm_on_two_instances_keeps_ledger_and_balance_equal(
     client: Any, app: web.Application, app2: web.Application, services: Services, database: str
 ) -> None:

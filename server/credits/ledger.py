@@ -338,11 +338,17 @@ async def apply_batch(
                 for r in batch.inserts.values()
             ],
         )  # fmt: skip
-    if batch.settles:
-        await tx.executemany(
-            "UPDATE quota_transactions SET phase = %s, reason = %s, settled_at = %s "
-            "WHERE task_id = %s AND phase = 'reserved'",
-            [(r.phase, r.reason, now, r.task_id) for r in batch.settles.values()],
+    if batch.settles:  # one statement for the batch (executemany would send one per row)
+        settles = list(batch.settles.values())
+        cases = " ".join(["WHEN %s THEN %s"] * len(settles))
+        await tx.execute(
+            f"UPDATE quota_transactions SET phase = CASE task_id {cases} END, "
+            f"reason = CASE task_id {cases} END, settled_at = %s "
+            f"WHERE task_id IN ({','.join(['%s'] * len(settles))}) AND phase = 'reserved'",
+            *[v for r in settles for v in (r.task_id, r.phase)],
+            *[v for r in settles for v in (r.task_id, r.reason)],
+            now,
+            *[r.task_id for r in settles],
         )
     if batch.ledger:
         await tx.executemany(
