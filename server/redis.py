@@ -17,13 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Sequence
 from typing import Any, cast
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.exceptions import MaxConnectionsError
+from redis.commands.core import AsyncScript
+from redis.exceptions import MaxConnectionsError, NoScriptError
 
 from server.config import SENTINEL_SCHEME, SentinelURL, Settings
 from server.errors import Busy
@@ -136,6 +138,42 @@ def derived_pool(redis: Redis, max_connections: int, **overrides: Any) -> Connec
             base.service_name, base.sentinel_manager, max_connections=max_connections, **kwargs
         )
     return ConnectionPool(connection_class=base.connection_class, max_connections=max_connections, **kwargs)
+
+
+async def run_script_many(
+    redis: Redis, script: AsyncScript, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]
+) -> list[Any]:
+    """Run `script` once per (keys, args) in one round trip: EVALSHA each in one redis-py
+    pipeline (no MULTI: each run is atomic on its own), in order. Answers the results,
+    an error as its exception. A lone call goes through the script itself; if Redis lost
+    its scripts (a restart), the script is loaded and those calls run again, in order.
+    Never raises but cancellation. (A Script passed to a pipeline would cost a SCRIPT
+    EXISTS round trip each time.)"""
+    if len(calls) == 1:
+        keys, args = calls[0]
+        try:
+            return [await script(keys=keys, args=args)]
+        except Exception as exc:
+            return [exc]
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            results: list[Any] = list(await pipe.execute(raise_on_error=False))
+    except Exception as exc:  # the connection failed: every call has that answer
+        return [exc] * len(calls)
+    if any(isinstance(r, NoScriptError) for r in results):
+        try:
+            await redis.script_load(script.script)
+        except Exception as exc:
+            return [exc if isinstance(r, NoScriptError) else r for r in results]
+        for i, (keys, args) in enumerate(calls):
+            if isinstance(results[i], NoScriptError):
+                try:
+                    results[i] = await redis.evalsha(script.sha, len(keys), *keys, *args)
+                except Exception as exc:
+                    results[i] = exc
+    return results
 
 
 def pool_stats(client: Redis) -> dict[str, int]:

@@ -135,6 +135,25 @@ async def test_a_call_abandoned_while_waiting_for_a_cluster_permit_leaves_no_lea
     assert fake.calls == 2
 
 
+async def test_permits_given_back_at_once_all_go_back_even_after_redis_lost_its_scripts(
+    instances: Callable[..., Any], fake: FakeVendor
+) -> None:
+    """Releases made together go in one pipeline of EVALSHA; a Redis that lost its scripts
+    (a restart) gets the script loaded again and every lease still goes back."""
+    a = await instances(concurrency=5)
+    held = permits(a)
+    fake.hold = asyncio.Event()
+    calls = [echo(a) for _ in range(5)]
+    await fake.until(lambda: fake.in_flight == 5)
+    assert await held.redis.zcard(held.leases_key) == 5
+    await held.redis.script_flush()
+    fake.hold.set()
+    await asyncio.gather(*calls)
+    await until(lambda: not held.held and not held._jobs)
+    assert await held.redis.zcard(held.leases_key) == 0
+    assert held.counts["redis_errors"] == 0 and not held.fallback
+
+
 HOLDER = """
 import asyncio, sys
 from server.config import Settings

@@ -37,7 +37,8 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+
+from server.redis import run_script_many
 
 # KEYS: the user's seq, stream and marks (EventStreams.keys). ARGV: now_ms, bucket_ms,
 # retention_ms, keep_min, max_len, channel prefix, event (a JSON string), data (JSON),
@@ -144,10 +145,7 @@ class EventStreams:
         try:
             while self._queue:
                 batch, self._queue = self._queue, []
-                try:
-                    results = await self._run(batch)
-                except Exception as exc:
-                    results = [exc] * len(batch)
+                results = await self._run(batch)
                 for (_, _, seq), result in zip(batch, results, strict=True):
                     if seq.done():  # its caller stopped waiting
                         continue
@@ -163,19 +161,7 @@ class EventStreams:
             self._queue = []
 
     async def _run(self, batch: list[_Queued]) -> list[Any]:
-        if len(batch) == 1:
-            keys, args, _ = batch[0]
-            return [await self.script(keys=list(keys), args=args)]  # loads the script if needed
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for keys, args, _ in batch:
-                pipe.evalsha(self.script.sha, 3, *keys, *args)
-            results: list[Any] = list(await pipe.execute(raise_on_error=False))
-        if any(isinstance(r, NoScriptError) for r in results):  # Redis lost its scripts (restart)
-            await self.redis.script_load(_PUBLISH)
-            for i, (keys, args, _) in enumerate(batch):
-                if isinstance(results[i], NoScriptError):
-                    results[i] = await self.redis.evalsha(self.script.sha, 3, *keys, *args)
-        return results
+        return await run_script_many(self.redis, self.script, [(keys, args) for keys, args, _ in batch])
 
     async def close(self) -> None:
         """Wait (briefly) for the events still being sent."""
