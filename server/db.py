@@ -102,6 +102,28 @@ class Conn:
             return None if row is None else row[0]
 
 
+class _Connection:
+    """What `Database.connection()` answers: acquire (bounded by DB_ACQUIRE_TIMEOUT when the
+    pool is empty), map a lost server to Unavailable, always release. A class rather
+    than a generator-based context manager: it is on every statement's path."""
+
+    __slots__ = ("db", "raw")
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def __aenter__(self) -> Conn:
+        self.raw = await self.db._acquire()
+        return Conn(self.raw)
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        # aiomysql closes a connection released in the middle of a transaction, and the
+        # pool drops one whose server went away.
+        self.db.pool.release(self.raw)
+        if exc is not None and isinstance(exc, Exception) and is_unreachable(exc):
+            raise Unavailable("The database", exc) from exc
+
+
 class Database:
     def __init__(self, pool: aiomysql.Pool, settings: Settings, metrics: Metrics) -> None:
         self.pool = pool
@@ -145,33 +167,30 @@ class Database:
         self.pool.close()
         await self.pool.wait_closed()
 
-    @asynccontextmanager
-    async def connection(self) -> AsyncIterator[Conn]:
+    def connection(self) -> _Connection:
+        """`async with db.connection() as conn:` a pooled connection for a few statements."""
+        return _Connection(self)
+
+    async def _acquire(self) -> aiomysql.Connection:
         started = time.perf_counter()
-        self._waiting += 1
         try:
-            async with asyncio.timeout(self._acquire_timeout):
-                raw = await self.pool.acquire()
-        except TimeoutError:
-            self._metrics.db_acquire_timeouts.inc()
-            raise Busy("Database pool exhausted, retry shortly") from None
+            if self.pool.freesize:  # one is free: acquire takes it without waiting
+                return await self.pool.acquire()
+            self._waiting += 1
+            try:
+                async with asyncio.timeout(self._acquire_timeout):
+                    return await self.pool.acquire()
+            except TimeoutError:
+                self._metrics.db_acquire_timeouts.inc()
+                raise Busy("Database pool exhausted, retry shortly") from None
+            finally:
+                self._waiting -= 1
         except Exception as exc:
             if is_unreachable(exc):
                 raise Unavailable("The database", exc) from exc
             raise
         finally:
-            self._waiting -= 1
             self._metrics.db_acquire.observe(time.perf_counter() - started)
-        try:
-            yield Conn(raw)
-        except Exception as exc:
-            if is_unreachable(exc):
-                raise Unavailable("The database", exc) from exc
-            raise
-        finally:
-            # aiomysql closes a connection released in the middle of a transaction, and
-            # the pool drops one whose server went away.
-            self.pool.release(raw)
 
     @asynccontextmanager
     async def transaction(self, isolation: Isolation | None = None) -> AsyncIterator[Conn]:
