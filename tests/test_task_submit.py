@@ -53,10 +53,9 @@ def ledger_for_missing_tasks(services: Services, database: str) -> list[dict[str
     )
 
 
-@small_runner
-async def test_a_full_runner_answers_busy_and_writes_nothing(
-    user: User, client: Any, app: web.Application, fake: FakeVendor, services: Services, database: str
-) -> None:
+async def fill_the_small_runner(user: User, client: Any, fake: FakeVendor) -> tuple[dict[str, Any], Any, Any]:
+    """A `held` feature (cost 1), 10 credits, a photo; task "one" running on the held fake
+    vendor and "two" waiting: the small runner is full. (photo, running, waiting)."""
     await add_feature(client, "held", {"steps": [enhance("e")], "output": "e"}, cost=1)
     await user.grant(10)
     photo = await user.upload(image_bytes("teal"))
@@ -65,6 +64,14 @@ async def test_a_full_runner_answers_busy_and_writes_nothing(
     await fake.until(lambda: fake.in_flight == 1)
     waiting = await user.create("held", {"image": photo["id"]}, "two")
     assert (running.status, waiting.status) == (202, 202)
+    return photo, running, waiting
+
+
+@small_runner
+async def test_a_full_runner_answers_busy_and_writes_nothing(
+    user: User, client: Any, app: web.Application, fake: FakeVendor, services: Services, database: str
+) -> None:
+    photo, running, waiting = await fill_the_small_runner(user, client, fake)
 
     refused = await user.create("held", {"image": photo["id"]}, "three")
     assert refused.status == 503 and await error_code(refused) == "BUSY"
@@ -170,14 +177,7 @@ async def test_a_repeat_answers_its_first_task_when_the_runner_is_full_or_the_fe
     user: User, client: Any, fake: FakeVendor, services: Services, database: str
 ) -> None:
     """The key is looked up before an error is answered, not before every submission."""
-    await add_feature(client, "held", {"steps": [enhance("e")], "output": "e"}, cost=1)
-    await user.grant(10)
-    photo = await user.upload(image_bytes("plum"))
-    fake.hold = asyncio.Event()
-    running = await user.create("held", {"image": photo["id"]}, "one")
-    await fake.until(lambda: fake.in_flight == 1)
-    waiting = await user.create("held", {"image": photo["id"]}, "two")
-    assert (running.status, waiting.status) == (202, 202)
+    photo, running, _ = await fill_the_small_runner(user, client, fake)
     first_id = (await running.json())["id"]
 
     full = await user.create("held", {"image": photo["id"]}, "three")
