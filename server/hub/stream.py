@@ -40,18 +40,19 @@ from redis.asyncio import Redis
 
 from server.redis import run_script_many
 
-# KEYS: the user's seq, stream and marks (EventStreams.keys). ARGV: now_ms, bucket_ms,
-# retention_ms, keep_min, max_len, channel prefix, event (a JSON string), data (JSON),
-# user id. Returns the seq.
+# KEYS: the user's seq, stream and marks (EventStreams.keys). ARGV: now_ms, event (a JSON
+# string), data (JSON), user id. Returns the seq. The hub's settings are written into the
+# source (EventStreams.__init__), so each call packs four arguments, not nine.
 _PUBLISH = """
 local call = redis.call
+local width, retention, prefix = {bucket_ms}, {retention_ms}, '{prefix}'
+local keep_min, max_len = {keep_min}, {max_len}
 local seq_key, stream, marks = KEYS[1], KEYS[2], KEYS[3]
-local now, width = tonumber(ARGV[1]), tonumber(ARGV[2])
+local now = tonumber(ARGV[1])
 local bucket = math.floor(now / width)
-local oldest = math.floor((now - tonumber(ARGV[3])) / width)
-local keep_min, max_len, prefix = tonumber(ARGV[4]), ARGV[5], ARGV[6]
+local oldest = math.floor((now - retention) / width)
 local seq = call('INCR', seq_key)
-local frame = '{"type":"event","seq":' .. seq .. ',"event":' .. ARGV[7] .. ',"data":' .. ARGV[8] .. '}'
+local frame = '{{"type":"event","seq":' .. seq .. ',"event":' .. ARGV[2] .. ',"data":' .. ARGV[3] .. '}}'
 call('XADD', stream, 'MAXLEN', '~', max_len, seq .. '-0', 'f', frame)
 if call('HSETNX', marks, bucket, seq) == 1 then
   -- the user's first event in this time bucket: drop what left the window
@@ -69,7 +70,7 @@ if call('HSETNX', marks, bucket, seq) == 1 then
     call('XTRIM', stream, 'MINID', keep_from .. '-0')
   end
 end
-call('PUBLISH', prefix .. ARGV[9], frame)
+call('PUBLISH', prefix .. ARGV[4], frame)
 return seq
 """
 # Every frame starts so: the dispatcher reads the seq right after it (no other parsing).
@@ -109,17 +110,17 @@ class EventStreams:
         self.keep_min = keep_min
         self.max_per_user = max_per_user
         self.clock = clock
-        self.script = redis.register_script(_PUBLISH)
+        self.script = redis.register_script(
+            _PUBLISH.format(
+                bucket_ms=self.bucket_ms,
+                retention_ms=self.retention_ms,
+                keep_min=int(keep_min),
+                max_len=int(max_per_user),
+                prefix=self.channel_prefix.decode(),  # ev:live:<db>: (digits and colons)
+            )
+        )
         self._queue: list[_Queued] = []  # waiting for the round trip in flight
         self._sender: asyncio.Task[None] | None = None
-        # ARGV 2-6 of every call (ARGV 1 is the time).
-        self._settings: list[bytes | str | int] = [
-            self.bucket_ms,
-            self.retention_ms,
-            keep_min,
-            max_per_user,
-            self.channel_prefix,
-        ]
 
     def channel(self, user_id: int) -> bytes:
         return self.channel_prefix + str(user_id).encode()
@@ -171,7 +172,7 @@ class EventStreams:
 
     def args(self, user_id: int, event: str, data: dict[str, Any]) -> list[bytes | str | int]:
         """The script's ARGV for one event (`script` with `keys(user_id)` publishes it)."""
-        return [int(self.clock() * 1000), *self._settings, _dumps(event), _dumps(data), user_id]
+        return [int(self.clock() * 1000), _dumps(event), _dumps(data), user_id]
 
     async def last_seq(self, user_id: int) -> int:
         async with self._readers:
