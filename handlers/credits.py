@@ -8,7 +8,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, Field, field_validator
 
-from server.auth.middleware import principal_of
+from server.auth import principal_of
 from server.credits.ledger import QuotaState
 from server.errors import ErrorCode
 from server.keys import auth_key, credits_key

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, Field
 
-from server.auth.middleware import client_of, principal_of
+from server.auth import client_of, principal_of
 from server.distributors import Caller
 from server.errors import ErrorCode
 from server.keys import distributors_key, request_id_key

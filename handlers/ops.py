@@ -34,9 +34,8 @@ from multidict import MultiDictProxy
 from pydantic import ValidationError
 
 from server import __version__, figures
-from server.auth.middleware import authenticate, client_of
+from server.auth import Principal, authenticate, client_of
 from server.auth.schemas import PhoneIn
-from server.auth.tokens import Principal
 from server.errors import AppError, ErrorCode
 from server.keys import (
     actor_system_key,

@@ -9,7 +9,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, Field
 
-from server.auth.middleware import principal_of
+from server.auth import principal_of
 from server.errors import AppError, ErrorCode, NotFound, UnreadableBody
 from server.keys import db_key, settings_key, storage_key, tasks_key
 from server.media import assets

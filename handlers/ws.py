@@ -19,8 +19,7 @@ import jwt
 from aiohttp import WSMsgType, web
 from loguru import logger
 
-from server.auth.middleware import authenticate
-from server.auth.tokens import Principal
+from server.auth import Principal, authenticate
 from server.config import Settings
 from server.errors import AppError, ErrorCode, parse_uint
 from server.hub import RedisEventHub, Session

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from actors.runtime import ActorSystem
-    from server.auth import Auth
+    from server.auth.facade import Auth
     from server.auth.tokens import Principal
     from server.config import Settings
     from server.credits.facade import Credits
