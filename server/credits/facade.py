@@ -36,6 +36,9 @@ from server.hub.events import EventHub
 from server.metrics import Metrics
 from server.timing import utcnow
 
+# QuotaState, the answer of balance(), is part of the contract.
+__all__ = ["EXPIRED_REASON", "SWEEP_BATCH", "Credits", "LiveCheck", "QuotaState"]
+
 EXPIRED_REASON = "expired: no live process held the task"
 SWEEP_BATCH = 500
 
