@@ -41,6 +41,7 @@ from server.keys import (
     hub_key,
     instance_id_key,
     kms_key,
+    media_key,
     metrics_key,
     migrator_key,
     payments_key,
@@ -52,6 +53,7 @@ from server.keys import (
     vendors_key,
 )
 from server.media.costs import DeletionCounter, StorageMeter
+from server.media.facade import Media
 from server.media.orphans import clean_orphan_files
 from server.media.storage import open_storage
 from server.metrics import Metrics
@@ -160,6 +162,7 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
         app[storage_key] = storage
         settings = app[settings_key]
         app[storage_meter_key] = StorageMeter(app[db_key], storage, settings, app[metrics_key])
+        app[media_key] = Media(app[db_key], storage, settings)
         yield
 
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from server.distributors import Distributors
     from server.hub import RedisEventHub
     from server.media.costs import StorageMeter
+    from server.media.facade import Media
     from server.media.storage import Storage
     from server.metrics import Metrics
     from server.migrations import Migrator
@@ -50,6 +51,7 @@ principal_key: web.RequestKey[Principal] = web.RequestKey("principal")
 # Storage (issue 6): the backend STORAGE_BACKEND picks (server/storage).
 storage_key: web.AppKey[Storage] = web.AppKey("storage")
 storage_meter_key: web.AppKey[StorageMeter] = web.AppKey("storage_meter")  # cost figures (issue 14)
+media_key: web.AppKey[Media] = web.AppKey("media")  # assets and their files, for handlers (issue 11)
 
 # Vendors (issue 6): one VendorActor per configured AI vendor (server/vendors/setup.py).
 vendors_key: web.AppKey[Vendors] = web.AppKey("vendors")
