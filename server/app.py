@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 
 from aiohttp import web
@@ -46,6 +46,7 @@ from server.keys import (
     migrator_key,
     payments_key,
     redis_key,
+    redis_pool_key,
     settings_key,
     storage_key,
     storage_meter_key,
@@ -108,7 +109,9 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         await client.aclose()
         raise ConfigError(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
     app[redis_key] = client
-    app[metrics_key].watch_redis_pool(partial(pool_stats, client))
+    pool: Callable[[], dict[str, int]] = partial(pool_stats, client)
+    app[redis_pool_key] = pool  # for the ops dashboard
+    app[metrics_key].watch_redis_pool(pool)
     try:
         yield
     finally:

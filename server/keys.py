@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -32,6 +33,7 @@ settings_key: web.AppKey[Settings] = web.AppKey("settings")
 metrics_key: web.AppKey[Metrics] = web.AppKey("metrics")
 db_key: web.AppKey[Database] = web.AppKey("db")
 redis_key: web.AppKey[Redis] = web.AppKey("redis")
+redis_pool_key: web.AppKey[Callable[[], dict[str, int]]] = web.AppKey("redis_pool")  # its pool's figures
 migrator_key: web.AppKey[Migrator] = web.AppKey("migrator")
 actor_system_key: web.AppKey[ActorSystem] = web.AppKey("actor_system")
 hub_key: web.AppKey[RedisEventHub] = web.AppKey("event_hub")  # publish, and the sockets' side

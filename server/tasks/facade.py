@@ -16,6 +16,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from server import figures
 from server.auth.users import Profiles
 from server.config import Settings
 from server.credits.facade import Credits
@@ -62,6 +63,10 @@ class Tasks:
     async def recover(self) -> int:
         """Take over active tasks no live process holds (cron, every minute)."""
         return await self.runs.recover()
+
+    async def status_counts(self) -> dict[str, int]:
+        """Tasks of every user by status, every status present (the ops dashboard)."""
+        return await figures.task_counts(self.deps.db)
 
 
 @contextlib.asynccontextmanager
