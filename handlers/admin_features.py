@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, Field, field_validator
 
-from server.db import is_duplicate
-from server.errors import Conflict, ErrorCode
-from server.keys import db_key, tasks_key
+from server.errors import ErrorCode
+from server.keys import tasks_key
 from server.routing import RouteTable, omittable
-from server.tasks.features import Feature, parse_inputs
-from server.tasks.pipeline import parse_pipeline
+from server.tasks.schemas import AdminFeature
 
 routes = RouteTable(tags=["admin"], auth="admin")
 
@@ -51,36 +48,10 @@ class FeaturePatch(BaseModel):
         return value
 
 
-class AdminFeature(BaseModel):
-    slug: str
-    name: str
-    description: str
-    cost: int
-    member_cost: int | None
-    inputs: dict[str, Any]
-    pipeline: dict[str, Any]
-    enabled: bool
-    version: int
-
-
-def _admin_view(f: Feature) -> AdminFeature:
-    return AdminFeature(
-        slug=f.slug,
-        name=f.name,
-        description=f.description,
-        cost=f.cost,
-        member_cost=f.member_cost,
-        inputs={k: v.model_dump(exclude_none=True) for k, v in f.inputs.items()},
-        pipeline=f.pipeline.model_dump(exclude_defaults=True),
-        enabled=f.enabled,
-        version=f.version,
-    )
-
-
 @routes.get("/api/v1/admin/features", response=list[AdminFeature])
 async def all_features(request: web.Request) -> list[AdminFeature]:
     """Every feature, disabled ones included, with its pipeline."""
-    return [_admin_view(f) for f in await request.app[tasks_key].features.all()]
+    return [AdminFeature.of(f) for f in await request.app[tasks_key].features.all()]
 
 
 @routes.post(
@@ -88,21 +59,8 @@ async def all_features(request: web.Request) -> list[AdminFeature]:
 )
 async def create_feature(request: web.Request, body: FeatureIn) -> AdminFeature:
     """Create a feature; its inputs and pipeline are checked (acyclic, references, vendors, params)."""
-    store = request.app[tasks_key].features
-    inputs = parse_inputs(body.inputs)
-    parse_pipeline(body.pipeline, store.catalog, set(inputs))
     fields = body.model_dump(exclude={"slug"})
-    fields["inputs"] = json.dumps(body.inputs)
-    fields["pipeline"] = json.dumps(body.pipeline)
-    try:
-        async with request.app[db_key].transaction() as tx:
-            await store.save(tx, body.slug, fields, create=True)
-    except Exception as exc:
-        if is_duplicate(exc):
-            raise Conflict(f"A feature {body.slug!r} exists already") from None
-        raise
-    await store.invalidate()
-    return _admin_view(await store.get_any(body.slug))
+    return AdminFeature.of(await request.app[tasks_key].create_feature(body.slug, fields))
 
 
 @routes.patch(
@@ -110,21 +68,5 @@ async def create_feature(request: web.Request, body: FeatureIn) -> AdminFeature:
 )
 async def update_feature(request: web.Request, body: FeaturePatch) -> AdminFeature:
     """Change a feature (e.g. `{"enabled": false}` disables it); tasks already created keep running."""
-    store = request.app[tasks_key].features
-    slug = request.match_info["slug"]
-    current = await store.get_any(slug)
     changes = body.model_dump(exclude_unset=True)
-    if body.inputs is not None or body.pipeline is not None:
-        inputs = parse_inputs(body.inputs) if body.inputs is not None else current.inputs
-        pipeline = (
-            body.pipeline if body.pipeline is not None else current.pipeline.model_dump(exclude_defaults=True)
-        )
-        parse_pipeline(pipeline, store.catalog, set(inputs))
-    for key in ("inputs", "pipeline"):
-        if key in changes:
-            changes[key] = json.dumps(changes[key])
-    if changes:
-        async with request.app[db_key].transaction() as tx:
-            await store.save(tx, slug, changes, create=False)
-        await store.invalidate()
-    return _admin_view(await store.get_any(slug))
+    return AdminFeature.of(await request.app[tasks_key].update_feature(request.match_info["slug"], changes))

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, Field
 
-from server.auth.middleware import principal_of
+from server.auth import principal_of
 from server.auth.schemas import RoleName, User
 from server.errors import ErrorCode
 from server.keys import auth_key

@@ -7,10 +7,8 @@ from typing import Self
 from aiohttp import web
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from server.auth.middleware import client_of, principal_of
-from server.auth.passwords import password_problem
-from server.auth.schemas import AuthResult, PhoneIn, TokenPair, sms_code_field
-from server.auth.sms import Purpose
+from server.auth import client_of, principal_of
+from server.auth.schemas import AuthResult, PhoneIn, Purpose, TokenPair, password_problem, sms_code_field
 from server.errors import ErrorCode
 from server.keys import auth_key
 from server.routing import RouteTable

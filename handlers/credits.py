@@ -8,8 +8,8 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, Field, field_validator
 
-from server.auth.middleware import principal_of
-from server.credits.ledger import QuotaState
+from server.auth import principal_of
+from server.credits.facade import QuotaState
 from server.errors import ErrorCode
 from server.keys import auth_key, credits_key
 from server.paging import Page, PageQuery, decode_cursor, page_of

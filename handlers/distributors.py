@@ -10,12 +10,11 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, Field
 
-from server.auth.middleware import client_of, principal_of
-from server.distributors import Caller
+from server.auth import client_of, principal_of
+from server.distributors.facade import Access, Caller, as_json
 from server.errors import ErrorCode
 from server.keys import distributors_key, request_id_key
 from server.paging import Page, PageQuery
-from server.pii.audit import Access, as_json
 from server.routing import RouteTable, path_id
 from server.timing import rfc3339
 

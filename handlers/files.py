@@ -9,14 +9,10 @@ With STORAGE_BACKEND=cos the URLs point at COS and this route answers 404.
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 
-from server.errors import ErrorCode, NotFound
-from server.keys import storage_key
-from server.media.storage import InvalidKey
-from server.media.storage.local import LocalStorage
+from server.errors import ErrorCode
+from server.keys import media_key
 from server.routing import RouteTable
 
 routes = RouteTable(tags=["files"], auth="public")
@@ -34,20 +30,13 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     The `url` fields of the API are links to this route; they carry `exp` (unix time)
     and `sig` (HMAC-SHA256) and stop working at `exp`.
     """
-    storage = request.app[storage_key]
-    if not isinstance(storage, LocalStorage):
-        raise NotFound("Files are served by the object storage, not by this server")
-    key = request.match_info["key"]
-    remaining = storage.check_signature(key, request.query.get("exp", ""), request.query.get("sig", ""))
-    try:
-        path = storage.path_for(key)
-    except InvalidKey:
-        raise NotFound("No such file") from None
-    if not await asyncio.to_thread(path.is_file):
-        raise NotFound("No such file")
+    query = request.query
+    file = await request.app[media_key].local_file(
+        request.match_info["key"], query.get("exp", ""), query.get("sig", "")
+    )
     headers = {
-        "Content-Type": await storage.content_type(key),
-        "Cache-Control": f"private, max-age={remaining}",
+        "Content-Type": file.content_type,
+        "Cache-Control": f"private, max-age={file.remaining}",
         "X-Content-Type-Options": "nosniff",
     }
-    return web.FileResponse(path, headers=headers)
+    return web.FileResponse(file.path, headers=headers)

@@ -33,29 +33,29 @@ from loguru import logger
 from multidict import MultiDictProxy
 from pydantic import ValidationError
 
-from server import __version__, figures
-from server.auth.middleware import authenticate, client_of
+from server import __version__
+from server.auth import Principal, authenticate, client_of
 from server.auth.schemas import PhoneIn
-from server.auth.tokens import Principal
+from server.credits.facade import ReservationFigures
 from server.errors import AppError, ErrorCode
 from server.keys import (
     actor_system_key,
     auth_key,
+    credits_key,
     cron_key,
     db_key,
     distributors_key,
     instance_id_key,
+    media_key,
     ops_started_key,
     payments_key,
     redis_key,
+    redis_pool_key,
     settings_key,
-    storage_key,
     storage_meter_key,
     tasks_key,
     vendors_key,
 )
-from server.media import retention
-from server.redis import pool_stats
 from server.routing import RouteTable
 from server.templates import TEMPLATE_DIR
 
@@ -304,7 +304,7 @@ async def _redis_info(app: web.Application) -> dict[str, Any]:
 
 
 async def _status_counts(app: web.Application) -> dict[str, int]:
-    return await figures.task_counts(app[db_key])
+    return await app[tasks_key].status_counts()
 
 
 async def _recent_tasks(app: web.Application) -> list[dict[str, Any]]:
@@ -317,8 +317,8 @@ async def _recent_tasks(app: web.Application) -> list[dict[str, Any]]:
     return [{**r, "progress": float(r["progress"] or 0)} for r in rows]
 
 
-async def _reservations(app: web.Application) -> figures.ReservationFigures:
-    return await figures.reservations(app[db_key])
+async def _reservations(app: web.Application) -> ReservationFigures:
+    return await app[credits_key].reservation_figures()
 
 
 async def _storage(app: web.Application) -> dict[str, Any]:
@@ -326,7 +326,7 @@ async def _storage(app: web.Application) -> dict[str, Any]:
     bucket's lifecycle rules match the configuration (issue 14)."""
     report = await app[storage_meter_key].measure()
     bucket = report.bucket or {}
-    differences = await retention.lifecycle_check(app[storage_key], app[settings_key])
+    differences = await app[media_key].lifecycle_check()
     return {
         "classes": [
             {
@@ -351,7 +351,7 @@ async def _distributors(app: web.Application) -> dict[str, int]:
 
 
 def _redis_pool(app: web.Application) -> dict[str, int]:
-    return pool_stats(app[redis_key])
+    return app[redis_pool_key]()
 
 
 def _cron(app: web.Application) -> list[dict[str, Any]]:

@@ -9,11 +9,10 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, Field
 
-from server.auth.middleware import principal_of
+from server.auth import principal_of
 from server.errors import AppError, ErrorCode, NotFound, UnreadableBody
-from server.keys import db_key, settings_key, storage_key, tasks_key
-from server.media import assets
-from server.media.images import MAX_BYTES
+from server.keys import media_key, tasks_key
+from server.media.facade import MAX_BYTES
 from server.paging import PageQuery, decode_cursor, encode_cursor
 from server.routing import RouteTable, idempotency_key, json_response
 
@@ -133,10 +132,7 @@ async def upload_asset(request: web.Request) -> web.Response:
     if data is None:
         raise AppError(ErrorCode.MALFORMED_REQUEST, "The form has no field `file`")
     user_id = principal_of(request).user_id
-    asset = await assets.upload(request.app[db_key], request.app[storage_key], None, user_id, data)
-    return json_response(
-        asset.public(request.app[storage_key], request.app[settings_key].storage.url_ttl), 201
-    )
+    return json_response(await request.app[media_key].upload(user_id, data), 201)
 
 
 def _asset_id(request: web.Request) -> str:
@@ -153,8 +149,7 @@ async def keep_asset(request: web.Request) -> web.Response:
 
     Uploads are always kept; keeping again changes nothing. Someone else's asset is not found."""
     user_id = principal_of(request).user_id
-    asset = await assets.keep(request.app[db_key], request.app[storage_key], user_id, _asset_id(request))
-    return json_response(asset.public(request.app[storage_key], request.app[settings_key].storage.url_ttl))
+    return json_response(await request.app[media_key].keep(user_id, _asset_id(request)))
 
 
 @routes.delete("/api/v1/assets/{asset_id}", status=204, errors=[ErrorCode.NOT_FOUND, ErrorCode.CONFLICT])
@@ -162,7 +157,7 @@ async def delete_asset(request: web.Request) -> None:
     """Delete one of your assets: it is gone at once, its bytes with the nightly cleanup.
 
     409 CONFLICT while a queued or running task of yours uses it; someone else's asset is not found."""
-    await assets.delete(request.app[db_key], principal_of(request).user_id, _asset_id(request))
+    await request.app[media_key].delete(principal_of(request).user_id, _asset_id(request))
 
 
 async def _read_limited(part: BodyPartReader, limit: int) -> bytes:

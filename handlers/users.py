@@ -8,11 +8,8 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from server.auth.accounts import mask_phone
-from server.auth.login import banned
-from server.auth.middleware import client_of, principal_of
-from server.auth.passwords import password_problem
-from server.auth.schemas import Gender, PhoneIn, User, sms_code_field, user_json
+from server.auth import banned, client_of, principal_of
+from server.auth.schemas import Gender, PhoneIn, User, mask_phone, password_problem, sms_code_field, user_json
 from server.errors import ErrorCode, NotFound
 from server.keys import auth_key
 from server.paging import Page, PageQuery

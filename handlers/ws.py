@@ -19,12 +19,10 @@ import jwt
 from aiohttp import WSMsgType, web
 from loguru import logger
 
-from server.auth.middleware import authenticate
-from server.auth.tokens import Principal
+from server.auth import Principal, authenticate
 from server.config import Settings
 from server.errors import AppError, ErrorCode, parse_uint
-from server.hub import RedisEventHub, Session
-from server.hub.session import AUTH_TIMEOUT, TOO_MANY, UNAUTHENTICATED, UNAVAILABLE
+from server.hub import AUTH_TIMEOUT, TOO_MANY, UNAUTHENTICATED, UNAVAILABLE, RedisEventHub, Session
 from server.keys import hub_key, settings_key
 from server.routing import RouteTable
 from server.timing import rfc3339

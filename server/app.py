@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 
 from aiohttp import web
@@ -41,10 +41,12 @@ from server.keys import (
     hub_key,
     instance_id_key,
     kms_key,
+    media_key,
     metrics_key,
     migrator_key,
     payments_key,
     redis_key,
+    redis_pool_key,
     settings_key,
     storage_key,
     storage_meter_key,
@@ -52,6 +54,7 @@ from server.keys import (
     vendors_key,
 )
 from server.media.costs import DeletionCounter, StorageMeter
+from server.media.facade import Media
 from server.media.orphans import clean_orphan_files
 from server.media.storage import open_storage
 from server.metrics import Metrics
@@ -106,7 +109,9 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         await client.aclose()
         raise ConfigError(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
     app[redis_key] = client
-    app[metrics_key].watch_redis_pool(partial(pool_stats, client))
+    pool: Callable[[], dict[str, int]] = partial(pool_stats, client)
+    app[redis_pool_key] = pool  # for the ops dashboard
+    app[metrics_key].watch_redis_pool(pool)
     try:
         yield
     finally:
@@ -160,6 +165,7 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
         app[storage_key] = storage
         settings = app[settings_key]
         app[storage_meter_key] = StorageMeter(app[db_key], storage, settings, app[metrics_key])
+        app[media_key] = Media(app[db_key], storage, settings)
         yield
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -10,7 +11,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from actors.runtime import ActorSystem
-    from server.auth import Auth
+    from server.auth.facade import Auth
     from server.auth.tokens import Principal
     from server.config import Settings
     from server.credits.facade import Credits
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from server.distributors import Distributors
     from server.hub import RedisEventHub
     from server.media.costs import StorageMeter
+    from server.media.facade import Media
     from server.media.storage import Storage
     from server.metrics import Metrics
     from server.migrations import Migrator
@@ -31,6 +33,7 @@ settings_key: web.AppKey[Settings] = web.AppKey("settings")
 metrics_key: web.AppKey[Metrics] = web.AppKey("metrics")
 db_key: web.AppKey[Database] = web.AppKey("db")
 redis_key: web.AppKey[Redis] = web.AppKey("redis")
+redis_pool_key: web.AppKey[Callable[[], dict[str, int]]] = web.AppKey("redis_pool")  # its pool's figures
 migrator_key: web.AppKey[Migrator] = web.AppKey("migrator")
 actor_system_key: web.AppKey[ActorSystem] = web.AppKey("actor_system")
 hub_key: web.AppKey[RedisEventHub] = web.AppKey("event_hub")  # publish, and the sockets' side
@@ -50,6 +53,7 @@ principal_key: web.RequestKey[Principal] = web.RequestKey("principal")
 # Storage (issue 6): the backend STORAGE_BACKEND picks (server/storage).
 storage_key: web.AppKey[Storage] = web.AppKey("storage")
 storage_meter_key: web.AppKey[StorageMeter] = web.AppKey("storage_meter")  # cost figures (issue 14)
+media_key: web.AppKey[Media] = web.AppKey("media")  # assets and their files, for handlers (issue 11)
 
 # Vendors (issue 6): one VendorActor per configured AI vendor (server/vendors/setup.py).
 vendors_key: web.AppKey[Vendors] = web.AppKey("vendors")

@@ -86,3 +86,65 @@ def test_capability_modules_never_reach_into_the_app() -> None:
         if not m.startswith("handlers") and m not in allowed
     }
     assert importers == set()
+
+
+# What a handler may import from server/ (docs/architecture.md "What a handler imports"):
+# the HTTP layer's infrastructure, and per capability only its entry point (the package,
+# whose __init__ names it, or its facade module) and its schemas (the wire shapes).
+HANDLER_INFRASTRUCTURE = {
+    "server",  # __version__
+    "server.config",  # Settings (which routes a deployment registers)
+    "server.errors",
+    "server.keys",
+    "server.openapi",
+    "server.paging",
+    "server.routing",
+    "server.templates",
+    "server.timing",
+}
+ENTRY_POINT_MODULES = ("facade", "schemas")
+# Imports of handlers/payments.py that another branch is changing (issue 12); each entry
+# must still be in use, so the list shrinks to empty as they are fixed.
+NOT_YET: set[tuple[str, str]] = {
+    ("handlers.payments", "server.auth.middleware"),
+    ("handlers.payments", "server.payments.orders"),
+}
+
+
+def _handler_may_import(graph: grimp.ImportGraph, module: str) -> bool:
+    if not module.startswith("server.") or module in HANDLER_INFRASTRUCTURE:
+        return True  # another handler, or infrastructure of the HTTP layer
+    _, capability, *rest = module.split(".")
+    package = f"server.{capability}"
+    if not graph.find_children(package):
+        return False  # a loose module of server/ (db, redis, figures…): not for handlers
+    return rest == [] or (len(rest) == 1 and rest[0] in ENTRY_POINT_MODULES)
+
+
+def _handler_imports_outside_the_allow_list(graph: grimp.ImportGraph) -> set[tuple[str, str]]:
+    return {
+        (handler, imported)
+        for handler in graph.find_descendants("handlers") | {"handlers"}
+        for imported in graph.find_modules_directly_imported_by(handler)
+        if not _handler_may_import(graph, imported)
+    }
+
+
+def test_handlers_import_only_entry_points_schemas_and_infrastructure() -> None:
+    """A handler calls a capability's entry point with its schemas; anything else it
+    needs, the entry point offers (a method or a re-export)."""
+    offending = _handler_imports_outside_the_allow_list(_graph())
+    listed = "\n".join(f"{handler} imports {imported}" for handler, imported in sorted(offending - NOT_YET))
+    assert not listed, f"handlers importing outside the allow-list:\n{listed}"
+    assert sorted(NOT_YET - offending) == [], "fixed: remove these from NOT_YET"
+
+
+def test_the_allow_list_check_finds_an_import_of_a_capability_internal() -> None:
+    graph = _graph()
+    for internal in ("server.media.assets", "server.auth.middleware", "server.db", "server.media.storage"):
+        graph.add_import(importer="handlers.tasks", imported=internal, line_number=1, line_contents="x")
+    for allowed in ("server.tasks.facade", "server.auth", "server.auth.schemas", "server.paging"):
+        graph.add_import(importer="handlers.tasks", imported=allowed, line_number=1, line_contents="x")
+    found = {imported for handler, imported in _handler_imports_outside_the_allow_list(graph)}
+    assert {"server.media.assets", "server.auth.middleware", "server.db", "server.media.storage"} <= found
+    assert found.isdisjoint({"server.tasks.facade", "server.auth", "server.auth.schemas", "server.paging"})

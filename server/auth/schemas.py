@@ -9,7 +9,31 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from server.auth.accounts import PHONE_RE, mask_phone
+from server.auth.passwords import password_problem
+from server.auth.sms import Purpose
 from server.timing import rfc3339
+
+# mask_phone, password_problem and Purpose live beside the code that uses them; they are
+# part of the contract, so the handlers take them from here.
+__all__ = [
+    "USER_COLUMNS",
+    "AuthResult",
+    "Gender",
+    "Membership",
+    "PhoneIn",
+    "Purpose",
+    "RoleName",
+    "TokenPair",
+    "User",
+    "mask_phone",
+    "membership_json",
+    "normalized_phone",
+    "password_problem",
+    "permissions_of",
+    "record_of",
+    "sms_code_field",
+    "user_json",
+]
 
 Gender = Literal["male", "female", "unknown"]
 RoleName = Literal["user", "admin"]

@@ -17,6 +17,7 @@ from loguru import logger
 
 from actors.runtime import ActorRef, ActorSystem
 from actors.user import UserActor
+from server import figures
 from server.credits.ledger import (
     Cancel,
     Confirm,
@@ -32,9 +33,13 @@ from server.credits.ledger import (
     WithEffect,
 )
 from server.db import Conn, Database, Row
+from server.figures import ReservationFigures
 from server.hub.events import EventHub
 from server.metrics import Metrics
 from server.timing import utcnow
+
+# QuotaState (a balance) and ReservationFigures (the ops dashboard's) are the answers' types.
+__all__ = ["EXPIRED_REASON", "SWEEP_BATCH", "Credits", "LiveCheck", "QuotaState", "ReservationFigures"]
 
 EXPIRED_REASON = "expired: no live process held the task"
 SWEEP_BATCH = 500
@@ -116,6 +121,11 @@ class Credits:
             before if before is not None else 2**63 - 1,
             limit,
         )
+
+    async def reservation_figures(self) -> ReservationFigures:
+        """Open reservations of every user: how many, the credits they hold, how many are
+        past expiry (the ops dashboard)."""
+        return await figures.reservations(self.db)
 
     # ------------------------------------------------------------ the sweeper
 

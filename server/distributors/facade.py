@@ -24,10 +24,13 @@ from server.errors import AppError, ErrorCode, NotFound, validation_failed
 from server.paging import decode_cursor, page_of
 from server.payments.commissions import settle_due
 from server.pii import audit
-from server.pii.audit import Access
+from server.pii.audit import Access, as_json
 from server.pii.envelope import DecryptError, seal, unseal
 from server.pii.identity import IdentityInvalid, blind_index, check_id, check_name, mask_id, mask_name
 from server.pii.kms import Kms, KmsError
+
+# Access (who asks, why) and as_json (an audit row's wire shape) are part of the contract.
+__all__ = ["COLUMNS", "PII_READ", "TABLE", "Access", "Caller", "Distributors", "RotationReport", "as_json"]
 
 TABLE = "distributors"
 PII_READ = "pii:read"

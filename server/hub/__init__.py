@@ -11,6 +11,15 @@ docs/websocket.md describes the protocol and the design.
 from __future__ import annotations
 
 from server.hub.hub import RedisEventHub
-from server.hub.session import GOING_AWAY, Session
+from server.hub.session import AUTH_TIMEOUT, GOING_AWAY, TOO_MANY, UNAUTHENTICATED, UNAVAILABLE, Session
 
-__all__ = ["GOING_AWAY", "RedisEventHub", "Session"]
+# The close codes are part of the protocol (docs/websocket.md).
+__all__ = [
+    "AUTH_TIMEOUT",
+    "GOING_AWAY",
+    "TOO_MANY",
+    "UNAUTHENTICATED",
+    "UNAVAILABLE",
+    "RedisEventHub",
+    "Session",
+]

@@ -11,22 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 from redis.asyncio import Redis
 
+from server import figures
 from server.auth.users import Profiles
 from server.config import Settings
 from server.credits.facade import Credits
-from server.db import Database
+from server.db import Database, is_duplicate
+from server.errors import Conflict
 from server.hub.events import EventHub
 from server.media.storage import Storage
 from server.metrics import Metrics
 from server.tasks import store
 from server.tasks.deps import TaskDeps
-from server.tasks.features import FeatureStore
+from server.tasks.features import Feature, FeatureStore, parse_inputs
 from server.tasks.manager import TaskManager
+from server.tasks.pipeline import parse_pipeline
 from server.vendors.facade import Vendors
 
 
@@ -62,6 +66,43 @@ class Tasks:
     async def recover(self) -> int:
         """Take over active tasks no live process holds (cron, every minute)."""
         return await self.runs.recover()
+
+    async def status_counts(self) -> dict[str, int]:
+        """Tasks of every user by status, every status present (the ops dashboard)."""
+        return await figures.task_counts(self.deps.db)
+
+    # --- features (the admin API) ---------------------------------------------------
+
+    async def create_feature(self, slug: str, fields: dict[str, Any]) -> Feature:
+        """A new feature; its inputs and pipeline are checked first (acyclic, references,
+        vendors, params). CONFLICT when the slug is taken."""
+        inputs = parse_inputs(fields["inputs"])
+        parse_pipeline(fields["pipeline"], self.features.catalog, set(inputs))
+        row = {**fields, "inputs": json.dumps(fields["inputs"]), "pipeline": json.dumps(fields["pipeline"])}
+        try:
+            async with self.deps.db.transaction() as tx:
+                await self.features.save(tx, slug, row, create=True)
+        except Exception as exc:
+            if is_duplicate(exc):
+                raise Conflict(f"A feature {slug!r} exists already") from None
+            raise
+        await self.features.invalidate()
+        return await self.features.get_any(slug)
+
+    async def update_feature(self, slug: str, changes: dict[str, Any]) -> Feature:
+        """Change the fields in `changes`; new inputs or a new pipeline are checked against
+        each other first. Tasks already created keep running. NotFound for an unknown slug."""
+        current = await self.features.get_any(slug)
+        if "inputs" in changes or "pipeline" in changes:
+            inputs = parse_inputs(changes["inputs"]) if "inputs" in changes else current.inputs
+            pipeline = changes.get("pipeline", current.pipeline.model_dump(exclude_defaults=True))
+            parse_pipeline(pipeline, self.features.catalog, set(inputs))
+        row = {k: json.dumps(v) if k in ("inputs", "pipeline") else v for k, v in changes.items()}
+        if row:
+            async with self.deps.db.transaction() as tx:
+                await self.features.save(tx, slug, row, create=False)
+            await self.features.invalidate()
+        return await self.features.get_any(slug)
 
 
 @contextlib.asynccontextmanager
