@@ -308,13 +308,7 @@ async def _status_counts(app: web.Application) -> dict[str, int]:
 
 
 async def _recent_tasks(app: web.Application) -> list[dict[str, Any]]:
-    # Task ids start with their creation time in ms, so the primary key gives the order.
-    rows = await app[db_key].fetchall(
-        "SELECT id, user_id, feature, status, progress, created_at, error_code "
-        "FROM tasks ORDER BY id DESC LIMIT %s",
-        RECENT_TASKS,
-    )
-    return [{**r, "progress": float(r["progress"] or 0)} for r in rows]
+    return await app[tasks_key].recent(RECENT_TASKS)
 
 
 async def _reservations(app: web.Application) -> ReservationFigures:

@@ -10,6 +10,7 @@ the vendor actors). `open_tasks` builds it from plain dependencies (server/app.p
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -66,6 +67,10 @@ class Tasks:
     async def recover(self) -> int:
         """Take over active tasks no live process holds (cron, every minute)."""
         return await self.runs.recover()
+
+    async def recent(self, limit: int) -> builtins.list[dict[str, Any]]:
+        """The newest tasks of every user, newest first (the ops dashboard)."""
+        return await store.recent(self.deps, limit)
 
     async def status_counts(self) -> dict[str, int]:
         """Tasks of every user by status, every status present (the ops dashboard)."""

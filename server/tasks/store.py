@@ -329,6 +329,17 @@ async def list_tasks(
     return await render_rows(deps, rows)
 
 
+async def recent(deps: TaskDeps, limit: int) -> list[dict[str, Any]]:
+    """The newest tasks of every user (the ops dashboard): ids start with their creation
+    time in ms, so the primary key gives the order."""
+    rows = await deps.db.fetchall(
+        "SELECT id, user_id, feature, status, progress, created_at, error_code "
+        "FROM tasks ORDER BY id DESC LIMIT %s",
+        limit,
+    )
+    return [{**r, "progress": float(r["progress"] or 0)} for r in rows]
+
+
 async def cancel_task(
     deps: TaskDeps, cancel_local: Callable[[str], None], user_id: int, task_id: str
 ) -> dict[str, Any]:
