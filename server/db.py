@@ -181,8 +181,11 @@ class Database:
         row: no gap locks, so concurrent inserts of other keys cannot deadlock them."""
         async with self.connection() as conn:
             if isolation is not None:
-                await conn.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}")
-            await conn.raw.begin()
+                # One round trip for both (the connection allows multi-statements): the
+                # level applies to the transaction this BEGIN starts, and to it alone.
+                await conn.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}; BEGIN")
+            else:
+                await conn.raw.begin()
             try:
                 yield conn
             except BaseException:

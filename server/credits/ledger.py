@@ -160,15 +160,21 @@ def _reservation(row: dict[str, Any]) -> Reservation:
     )
 
 
-async def _lock_account(tx: Conn, user_id: int) -> AccountRow:
+_SAVEPOINT = "SAVEPOINT grant_effect"
+
+
+async def _lock_account(tx: Conn, user_id: int, *, savepoint: bool = False) -> AccountRow:
+    """Lock and read the account row; `savepoint`: set the first WithEffect's savepoint
+    right after it, in the same round trip (nothing is written between the two)."""
     sql = "SELECT balance, reserved, version FROM quota_accounts WHERE user_id = %s FOR UPDATE"
-    row = await tx.fetchone(sql, user_id)
+    row = await tx.fetchone(f"{sql}; {_SAVEPOINT}" if savepoint else sql, user_id)
     if row is None:
         await tx.execute(
             "INSERT INTO quota_accounts (user_id) VALUES (%s) ON DUPLICATE KEY UPDATE user_id = user_id",
             user_id,
         )
-        row = await tx.fetchone(sql, user_id)
+        # After the INSERT: rolling back to it must keep the new account row.
+        row = await tx.fetchone(f"{sql}; {_SAVEPOINT}" if savepoint else sql, user_id)
         assert row is not None
     return AccountRow(int(row["balance"]), int(row["reserved"]), int(row["version"]))
 
@@ -288,7 +294,9 @@ async def apply_batch(
     tx: Conn, user_id: int, ops: Sequence[QuotaOp], now: dt.datetime | None = None
 ) -> BatchResult:
     now = now or utcnow()
-    before = await _lock_account(tx, user_id)
+    # The first effect's savepoint comes with the account lock (one round trip less).
+    savepoint_set = any(isinstance(op, WithEffect) for op in ops)
+    before = await _lock_account(tx, user_id, savepoint=savepoint_set)
     task_ids = sorted({op.task_id for op in ops if isinstance(op, Reserve | Confirm | Cancel)})
     known: dict[str, Reservation] = {}
     if task_ids:
@@ -321,7 +329,8 @@ async def apply_batch(
             elif isinstance(op, Grant):
                 outcomes.append(batch.grant(op, applied_refs))
             elif isinstance(op, WithEffect):
-                outcomes.append(await _with_effect(tx, batch, op, applied_refs))
+                fresh, savepoint_set = savepoint_set, False
+                outcomes.append(await _with_effect(tx, batch, op, applied_refs, savepoint_set=fresh))
             else:
                 outcomes.append(QuotaState(batch.balance, batch.reserved))
         except AppError as exc:
@@ -439,9 +448,13 @@ def plan_single(
 
 
 async def _with_effect(
-    tx: Conn, batch: _Batch, op: WithEffect, applied_refs: set[tuple[str, str]]
+    tx: Conn, batch: _Batch, op: WithEffect, applied_refs: set[tuple[str, str]], *, savepoint_set: bool
 ) -> EffectOutcome:
-    await tx.execute("SAVEPOINT grant_effect")
+    # Until here the batch has written nothing but earlier effects (the rest is written
+    # at the end), so the savepoint marks exactly what this effect may undo. A SAVEPOINT
+    # of the same name replaces the previous one, and COMMIT drops it: no RELEASE needed.
+    if not savepoint_set:
+        await tx.execute(_SAVEPOINT)
     try:
         grant = await op.effect(tx, QuotaState(batch.balance, batch.reserved))
         if grant is not False and grant is not None:
@@ -453,7 +466,6 @@ async def _with_effect(
     except AppError:
         await tx.execute("ROLLBACK TO SAVEPOINT grant_effect")
         raise
-    await tx.execute("RELEASE SAVEPOINT grant_effect")
     return EffectOutcome(grant is not False, QuotaState(batch.balance, batch.reserved))
 
 
