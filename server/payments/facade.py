@@ -22,7 +22,7 @@ from loguru import logger
 from redis.asyncio import Redis
 
 from server.auth.users import Profiles
-from server.config import Settings
+from server.config import DistributorSettings, Settings
 from server.credits.facade import Credits
 from server.credits.ledger import Grant
 from server.db import Conn, Database, Row, is_duplicate
@@ -91,6 +91,52 @@ def note_args(
         provider, kind, event_id, order_no, verified, outcome, (reason or "")[:200] or None,
         body[:1_000_000].decode("utf-8", "replace"), (remote or "")[:64] or None,
     )  # fmt: skip
+
+
+def order_grant(order: Order) -> Grant | None:
+    """The credits a paid order grants (ref = the order number: granted once)."""
+    if order.credits <= 0:
+        return None
+    return Grant(
+        order.credits, "grant", ref=order.order_no, reason=f"order {order.order_no}", order_no=order.order_no
+    )
+
+
+async def pay_order(
+    tx: Conn,
+    order: Order,
+    *,
+    paid_at: dt.datetime,
+    txn_id: str | None,
+    source: str,
+    received: Received | None,
+    terms: DistributorSettings,
+) -> bool:
+    """The settlement SQL, run in the buyer's credit transaction before `order_grant`: the
+    conditional `pending|closed → paid`, the notification row with its outcome, and when
+    this call moved the order, the membership and the commission hook. True: it moved it."""
+    try:
+        moved = await orders.transition(
+            tx, order.order_no, "paid", paid_at=paid_at, provider_txn_id=txn_id, paid_source=source
+        )
+    except IllegalTransition as exc:
+        if exc.current not in PAID_STATUSES:
+            raise
+        moved = False  # paid and then refunded already
+    if received is not None:
+        outcome = "applied" if moved else "duplicate"
+        note = (received.provider, "payment", received.event_id, order.order_no, True, outcome, None)
+        await tx.execute(NOTE_SQL, *note_args(*note, received.body, received.remote))
+    if not moved:
+        return False
+    if order.membership_days:
+        await tx.execute(
+            "UPDATE users SET membership_tier = %s, membership_expires_at = DATE_ADD("
+            "GREATEST(COALESCE(membership_expires_at, %s), %s), INTERVAL %s DAY) WHERE id = %s",
+            MEMBER_TIER, paid_at, paid_at, order.membership_days, order.user_id,
+        )  # fmt: skip
+    await record_commission(tx, order, terms)
+    return True
 
 
 class Payments:
@@ -358,33 +404,12 @@ class Payments:
         paid_at = utcnow()
 
         async def effect(tx: Conn) -> bool:
-            try:
-                moved = await orders.transition(
-                    tx, order_no, "paid", paid_at=paid_at, provider_txn_id=txn_id, paid_source=source
-                )
-            except IllegalTransition as exc:
-                if exc.current not in PAID_STATUSES:
-                    raise
-                moved = False  # paid and then refunded already
-            if received is not None:
-                outcome = "applied" if moved else "duplicate"
-                note = (received.provider, "payment", received.event_id, order_no, True, outcome, None)
-                await tx.execute(NOTE_SQL, *note_args(*note, received.body, received.remote))
-            if not moved:
-                return False
-            if order.membership_days:
-                await tx.execute(
-                    "UPDATE users SET membership_tier = %s, membership_expires_at = DATE_ADD("
-                    "GREATEST(COALESCE(membership_expires_at, %s), %s), INTERVAL %s DAY) WHERE id = %s",
-                    MEMBER_TIER, paid_at, paid_at, order.membership_days, order.user_id,
-                )  # fmt: skip
-            await record_commission(tx, order, self.settings.distributors)
-            return True
+            return await pay_order(
+                tx, order, paid_at=paid_at, txn_id=txn_id, source=source, received=received,
+                terms=self.settings.distributors,
+            )  # fmt: skip
 
-        grant = None
-        if order.credits > 0:
-            grant = Grant(order.credits, "grant", ref=order_no, reason=f"order {order_no}", order_no=order_no)
-        outcome = await self.credits.grant_after(order.user_id, effect, grant)
+        outcome = await self.credits.grant_after(order.user_id, effect, order_grant(order))
         if outcome.applied:  # this call moved it: no need to read it back
             reloaded = replace(order, status="paid", paid_at=paid_at, provider_txn_id=txn_id)
         else:
@@ -434,7 +459,10 @@ class Payments:
                 raise NotificationRefused(f"{provider_name} is not configured")
             note = provider.verify_notification(headers, body, time.time())
             verified, order_no, event_id = True, note.trade.order_no[:64], note.event_id
-            order = await self._load(order_no) if 0 < len(order_no) <= 32 else None
+            order = None
+            if 0 < len(order_no) <= 32:
+                async with self.db.connection() as conn:
+                    order = await orders.load_for_settlement(conn, order_no)
             if order is None:
                 raise NotificationRefused("unknown order")
             if order.channel not in provider.channels:
