@@ -33,7 +33,8 @@ from server.paging import decode_cursor, encode_cursor
 from server.payments import alipay, orders, wechat
 from server.payments.commissions import record_commission
 from server.payments.orders import PAID_STATUSES, Order
-from server.payments.products import Products
+from server.payments.products import COLUMNS as PRODUCT_COLUMNS
+from server.payments.products import Product, Products
 from server.payments.providers import NotificationRefused, PayRequest, Provider, Trade
 from server.payments.refunding import Refunds
 from server.payments.refunds import Refund
@@ -199,7 +200,11 @@ class Payments:
         )
         if row is None:
             return None
-        order = await self._load(str(row["order_no"]))
+        return await self._answer_repeat(str(row["order_no"]), digest)
+
+    async def _answer_repeat(self, order_no: str, digest: str) -> Order:
+        """The order an Idempotency-Key made, if this request's body is the same."""
+        order = await self._load(order_no)
         assert order is not None
         if order.request_hash != digest:
             raise AppError(
@@ -207,13 +212,36 @@ class Payments:
             )
         return order
 
+    async def _order_context(
+        self, user_id: int, key: str, product_id: str, openid: bool
+    ) -> tuple[str | None, Product | None, str | None]:
+        """In one statement: (the order this key already made, the product, the buyer's
+        WeChat openid when `openid`): one round trip where there were two or three."""
+        product_columns = ", ".join(f"p.{c}" for c in PRODUCT_COLUMNS.split(", "))
+        sql = (
+            f"SELECT o.order_no AS existing, {product_columns}, "
+            f"{'u.wechat_openid' if openid else 'NULL AS wechat_openid'} FROM (SELECT 1) AS one "
+            "LEFT JOIN orders o ON o.user_id = %s AND o.idempotency_key = %s "
+            "LEFT JOIN products p ON p.id = %s"
+        )
+        args: list[object] = [user_id, key, product_id]
+        if openid:
+            sql += " LEFT JOIN users u ON u.id = %s"
+            args.append(user_id)
+        row = await self.db.fetchone(sql, *args)
+        assert row is not None  # one row always: the LEFT JOINs of SELECT 1
+        product = Product.of(row) if row["id"] is not None else None
+        existing = str(row["existing"]) if row["existing"] is not None else None
+        return existing, product, str(row["wechat_openid"]) if row["wechat_openid"] else None
+
     async def create_order(self, user_id: int, key: str, product_id: str, channel: str) -> tuple[Order, bool]:
         """(order, created). A repeat of a key with the same body answers the first order."""
         digest = request_hash(product_id, channel)
-        found = await self._by_key(user_id, key, digest)
-        if found is not None:
-            return found, False
         provider = self.provider_for(channel)
+        needs_openid = provider is not None and provider.needs_openid(channel)
+        existing, product, openid = await self._order_context(user_id, key, product_id, needs_openid)
+        if existing is not None:
+            return await self._answer_repeat(existing, digest), False
         if provider is None:
             offered = ", ".join(self.channels()) or "none"
             raise validation_failed(
@@ -224,17 +252,13 @@ class Payments:
                     }
                 ]
             )
-        product = await self.products.get(product_id)
         if product is None or not product.enabled:
             what = "no such product" if product is None else "this product is not on sale"
             raise validation_failed([{"field": "product_id", "message": what}])
-        openid = None
-        if provider.needs_openid(channel):
-            openid = await self.db.fetchval("SELECT wechat_openid FROM users WHERE id = %s", user_id)
-            if not openid:
-                raise validation_failed(
-                    [{"field": "channel", "message": f"{channel} needs an account signed in with WeChat"}]
-                )
+        if needs_openid and not openid:
+            raise validation_failed(
+                [{"field": "channel", "message": f"{channel} needs an account signed in with WeChat"}]
+            )
         now = utcnow().replace(microsecond=0)
         expires = now + dt.timedelta(seconds=self.settings.payments.order_ttl)
         order_no = orders.new_order_no()
@@ -245,7 +269,7 @@ class Payments:
                 amount_fen=product.price_fen,
                 description=product.name[:40],
                 expires_at_rfc3339=expires.isoformat() + "+00:00",
-                openid=str(openid) if openid else None,
+                openid=openid,
             )
         )
         try:
