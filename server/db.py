@@ -79,6 +79,21 @@ class Conn:
             await cur.execute(sql, args or None)
             return int(cur.lastrowid)
 
+    def format(self, sql: str, *args: Any) -> str:
+        """`sql` with `args` escaped into it exactly as `execute` would send it, for
+        `execute_all`."""
+        return sql % tuple(self.raw.escape(a) for a in args) if args else sql
+
+    async def execute_all(self, statements: Sequence[str]) -> list[int]:
+        """Run statements (already `format`ted) in ONE round trip, in order (the
+        connection allows multi-statements); returns each one's affected row count.
+        The first failing statement raises, and those after it do not run."""
+        async with self.raw.cursor() as cur:
+            counts = [int(await cur.execute("; ".join(statements)))]
+            while await cur.nextset():
+                counts.append(int(cur.rowcount))
+            return counts
+
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
         async with self.raw.cursor() as cur:
             return int(await cur.executemany(sql, rows))

@@ -7,8 +7,11 @@ from __future__ import annotations
 import itertools
 from typing import Any, Literal
 
+import pymysql
+import pytest
+
 from server.credits.ledger import Grant, QuotaState, WithEffect, apply_batch, check_all
-from server.db import Conn, Database
+from server.db import Conn, Database, is_duplicate
 from server.errors import Conflict
 from server.keys import db_key
 from tests.conftest import Services
@@ -113,3 +116,33 @@ async def test_a_failing_second_effect_undoes_its_own_writes_only(
     assert notes(services, database, f"u{user}-") == [f"u{user}-first", f"u{user}-third"]
     _, differences = await check_all(db)
     assert differences == []
+
+
+async def test_a_batch_writes_a_reason_with_quotes_percent_signs_and_backslashes_as_given(
+    client: Any, services: Services, database: str
+) -> None:
+    db: Database = client.app[db_key]
+    user = next(_users)
+    reason = '100% o\'clock \\ "refund" %s; DROP TABLE x -- 退款'
+    await run_batch(db, user, [Grant(3, "grant", ref=f"u{user}-r1", reason=reason), Grant(4, "grant")])
+    rows = services.query(
+        database, "SELECT reason, balance_after FROM quota_ledger WHERE user_id = %s ORDER BY id", user
+    )
+    assert rows == [{"reason": reason, "balance_after": 3}, {"reason": None, "balance_after": 7}]
+
+
+async def test_statements_sent_in_one_round_trip_stop_at_the_first_that_fails(client: Any) -> None:
+    db: Database = client.app[db_key]
+    user = next(_users)
+    row = (
+        "INSERT INTO quota_ledger (user_id, kind, balance_delta, reserved_delta, balance_after, "
+        "reserved_after, ref) VALUES (%s, 'grant', 1, 0, 1, 0, %s)"
+    )
+    async with db.transaction() as tx:
+        first = tx.format(row, user, f"u{user}-same")
+        with pytest.raises(pymysql.err.IntegrityError) as failed:
+            await tx.execute_all([first, first, tx.format(row, user, f"u{user}-after")])
+        assert is_duplicate(failed.value)
+        refs = await tx.fetchall("SELECT ref FROM quota_ledger WHERE user_id = %s", user)
+        await tx.raw.rollback()
+    assert refs == [{"ref": f"u{user}-same"}]

@@ -336,36 +336,48 @@ async def apply_batch(
         except AppError as exc:
             outcomes.append(exc)
 
+    # Every write of the batch in one round trip (see Conn.execute_all).
+    writes: list[str] = []
     if batch.inserts:
-        await tx.executemany(
+        writes.append(
             "INSERT INTO quota_transactions (task_id, user_id, amount, phase, reason, expires_at, "
-            "created_at, "
-            "settled_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-            [
-                (r.task_id, r.user_id, r.amount, r.phase, r.reason, r.expires_at, now,
-                 None if r.phase == "reserved" else now)
+            "created_at, settled_at) VALUES "
+            + ", ".join(
+                tx.format(
+                    "(%s, %s, %s, %s, %s, %s, %s, %s)",
+                    r.task_id, r.user_id, r.amount, r.phase, r.reason, r.expires_at, now,
+                    None if r.phase == "reserved" else now,
+                )
                 for r in batch.inserts.values()
-            ],
+            )
         )  # fmt: skip
-    if batch.settles:
-        await tx.executemany(
+    writes.extend(
+        tx.format(
             "UPDATE quota_transactions SET phase = %s, reason = %s, settled_at = %s "
             "WHERE task_id = %s AND phase = 'reserved'",
-            [(r.phase, r.reason, now, r.task_id) for r in batch.settles.values()],
+            r.phase, r.reason, now, r.task_id,
         )
+        for r in batch.settles.values()
+    )  # fmt: skip
     if batch.ledger:
-        await tx.executemany(
+        writes.append(
             "INSERT INTO quota_ledger (user_id, kind, balance_delta, reserved_delta, balance_after, "
-            "reserved_after, task_id, order_no, ref, reason, created_at) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            batch.ledger,
+            "reserved_after, task_id, order_no, ref, reason, created_at) VALUES "
+            + ", ".join(
+                tx.format("(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", *row) for row in batch.ledger
+            )
         )
-        await tx.execute(
-            "UPDATE quota_accounts SET balance = %s, reserved = %s, version = version + 1 WHERE user_id = %s",
-            batch.balance,
-            batch.reserved,
-            user_id,
+        writes.append(
+            tx.format(
+                "UPDATE quota_accounts SET balance = %s, reserved = %s, version = version + 1 "
+                "WHERE user_id = %s",
+                batch.balance,
+                batch.reserved,
+                user_id,
+            )
         )
+    if writes:
+        await tx.execute_all(writes)
     changed = bool(batch.ledger)
     return BatchResult(outcomes, QuotaState(batch.balance, batch.reserved), changed, before.version + changed)
 
