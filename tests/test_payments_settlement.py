@@ -14,6 +14,9 @@ from server.credits.ledger import Grant, QuotaState, WithEffect, apply_batch, ch
 from server.db import Conn, Database, is_duplicate
 from server.errors import Conflict
 from server.keys import db_key
+from server.payments.commissions import record_commission
+from server.payments.orders import Order
+from server.timing import utcnow
 from tests.conftest import Services
 
 _users = itertools.count(7000)
@@ -146,3 +149,23 @@ async def test_statements_sent_in_one_round_trip_stop_at_the_first_that_fails(cl
         refs = await tx.fetchall("SELECT ref FROM quota_ledger WHERE user_id = %s", user)
         await tx.raw.rollback()
     assert refs == [{"ref": f"u{user}-same"}]
+
+
+async def test_a_statement_sent_along_the_commission_lookup_that_fails_raises(client: Any) -> None:
+    db: Database = client.app[db_key]
+    user = next(_users)
+    row = (
+        "INSERT INTO quota_ledger (user_id, kind, balance_delta, reserved_delta, balance_after, "
+        "reserved_after, ref) VALUES (%s, 'grant', 1, 0, 1, 0, %s)"
+    )
+    order = Order(
+        order_no=f"o{user}", user_id=user, product_id="credits-100", product_kind="credits", credits=100,
+        membership_days=0, channel="wechat_native", amount_fen=990, status="paid", pay_params=None,
+        request_hash="", provider_txn_id=None, refunded_fen=0, created_at=utcnow(), expires_at=utcnow(),
+        paid_at=utcnow(),
+    )  # fmt: skip
+    async with db.transaction() as tx:
+        twice = tx.format(row, user, f"u{user}-same")
+        with pytest.raises(pymysql.err.IntegrityError):
+            await record_commission(tx, order, along=[twice, twice])
+        await tx.raw.rollback()

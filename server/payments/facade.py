@@ -124,19 +124,25 @@ async def pay_order(
         if exc.current not in PAID_STATUSES:
             raise
         moved = False  # paid and then refunded already
+    writes: list[str] = []
     if received is not None:
         outcome = "applied" if moved else "duplicate"
         note = (received.provider, "payment", received.event_id, order.order_no, True, outcome, None)
-        await tx.execute(NOTE_SQL, *note_args(*note, received.body, received.remote))
+        writes.append(tx.format(NOTE_SQL, *note_args(*note, received.body, received.remote)))
     if not moved:
+        if writes:
+            await tx.execute_all(writes)
         return False
     if order.membership_days:
-        await tx.execute(
-            "UPDATE users SET membership_tier = %s, membership_expires_at = DATE_ADD("
-            "GREATEST(COALESCE(membership_expires_at, %s), %s), INTERVAL %s DAY) WHERE id = %s",
-            MEMBER_TIER, paid_at, paid_at, order.membership_days, order.user_id,
+        writes.append(
+            tx.format(
+                "UPDATE users SET membership_tier = %s, membership_expires_at = DATE_ADD("
+                "GREATEST(COALESCE(membership_expires_at, %s), %s), INTERVAL %s DAY) WHERE id = %s",
+                MEMBER_TIER, paid_at, paid_at, order.membership_days, order.user_id,
+            )
         )  # fmt: skip
-    await record_commission(tx, order, terms)
+    # The notification row and the membership go in the commission lookup's round trip.
+    await record_commission(tx, order, terms, along=writes)
     return True
 
 
