@@ -94,6 +94,15 @@ class Conn:
                 counts.append(int(cur.rowcount))
             return counts
 
+    async def fetch_sets(self, statements: Sequence[str]) -> list[list[Row]]:
+        """Like `execute_all`, but returns each statement's rows ([] for one without)."""
+        async with self.raw.cursor(aiomysql.DictCursor) as cur:
+            await cur.execute("; ".join(statements))
+            sets: list[list[Row]] = [list(await cur.fetchall())]
+            while await cur.nextset():
+                sets.append(list(await cur.fetchall()))
+            return sets
+
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
         async with self.raw.cursor() as cur:
             return int(await cur.executemany(sql, rows))

@@ -169,3 +169,19 @@ async def test_a_statement_sent_along_the_commission_lookup_that_fails_raises(cl
         with pytest.raises(pymysql.err.IntegrityError):
             await record_commission(tx, order, along=[twice, twice])
         await tx.raw.rollback()
+
+
+async def test_an_effects_grant_whose_ref_is_in_the_ledger_is_not_granted_again_with_or_without_the_hint(
+    client: Any,
+) -> None:
+    db: Database = client.app[db_key]
+    user = next(_users)
+    await run_batch(db, user, [Grant(5, "grant", ref=f"u{user}-paid")])
+    again = Grant(5, "grant", ref=f"u{user}-paid")
+    hinted = WithEffect(effect_writing(f"u{user}-hinted", again), grant_refs=(("grant", f"u{user}-paid"),))
+    unhinted = WithEffect(effect_writing(f"u{user}-unhinted", again))
+    fresh = WithEffect(effect_writing(f"u{user}-fresh", Grant(2, "grant", ref=f"u{user}-new")))
+    outcomes = await run_batch(db, user, [hinted, unhinted, fresh])
+    assert [o.state for o in outcomes] == [QuotaState(5, 0), QuotaState(5, 0), QuotaState(7, 0)]
+    _, differences = await check_all(db)
+    assert differences == []

@@ -1,8 +1,10 @@
 """Credits: the SQL of reserve → confirm | cancel, grants, and the invariant check.
 
 `apply_batch` applies a list of operations for ONE user inside the caller's
-transaction: one `SELECT … FOR UPDATE` on the account row, the operations in
-order against in-memory state, then multi-row writes. Each operation gets its own
+transaction: one round trip that locks the account row and the batch's reservations
+and looks up its grant refs, the operations in order against in-memory state (a
+WithEffect's SQL runs there, under a savepoint), then every write in one more round
+trip (multi-statement: `Conn.fetch_sets`, `Conn.execute_all`). Each operation gets its own
 outcome (a result or an `AppError`); one failing never fails the others. The
 UserActor calls it with everything waiting in its mailbox (group commit); the
 naive per-request path (bench/quota.py) calls it with one operation.
@@ -115,6 +117,9 @@ class WithEffect(Message[EffectOutcome]):
     together or not at all; an AppError from the effect undoes the effect alone."""
 
     effect: Effect
+    #: (kind, ref) of the grants the effect may answer: looked up with the account lock,
+    #: in its round trip, instead of after the effect.
+    grant_refs: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,22 +166,51 @@ def _reservation(row: dict[str, Any]) -> Reservation:
 
 
 _SAVEPOINT = "SAVEPOINT grant_effect"
+_LOCK = "SELECT balance, reserved, version FROM quota_accounts WHERE user_id = %s FOR UPDATE"
 
 
-async def _lock_account(tx: Conn, user_id: int, *, savepoint: bool = False) -> AccountRow:
-    """Lock and read the account row; `savepoint`: set the first WithEffect's savepoint
-    right after it, in the same round trip (nothing is written between the two)."""
-    sql = "SELECT balance, reserved, version FROM quota_accounts WHERE user_id = %s FOR UPDATE"
-    row = await tx.fetchone(f"{sql}; {_SAVEPOINT}" if savepoint else sql, user_id)
-    if row is None:
+@dataclass(frozen=True, slots=True)
+class _Locked:
+    account: AccountRow
+    known: dict[str, Reservation]  # the batch's reservations, locked
+    applied_refs: set[tuple[str, str]]  # of the refs looked up, those in the ledger
+
+
+async def _lock(
+    tx: Conn, user_id: int, *, savepoint: bool, task_ids: Sequence[str], refs: Sequence[tuple[str, str]]
+) -> _Locked:
+    """In ONE round trip: lock and read the account row; set the first WithEffect's
+    savepoint right after it (nothing is written between the two); lock the batch's
+    reservations; look up which grant refs the ledger holds."""
+    statements = [tx.format(_LOCK, user_id)]
+    if savepoint:
+        statements.append(_SAVEPOINT)
+    if task_ids:
+        statements.append(
+            tx.format(
+                "SELECT task_id, user_id, amount, phase, expires_at, reason FROM quota_transactions "
+                f"WHERE task_id IN ({','.join(['%s'] * len(task_ids))}) FOR UPDATE",
+                *task_ids,
+            )
+        )
+    if refs:
+        where = " OR ".join(["(kind = %s AND ref = %s)"] * len(refs))
+        statements.append(
+            tx.format(f"SELECT kind, ref FROM quota_ledger WHERE {where}", *[v for kr in refs for v in kr])
+        )
+    sets = await tx.fetch_sets(statements)
+    if not sets[0]:
         await tx.execute(
             "INSERT INTO quota_accounts (user_id) VALUES (%s) ON DUPLICATE KEY UPDATE user_id = user_id",
             user_id,
         )
-        # After the INSERT: rolling back to it must keep the new account row.
-        row = await tx.fetchone(f"{sql}; {_SAVEPOINT}" if savepoint else sql, user_id)
-        assert row is not None
-    return AccountRow(int(row["balance"]), int(row["reserved"]), int(row["version"]))
+        # Again after the INSERT: rolling back to the savepoint must keep the new account row.
+        sets = await tx.fetch_sets(statements)
+    row = sets[0][0]
+    rest = sets[2:] if savepoint else sets[1:]
+    known = {str(r["task_id"]): _reservation(r) for r in rest.pop(0)} if task_ids else {}
+    applied = {(str(r["kind"]), str(r["ref"])) for r in rest.pop(0)} if refs else set()
+    return _Locked(AccountRow(int(row["balance"]), int(row["reserved"]), int(row["version"])), known, applied)
 
 
 class _Batch:
@@ -296,25 +330,11 @@ async def apply_batch(
     now = now or utcnow()
     # The first effect's savepoint comes with the account lock (one round trip less).
     savepoint_set = any(isinstance(op, WithEffect) for op in ops)
-    before = await _lock_account(tx, user_id, savepoint=savepoint_set)
     task_ids = sorted({op.task_id for op in ops if isinstance(op, Reserve | Confirm | Cancel)})
-    known: dict[str, Reservation] = {}
-    if task_ids:
-        marks = ",".join(["%s"] * len(task_ids))
-        rows = await tx.fetchall(
-            "SELECT task_id, user_id, amount, phase, expires_at, reason FROM quota_transactions "
-            f"WHERE task_id IN ({marks}) FOR UPDATE",
-            *task_ids,
-        )
-        known = {str(r["task_id"]): _reservation(r) for r in rows}
-    applied_refs: set[tuple[str, str]] = set()
-    refs = sorted({(op.kind, op.ref) for op in ops if isinstance(op, Grant) and op.ref is not None})
-    if refs:
-        where = " OR ".join(["(kind = %s AND ref = %s)"] * len(refs))
-        rows = await tx.fetchall(
-            f"SELECT kind, ref FROM quota_ledger WHERE {where}", *[v for kr in refs for v in kr]
-        )
-        applied_refs = {(str(r["kind"]), str(r["ref"])) for r in rows}
+    refs = {(op.kind, op.ref) for op in ops if isinstance(op, Grant) and op.ref is not None}
+    checked = refs | {kr for op in ops if isinstance(op, WithEffect) for kr in op.grant_refs}
+    locked = await _lock(tx, user_id, savepoint=savepoint_set, task_ids=task_ids, refs=sorted(checked))
+    before, known, applied_refs = locked.account, locked.known, locked.applied_refs
 
     batch = _Batch(user_id, before, known, now)
     outcomes: list[Any] = []
@@ -330,7 +350,7 @@ async def apply_batch(
                 outcomes.append(batch.grant(op, applied_refs))
             elif isinstance(op, WithEffect):
                 fresh, savepoint_set = savepoint_set, False
-                outcomes.append(await _with_effect(tx, batch, op, applied_refs, savepoint_set=fresh))
+                outcomes.append(await _with_effect(tx, batch, op, applied_refs, checked, savepoint_set=fresh))
             else:
                 outcomes.append(QuotaState(batch.balance, batch.reserved))
         except AppError as exc:
@@ -460,7 +480,13 @@ def plan_single(
 
 
 async def _with_effect(
-    tx: Conn, batch: _Batch, op: WithEffect, applied_refs: set[tuple[str, str]], *, savepoint_set: bool
+    tx: Conn,
+    batch: _Batch,
+    op: WithEffect,
+    applied_refs: set[tuple[str, str]],
+    checked: set[tuple[str, str]],
+    *,
+    savepoint_set: bool,
 ) -> EffectOutcome:
     # Until here the batch has written nothing but earlier effects (the rest is written
     # at the end), so the savepoint marks exactly what this effect may undo. A SAVEPOINT
@@ -470,8 +496,13 @@ async def _with_effect(
     try:
         grant = await op.effect(tx, QuotaState(batch.balance, batch.reserved))
         if grant is not False and grant is not None:
-            if grant.ref is not None and await tx.fetchval(
-                "SELECT 1 FROM quota_ledger WHERE kind = %s AND ref = %s", grant.kind, grant.ref
+            key = (grant.kind, grant.ref or "")
+            if (
+                grant.ref is not None
+                and key not in checked
+                and await tx.fetchval(
+                    "SELECT 1 FROM quota_ledger WHERE kind = %s AND ref = %s", grant.kind, grant.ref
+                )
             ):
                 applied_refs = applied_refs | {(grant.kind, grant.ref)}
             batch.grant(grant, applied_refs)
