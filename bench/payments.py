@@ -227,7 +227,7 @@ async def bare_settlements(db: Any, made: list[tuple[str, int]], bodies: list[by
             )  # fmt: skip
             return order_grant(order) if moved else False
 
-        op = WithEffect(effect)
+        op = WithEffect(effect, grant_refs=(("grant", no),))  # as Credits.grant_after sends it
         for _ in range(20):
             try:
                 async with db.transaction("READ COMMITTED") as tx:
