@@ -6,12 +6,13 @@ latency with 50 concurrent buyers, against the same gateway called bare with the
 
 (a) The app (its own process, pinned to CPU 0) receives signed, AES-256-GCM encrypted
 TRANSACTION.SUCCESS notifications over HTTP from 50 concurrent senders and does all it
-does for a real one: headers, serial, timestamp, RSA signature, decryption, order checks,
-then `settle()` through the buyer's UserActor (one transaction: order → paid, ledger grant,
-membership, commission hook), then records the notification. Bare: the same settlement
-SQL (`apply_batch` with the same WithEffect: quota row lock, conditional order
-UPDATE, grant) in one transaction per order, 50 concurrent, from this process with no
-HTTP, signature, decryption or actor. 50 buyers; every order is a fresh pending one.
+does for a real one: headers, serial, timestamp, RSA signature, decryption, the order read
+and checks, then `settle()` through the buyer's UserActor (one transaction: order → paid,
+the notification row, membership, commission hook, ledger grant), then the events. Bare:
+the same settlement SQL (`apply_batch` with a WithEffect running the app's own `pay_order`
+and `order_grant`, recording the same notification bodies) in one transaction per order,
+50 concurrent, from this process with no HTTP, signature, decryption, order read, actor or
+events. 50 buyers; every order is a fresh pending one.
 
 (b) The fake WeChat Pay gateway (tests/fakes/wechatpay.py: verifies the merchant's
 signature, signs its answer) runs in its own process (pinned to CPU 1) with 50 ms added
@@ -22,6 +23,8 @@ SDK's `pay()` directly against the same gateway.
 The app and each bare run (a process of its own) are pinned to CPU 0; the load, the
 notifications' signer and the fake gateway to CPU 1; MariaDB and Redis (private instances
 under var/bench) are not pinned. Rounds alternate bare/app and the best of each is kept.
+"server CPU ms each": the app process's CPU time during its run, or the bare process's
+during its timed part (its set-up, and the signing of the bare side's bodies, excluded).
 About a minute. Prints a table, then lines for bench/RESULTS.md.
 """
 
@@ -193,22 +196,38 @@ async def app_notifications(
     return rate
 
 
-async def bare_settlements(db: Any, made: list[tuple[str, int]]) -> float:
+async def bare_settlements(db: Any, made: list[tuple[str, int]], bodies: list[bytes]) -> tuple[float, float]:
+    """The app's settlement SQL (`pay_order` and `order_grant` in one WithEffect: order →
+    paid, the notification row, the commission hook, the grant) in one transaction per
+    order, as the UserActor runs it, without HTTP, verification, the order read or the actor."""
+    from server.config import DistributorSettings
     from server.credits.ledger import Grant, QuotaState, WithEffect, apply_batch
     from server.db import Conn, is_duplicate, is_retryable
-    from server.payments import orders
+    from server.payments.facade import Received, order_grant, pay_order
+    from server.payments.orders import Order
 
-    work = iter(made)
+    terms = DistributorSettings()
+    work = iter(zip(made, bodies, strict=True))
 
-    async def settle(no: str, uid: int) -> None:
-        async def effect(tx: Conn, _: QuotaState) -> Grant | Literal[False]:
+    async def settle(no: str, uid: int, body: bytes) -> None:
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None, microsecond=0)
+        order = Order(
+            order_no=no, user_id=uid, product_id="credits-100", product_kind="credits", credits=100,
+            membership_days=0, channel="wechat_native", amount_fen=990, status="pending", pay_params=None,
+            request_hash="", provider_txn_id=None, refunded_fen=0, created_at=now,
+            expires_at=now + dt.timedelta(hours=1), paid_at=None,
+        )  # fmt: skip
+        received = Received("wechat", f"bare-{no}", body, "127.0.0.1")
+
+        async def effect(tx: Conn, _: QuotaState) -> Grant | Literal[False] | None:
             paid_at = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-            moved = await orders.transition(
-                tx, no, "paid", paid_at=paid_at, provider_txn_id=f"bare-{no}", paid_source="bench"
-            )
-            return Grant(100, "grant", ref=no, reason=f"order {no}", order_no=no) if moved else False
+            moved = await pay_order(
+                tx, order, paid_at=paid_at, txn_id=f"bare-{no}", source="notify", received=received,
+                terms=terms,
+            )  # fmt: skip
+            return order_grant(order) if moved else False
 
-        op = WithEffect(effect)
+        op = WithEffect(effect, grant_refs=(("grant", no),))  # as Credits.grant_after sends it
         for _ in range(20):
             try:
                 async with db.transaction("READ COMMITTED") as tx:
@@ -222,12 +241,12 @@ async def bare_settlements(db: Any, made: list[tuple[str, int]]) -> float:
         raise RuntimeError("gave up after 20 deadlocks")
 
     async def worker() -> None:
-        for no, uid in work:
-            await settle(no, uid)
+        for (no, uid), body in work:
+            await settle(no, uid, body)
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(BUYERS)))
-    return len(made) / (time.perf_counter() - started)
+    return len(made) / (time.perf_counter() - started), time.process_time() - cpu
 
 
 # ------------------------------------------------------------------ (b) orders
@@ -279,7 +298,7 @@ async def app_orders(base: str, tokens: list[str], n: int) -> float:
     return rate
 
 
-def bare_orders(keys: Any, gateway: str, n: int) -> float:
+def bare_orders(keys: Any, gateway: str, n: int) -> tuple[float, float]:
     from wechatpayv3 import WeChatPay, WeChatPayType
 
     from tests.fakes.wechatpay import APIV3_KEY, APPID, CERT_SERIAL, MCHID, PUBLIC_KEY_ID
@@ -310,9 +329,9 @@ def bare_orders(keys: Any, gateway: str, n: int) -> float:
             raise RuntimeError(f"bare order failed: {code} {text}")
 
     with ThreadPoolExecutor(BUYERS) as pool:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         list(pool.map(one, range(n)))
-        return n / (time.perf_counter() - started)
+        return n / (time.perf_counter() - started), time.process_time() - cpu
 
 
 # ------------------------------------------------------------------ bare runs (their own process, CPU 0)
@@ -324,25 +343,27 @@ def bare_main(kind: str, n: int, keys_dir: Path, gateway: str) -> None:
 
     pin(0)
     logger.remove()
-    before = cpu_seconds(os.getpid())
     if kind == "orders":
-        rate = bare_orders(load_keys(keys_dir), gateway, n)
+        rate, busy = bare_orders(load_keys(keys_dir), gateway, n)
     else:
-        rate = asyncio.run(bare_settle_run(n))
-    busy = cpu_seconds(os.getpid()) - before  # set-up included: an upper bound
+        rate, busy = asyncio.run(bare_settle_run(n, keys_dir))
     print(json.dumps({"rate": rate, "cpu_ms": 1000 * busy / n}))
 
 
-async def bare_settle_run(n: int) -> float:
+async def bare_settle_run(n: int, keys_dir: Path) -> tuple[float, float]:
     from server.config import Settings
     from server.db import Database
     from server.metrics import Metrics
+    from tests.fakes.wechatpay import FakeWeChatPay
 
     url = os.environ["DATABASE_URL"]
     settings = Settings(_env_file=None, database_url=url, db_pool_max=2 * BUYERS)  # type: ignore[call-arg]
     db = await Database.connect(settings.database(), settings, Metrics())
     try:
-        return await bare_settlements(db, await insert_orders(db, n, "bare"))
+        made = await insert_orders(db, n, "bare")
+        # The same notification bodies the app receives, recorded in the same row (untimed).
+        bodies = [body for _, body in signed_notifications(FakeWeChatPay(load_keys(keys_dir)), made)]
+        return await bare_settlements(db, made, bodies)
     finally:
         await db.close()
 

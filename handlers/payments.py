@@ -7,11 +7,11 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, Field, field_validator
 
-from server.auth.middleware import principal_of
+from server.auth import principal_of
 from server.errors import ErrorCode, validation_failed
 from server.keys import payments_key
 from server.paging import Page, PageQuery
-from server.payments.orders import Order
+from server.payments.facade import Order
 from server.routing import RouteTable, idempotency_key, omittable
 from server.timing import rfc3339
 

@@ -79,6 +79,30 @@ class Conn:
             await cur.execute(sql, args or None)
             return int(cur.lastrowid)
 
+    def format(self, sql: str, *args: Any) -> str:
+        """`sql` with `args` escaped into it exactly as `execute` would send it, for
+        `execute_all`."""
+        return sql % tuple(self.raw.escape(a) for a in args) if args else sql
+
+    async def execute_all(self, statements: Sequence[str]) -> list[int]:
+        """Run statements (already `format`ted) in ONE round trip, in order (the
+        connection allows multi-statements); returns each one's affected row count.
+        The first failing statement raises, and those after it do not run."""
+        async with self.raw.cursor() as cur:
+            counts = [int(await cur.execute("; ".join(statements)))]
+            while await cur.nextset():
+                counts.append(int(cur.rowcount))
+            return counts
+
+    async def fetch_sets(self, statements: Sequence[str]) -> list[list[Row]]:
+        """Like `execute_all`, but returns each statement's rows ([] for one without)."""
+        async with self.raw.cursor(aiomysql.DictCursor) as cur:
+            await cur.execute("; ".join(statements))
+            sets: list[list[Row]] = [list(await cur.fetchall())]
+            while await cur.nextset():
+                sets.append(list(await cur.fetchall()))
+            return sets
+
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
         async with self.raw.cursor() as cur:
             return int(await cur.executemany(sql, rows))
@@ -200,8 +224,11 @@ class Database:
         row: no gap locks, so concurrent inserts of other keys cannot deadlock them."""
         async with self.connection() as conn:
             if isolation is not None:
-                await conn.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}")
-            await conn.raw.begin()
+                # One round trip for both (the connection allows multi-statements): the
+                # level applies to the transaction this BEGIN starts, and to it alone.
+                await conn.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}; BEGIN")
+            else:
+                await conn.raw.begin()
             try:
                 yield conn
             except BaseException:

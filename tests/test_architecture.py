@@ -103,12 +103,6 @@ HANDLER_INFRASTRUCTURE = {
     "server.timing",
 }
 ENTRY_POINT_MODULES = ("facade", "schemas")
-# Imports of handlers/payments.py that another branch is changing (issue 12); each entry
-# must still be in use, so the list shrinks to empty as they are fixed.
-NOT_YET: set[tuple[str, str]] = {
-    ("handlers.payments", "server.auth.middleware"),
-    ("handlers.payments", "server.payments.orders"),
-}
 
 
 def _handler_may_import(graph: grimp.ImportGraph, module: str) -> bool:
@@ -134,9 +128,8 @@ def test_handlers_import_only_entry_points_schemas_and_infrastructure() -> None:
     """A handler calls a capability's entry point with its schemas; anything else it
     needs, the entry point offers (a method or a re-export)."""
     offending = _handler_imports_outside_the_allow_list(_graph())
-    listed = "\n".join(f"{handler} imports {imported}" for handler, imported in sorted(offending - NOT_YET))
+    listed = "\n".join(f"{handler} imports {imported}" for handler, imported in sorted(offending))
     assert not listed, f"handlers importing outside the allow-list:\n{listed}"
-    assert sorted(NOT_YET - offending) == [], "fixed: remove these from NOT_YET"
 
 
 def test_the_allow_list_check_finds_an_import_of_a_capability_internal() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -17,7 +18,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from server.app import create_app
 from server.config import Settings
+from server.errors import AppError, Busy, ErrorCode
 from server.keys import payments_key
+from server.metrics import Metrics
+from server.payments.pool import SdkPool
 from tests.auth_support import auth_settings, bearer, error_code, fake_wechat, register
 from tests.conftest import Services, run_command
 from tests.fakes.wechat import FakeWeChat
@@ -436,3 +440,22 @@ def test_order_numbers_are_32_alphanumerics_and_unguessable() -> None:
     numbers = {new_order_no() for _ in range(1000)}
     assert len(numbers) == 1000
     assert all(len(n) == 32 and n.isascii() and n.isalnum() for n in numbers)
+
+
+async def test_a_provider_call_past_its_timeout_is_upstream_failed_and_holds_its_slot_until_it_ends() -> None:
+    release = threading.Event()
+    pool = SdkPool("wechat", "WeChat Pay", threads=1, max_pending=2, timeout=0.2, metrics=Metrics())
+    try:
+        with pytest.raises(AppError, match=r"WeChat Pay create took longer than 0\.2 s") as slow:
+            await pool.call("create", lambda: release.wait(10))
+        assert slow.value.code == ErrorCode.UPSTREAM_FAILED
+        queued = asyncio.create_task(pool.call("query", lambda: "answer"))
+        await asyncio.sleep(0)  # let it take the second slot
+        with pytest.raises(Busy):  # the abandoned call still runs in its thread, holding a slot
+            await pool.call("query", lambda: "answer")
+        release.set()
+        async with asyncio.timeout(5):
+            assert await queued == "answer"
+    finally:
+        release.set()
+        pool.shutdown()

@@ -106,7 +106,8 @@ class Credits:
         async def sized(conn: Conn, _: QuotaState) -> Grant | Literal[False] | None:
             return grant if await effect(conn) else False
 
-        return await self.apply(user_id, sized)
+        refs = ((grant.kind, grant.ref),) if grant is not None and grant.ref is not None else ()
+        return await self._user(user_id).ask(WithEffect(sized, grant_refs=refs))
 
     async def balance(self, user_id: int) -> QuotaState:
         return await self._user(user_id).ask(Snapshot())

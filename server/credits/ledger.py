@@ -1,8 +1,10 @@
 """Credits: the SQL of reserve → confirm | cancel, grants, and the invariant check.
 
 `apply_batch` applies a list of operations for ONE user inside the caller's
-transaction: one `SELECT … FOR UPDATE` on the account row, the operations in
-order against in-memory state, then multi-row writes. Each operation gets its own
+transaction: one round trip that locks the account row and the batch's reservations
+and looks up its grant refs, the operations in order against in-memory state (a
+WithEffect's SQL runs there, under a savepoint), then every write in one more round
+trip (multi-statement: `Conn.fetch_sets`, `Conn.execute_all`). Each operation gets its own
 outcome (a result or an `AppError`); one failing never fails the others. The
 UserActor calls it with everything waiting in its mailbox (group commit); the
 naive per-request path (bench/quota.py) calls it with one operation.
@@ -115,6 +117,9 @@ class WithEffect(Message[EffectOutcome]):
     together or not at all; an AppError from the effect undoes the effect alone."""
 
     effect: Effect
+    #: (kind, ref) of the grants the effect may answer: looked up with the account lock,
+    #: in its round trip, instead of after the effect.
+    grant_refs: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,17 +165,52 @@ def _reservation(row: dict[str, Any]) -> Reservation:
     )
 
 
-async def _lock_account(tx: Conn, user_id: int) -> AccountRow:
-    sql = "SELECT balance, reserved, version FROM quota_accounts WHERE user_id = %s FOR UPDATE"
-    row = await tx.fetchone(sql, user_id)
-    if row is None:
+_SAVEPOINT = "SAVEPOINT grant_effect"
+_LOCK = "SELECT balance, reserved, version FROM quota_accounts WHERE user_id = %s FOR UPDATE"
+
+
+@dataclass(frozen=True, slots=True)
+class _Locked:
+    account: AccountRow
+    known: dict[str, Reservation]  # the batch's reservations, locked
+    applied_refs: set[tuple[str, str]]  # of the refs looked up, those in the ledger
+
+
+async def _lock(
+    tx: Conn, user_id: int, *, savepoint: bool, task_ids: Sequence[str], refs: Sequence[tuple[str, str]]
+) -> _Locked:
+    """In ONE round trip: lock and read the account row; set the first WithEffect's
+    savepoint right after it (nothing is written between the two); lock the batch's
+    reservations; look up which grant refs the ledger holds."""
+    statements = [tx.format(_LOCK, user_id)]
+    if savepoint:
+        statements.append(_SAVEPOINT)
+    if task_ids:
+        statements.append(
+            tx.format(
+                "SELECT task_id, user_id, amount, phase, expires_at, reason FROM quota_transactions "
+                f"WHERE task_id IN ({','.join(['%s'] * len(task_ids))}) FOR UPDATE",
+                *task_ids,
+            )
+        )
+    if refs:
+        where = " OR ".join(["(kind = %s AND ref = %s)"] * len(refs))
+        statements.append(
+            tx.format(f"SELECT kind, ref FROM quota_ledger WHERE {where}", *[v for kr in refs for v in kr])
+        )
+    sets = await tx.fetch_sets(statements)
+    if not sets[0]:
         await tx.execute(
             "INSERT INTO quota_accounts (user_id) VALUES (%s) ON DUPLICATE KEY UPDATE user_id = user_id",
             user_id,
         )
-        row = await tx.fetchone(sql, user_id)
-        assert row is not None
-    return AccountRow(int(row["balance"]), int(row["reserved"]), int(row["version"]))
+        # Again after the INSERT: rolling back to the savepoint must keep the new account row.
+        sets = await tx.fetch_sets(statements)
+    row = sets[0][0]
+    rest = sets[2:] if savepoint else sets[1:]
+    known = {str(r["task_id"]): _reservation(r) for r in rest.pop(0)} if task_ids else {}
+    applied = {(str(r["kind"]), str(r["ref"])) for r in rest.pop(0)} if refs else set()
+    return _Locked(AccountRow(int(row["balance"]), int(row["reserved"]), int(row["version"])), known, applied)
 
 
 class _Batch:
@@ -288,25 +328,13 @@ async def apply_batch(
     tx: Conn, user_id: int, ops: Sequence[QuotaOp], now: dt.datetime | None = None
 ) -> BatchResult:
     now = now or utcnow()
-    before = await _lock_account(tx, user_id)
+    # The first effect's savepoint comes with the account lock (one round trip less).
+    savepoint_set = any(isinstance(op, WithEffect) for op in ops)
     task_ids = sorted({op.task_id for op in ops if isinstance(op, Reserve | Confirm | Cancel)})
-    known: dict[str, Reservation] = {}
-    if task_ids:
-        marks = ",".join(["%s"] * len(task_ids))
-        rows = await tx.fetchall(
-            "SELECT task_id, user_id, amount, phase, expires_at, reason FROM quota_transactions "
-            f"WHERE task_id IN ({marks}) FOR UPDATE",
-            *task_ids,
-        )
-        known = {str(r["task_id"]): _reservation(r) for r in rows}
-    applied_refs: set[tuple[str, str]] = set()
-    refs = sorted({(op.kind, op.ref) for op in ops if isinstance(op, Grant) and op.ref is not None})
-    if refs:
-        where = " OR ".join(["(kind = %s AND ref = %s)"] * len(refs))
-        rows = await tx.fetchall(
-            f"SELECT kind, ref FROM quota_ledger WHERE {where}", *[v for kr in refs for v in kr]
-        )
-        applied_refs = {(str(r["kind"]), str(r["ref"])) for r in rows}
+    refs = {(op.kind, op.ref) for op in ops if isinstance(op, Grant) and op.ref is not None}
+    checked = refs | {kr for op in ops if isinstance(op, WithEffect) for kr in op.grant_refs}
+    locked = await _lock(tx, user_id, savepoint=savepoint_set, task_ids=task_ids, refs=sorted(checked))
+    before, known, applied_refs = locked.account, locked.known, locked.applied_refs
 
     batch = _Batch(user_id, before, known, now)
     outcomes: list[Any] = []
@@ -321,48 +349,55 @@ async def apply_batch(
             elif isinstance(op, Grant):
                 outcomes.append(batch.grant(op, applied_refs))
             elif isinstance(op, WithEffect):
-                outcomes.append(await _with_effect(tx, batch, op, applied_refs))
+                fresh, savepoint_set = savepoint_set, False
+                outcomes.append(await _with_effect(tx, batch, op, applied_refs, checked, savepoint_set=fresh))
             else:
                 outcomes.append(QuotaState(batch.balance, batch.reserved))
         except AppError as exc:
             outcomes.append(exc)
 
+    # Every write of the batch in one round trip (see Conn.execute_all).
+    writes: list[str] = []
     if batch.inserts:
-        await tx.executemany(
+        writes.append(
             "INSERT INTO quota_transactions (task_id, user_id, amount, phase, reason, expires_at, "
-            "created_at, "
-            "settled_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-            [
-                (r.task_id, r.user_id, r.amount, r.phase, r.reason, r.expires_at, now,
-                 None if r.phase == "reserved" else now)
+            "created_at, settled_at) VALUES "
+            + ", ".join(
+                tx.format(
+                    "(%s, %s, %s, %s, %s, %s, %s, %s)",
+                    r.task_id, r.user_id, r.amount, r.phase, r.reason, r.expires_at, now,
+                    None if r.phase == "reserved" else now,
+                )
                 for r in batch.inserts.values()
-            ],
+            )
         )  # fmt: skip
-    if batch.settles:  # one statement for the batch (executemany would send one per row)
-        settles = list(batch.settles.values())
-        cases = " ".join(["WHEN %s THEN %s"] * len(settles))
-        await tx.execute(
-            f"UPDATE quota_transactions SET phase = CASE task_id {cases} END, "
-            f"reason = CASE task_id {cases} END, settled_at = %s "
-            f"WHERE task_id IN ({','.join(['%s'] * len(settles))}) AND phase = 'reserved'",
-            *[v for r in settles for v in (r.task_id, r.phase)],
-            *[v for r in settles for v in (r.task_id, r.reason)],
-            now,
-            *[r.task_id for r in settles],
+    writes.extend(
+        tx.format(
+            "UPDATE quota_transactions SET phase = %s, reason = %s, settled_at = %s "
+            "WHERE task_id = %s AND phase = 'reserved'",
+            r.phase, r.reason, now, r.task_id,
         )
+        for r in batch.settles.values()
+    )  # fmt: skip
     if batch.ledger:
-        await tx.executemany(
+        writes.append(
             "INSERT INTO quota_ledger (user_id, kind, balance_delta, reserved_delta, balance_after, "
-            "reserved_after, task_id, order_no, ref, reason, created_at) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            batch.ledger,
+            "reserved_after, task_id, order_no, ref, reason, created_at) VALUES "
+            + ", ".join(
+                tx.format("(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", *row) for row in batch.ledger
+            )
         )
-        await tx.execute(
-            "UPDATE quota_accounts SET balance = %s, reserved = %s, version = version + 1 WHERE user_id = %s",
-            batch.balance,
-            batch.reserved,
-            user_id,
+        writes.append(
+            tx.format(
+                "UPDATE quota_accounts SET balance = %s, reserved = %s, version = version + 1 "
+                "WHERE user_id = %s",
+                batch.balance,
+                batch.reserved,
+                user_id,
+            )
         )
+    if writes:
+        await tx.execute_all(writes)
     changed = bool(batch.ledger)
     return BatchResult(outcomes, QuotaState(batch.balance, batch.reserved), changed, before.version + changed)
 
@@ -445,21 +480,35 @@ def plan_single(
 
 
 async def _with_effect(
-    tx: Conn, batch: _Batch, op: WithEffect, applied_refs: set[tuple[str, str]]
+    tx: Conn,
+    batch: _Batch,
+    op: WithEffect,
+    applied_refs: set[tuple[str, str]],
+    checked: set[tuple[str, str]],
+    *,
+    savepoint_set: bool,
 ) -> EffectOutcome:
-    await tx.execute("SAVEPOINT grant_effect")
+    # Until here the batch has written nothing but earlier effects (the rest is written
+    # at the end), so the savepoint marks exactly what this effect may undo. A SAVEPOINT
+    # of the same name replaces the previous one, and COMMIT drops it: no RELEASE needed.
+    if not savepoint_set:
+        await tx.execute(_SAVEPOINT)
     try:
         grant = await op.effect(tx, QuotaState(batch.balance, batch.reserved))
         if grant is not False and grant is not None:
-            if grant.ref is not None and await tx.fetchval(
-                "SELECT 1 FROM quota_ledger WHERE kind = %s AND ref = %s", grant.kind, grant.ref
+            key = (grant.kind, grant.ref or "")
+            if (
+                grant.ref is not None
+                and key not in checked
+                and await tx.fetchval(
+                    "SELECT 1 FROM quota_ledger WHERE kind = %s AND ref = %s", grant.kind, grant.ref
+                )
             ):
                 applied_refs = applied_refs | {(grant.kind, grant.ref)}
             batch.grant(grant, applied_refs)
     except AppError:
         await tx.execute("ROLLBACK TO SAVEPOINT grant_effect")
         raise
-    await tx.execute("RELEASE SAVEPOINT grant_effect")
     return EffectOutcome(grant is not False, QuotaState(batch.balance, batch.reserved))
 
 

@@ -18,6 +18,7 @@ taking back more than was earned. Amounts are integer fen throughout.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from decimal import ROUND_HALF_EVEN, Decimal
 
 from server.config import DistributorSettings
@@ -43,15 +44,21 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
-async def record_commission(tx: Conn, order: Order, terms: DistributorSettings | None = None) -> None:
-    """One pending commission for the buyer's referrer if it is an approved distributor."""
+REFERRER_SQL = (
+    "SELECT d.user_id, d.commission_rate FROM users u "
+    "JOIN distributors d ON d.user_id = u.referrer_id AND d.status = 'approved' WHERE u.id = %s"
+)
+
+
+async def record_commission(
+    tx: Conn, order: Order, terms: DistributorSettings | None = None, *, along: Sequence[str] = ()
+) -> None:
+    """One pending commission for the buyer's referrer if it is an approved distributor.
+
+    `along`: other statements of the caller's (`Conn.format`ted) sent in the same round
+    trip, after the referrer lookup; one that fails raises here."""
     terms = terms or DistributorSettings()
-    row = await tx.fetchone(
-        "SELECT d.user_id, d.commission_rate FROM users u "
-        "JOIN distributors d ON d.user_id = u.referrer_id AND d.status = 'approved' "
-        "WHERE u.id = %s",
-        order.user_id,
-    )
+    row = await tx.fetchone("; ".join([tx.format(REFERRER_SQL, order.user_id), *along]))
     if row is None:
         return
     rate = Decimal(row["commission_rate"]) if row["commission_rate"] is not None else terms.commission_rate

@@ -22,7 +22,7 @@ from loguru import logger
 from redis.asyncio import Redis
 
 from server.auth.users import Profiles
-from server.config import Settings
+from server.config import DistributorSettings, Settings
 from server.credits.facade import Credits
 from server.credits.ledger import Grant
 from server.db import Conn, Database, Row, is_duplicate
@@ -33,12 +33,16 @@ from server.paging import decode_cursor, encode_cursor
 from server.payments import alipay, orders, wechat
 from server.payments.commissions import record_commission
 from server.payments.orders import PAID_STATUSES, Order
-from server.payments.products import Products
+from server.payments.products import COLUMNS as PRODUCT_COLUMNS
+from server.payments.products import Product, Products
 from server.payments.providers import NotificationRefused, PayRequest, Provider, Trade
 from server.payments.refunding import Refunds
 from server.payments.refunds import Refund
 from server.statemachine import IllegalTransition
 from server.timing import utcnow
+
+# Order (a row's view) is part of the contract: the admin API renders it.
+__all__ = ["Order", "Payments", "open_payments"]
 
 #: Every channel the API knows; a server offers those its providers are configured for.
 KNOWN_CHANNELS = ("wechat_jsapi", "wechat_native", "alipay_qr")
@@ -91,6 +95,58 @@ def note_args(
         provider, kind, event_id, order_no, verified, outcome, (reason or "")[:200] or None,
         body[:1_000_000].decode("utf-8", "replace"), (remote or "")[:64] or None,
     )  # fmt: skip
+
+
+def order_grant(order: Order) -> Grant | None:
+    """The credits a paid order grants (ref = the order number: granted once)."""
+    if order.credits <= 0:
+        return None
+    return Grant(
+        order.credits, "grant", ref=order.order_no, reason=f"order {order.order_no}", order_no=order.order_no
+    )
+
+
+async def pay_order(
+    tx: Conn,
+    order: Order,
+    *,
+    paid_at: dt.datetime,
+    txn_id: str | None,
+    source: str,
+    received: Received | None,
+    terms: DistributorSettings,
+) -> bool:
+    """The settlement SQL, run in the buyer's credit transaction before `order_grant`: the
+    conditional `pending|closed → paid`, the notification row with its outcome, and when
+    this call moved the order, the membership and the commission hook. True: it moved it."""
+    try:
+        moved = await orders.transition(
+            tx, order.order_no, "paid", paid_at=paid_at, provider_txn_id=txn_id, paid_source=source
+        )
+    except IllegalTransition as exc:
+        if exc.current not in PAID_STATUSES:
+            raise
+        moved = False  # paid and then refunded already
+    writes: list[str] = []
+    if received is not None:
+        outcome = "applied" if moved else "duplicate"
+        note = (received.provider, "payment", received.event_id, order.order_no, True, outcome, None)
+        writes.append(tx.format(NOTE_SQL, *note_args(*note, received.body, received.remote)))
+    if not moved:
+        if writes:
+            await tx.execute_all(writes)
+        return False
+    if order.membership_days:
+        writes.append(
+            tx.format(
+                "UPDATE users SET membership_tier = %s, membership_expires_at = DATE_ADD("
+                "GREATEST(COALESCE(membership_expires_at, %s), %s), INTERVAL %s DAY) WHERE id = %s",
+                MEMBER_TIER, paid_at, paid_at, order.membership_days, order.user_id,
+            )
+        )  # fmt: skip
+    # The notification row and the membership go in the commission lookup's round trip.
+    await record_commission(tx, order, terms, along=writes)
+    return True
 
 
 class Payments:
@@ -153,7 +209,11 @@ class Payments:
         )
         if row is None:
             return None
-        order = await self._load(str(row["order_no"]))
+        return await self._answer_repeat(str(row["order_no"]), digest)
+
+    async def _answer_repeat(self, order_no: str, digest: str) -> Order:
+        """The order an Idempotency-Key made, if this request's body is the same."""
+        order = await self._load(order_no)
         assert order is not None
         if order.request_hash != digest:
             raise AppError(
@@ -161,13 +221,36 @@ class Payments:
             )
         return order
 
+    async def _order_context(
+        self, user_id: int, key: str, product_id: str, openid: bool
+    ) -> tuple[str | None, Product | None, str | None]:
+        """In one statement: (the order this key already made, the product, the buyer's
+        WeChat openid when `openid`): one round trip where there were two or three."""
+        product_columns = ", ".join(f"p.{c}" for c in PRODUCT_COLUMNS.split(", "))
+        sql = (
+            f"SELECT o.order_no AS existing, {product_columns}, "
+            f"{'u.wechat_openid' if openid else 'NULL AS wechat_openid'} FROM (SELECT 1) AS one "
+            "LEFT JOIN orders o ON o.user_id = %s AND o.idempotency_key = %s "
+            "LEFT JOIN products p ON p.id = %s"
+        )
+        args: list[object] = [user_id, key, product_id]
+        if openid:
+            sql += " LEFT JOIN users u ON u.id = %s"
+            args.append(user_id)
+        row = await self.db.fetchone(sql, *args)
+        assert row is not None  # one row always: the LEFT JOINs of SELECT 1
+        product = Product.of(row) if row["id"] is not None else None
+        existing = str(row["existing"]) if row["existing"] is not None else None
+        return existing, product, str(row["wechat_openid"]) if row["wechat_openid"] else None
+
     async def create_order(self, user_id: int, key: str, product_id: str, channel: str) -> tuple[Order, bool]:
         """(order, created). A repeat of a key with the same body answers the first order."""
         digest = request_hash(product_id, channel)
-        found = await self._by_key(user_id, key, digest)
-        if found is not None:
-            return found, False
         provider = self.provider_for(channel)
+        needs_openid = provider is not None and provider.needs_openid(channel)
+        existing, product, openid = await self._order_context(user_id, key, product_id, needs_openid)
+        if existing is not None:
+            return await self._answer_repeat(existing, digest), False
         if provider is None:
             offered = ", ".join(self.channels()) or "none"
             raise validation_failed(
@@ -178,17 +261,13 @@ class Payments:
                     }
                 ]
             )
-        product = await self.products.get(product_id)
         if product is None or not product.enabled:
             what = "no such product" if product is None else "this product is not on sale"
             raise validation_failed([{"field": "product_id", "message": what}])
-        openid = None
-        if provider.needs_openid(channel):
-            openid = await self.db.fetchval("SELECT wechat_openid FROM users WHERE id = %s", user_id)
-            if not openid:
-                raise validation_failed(
-                    [{"field": "channel", "message": f"{channel} needs an account signed in with WeChat"}]
-                )
+        if needs_openid and not openid:
+            raise validation_failed(
+                [{"field": "channel", "message": f"{channel} needs an account signed in with WeChat"}]
+            )
         now = utcnow().replace(microsecond=0)
         expires = now + dt.timedelta(seconds=self.settings.payments.order_ttl)
         order_no = orders.new_order_no()
@@ -199,7 +278,7 @@ class Payments:
                 amount_fen=product.price_fen,
                 description=product.name[:40],
                 expires_at_rfc3339=expires.isoformat() + "+00:00",
-                openid=str(openid) if openid else None,
+                openid=openid,
             )
         )
         try:
@@ -358,33 +437,12 @@ class Payments:
         paid_at = utcnow()
 
         async def effect(tx: Conn) -> bool:
-            try:
-                moved = await orders.transition(
-                    tx, order_no, "paid", paid_at=paid_at, provider_txn_id=txn_id, paid_source=source
-                )
-            except IllegalTransition as exc:
-                if exc.current not in PAID_STATUSES:
-                    raise
-                moved = False  # paid and then refunded already
-            if received is not None:
-                outcome = "applied" if moved else "duplicate"
-                note = (received.provider, "payment", received.event_id, order_no, True, outcome, None)
-                await tx.execute(NOTE_SQL, *note_args(*note, received.body, received.remote))
-            if not moved:
-                return False
-            if order.membership_days:
-                await tx.execute(
-                    "UPDATE users SET membership_tier = %s, membership_expires_at = DATE_ADD("
-                    "GREATEST(COALESCE(membership_expires_at, %s), %s), INTERVAL %s DAY) WHERE id = %s",
-                    MEMBER_TIER, paid_at, paid_at, order.membership_days, order.user_id,
-                )  # fmt: skip
-            await record_commission(tx, order, self.settings.distributors)
-            return True
+            return await pay_order(
+                tx, order, paid_at=paid_at, txn_id=txn_id, source=source, received=received,
+                terms=self.settings.distributors,
+            )  # fmt: skip
 
-        grant = None
-        if order.credits > 0:
-            grant = Grant(order.credits, "grant", ref=order_no, reason=f"order {order_no}", order_no=order_no)
-        outcome = await self.credits.grant_after(order.user_id, effect, grant)
+        outcome = await self.credits.grant_after(order.user_id, effect, order_grant(order))
         if outcome.applied:  # this call moved it: no need to read it back
             reloaded = replace(order, status="paid", paid_at=paid_at, provider_txn_id=txn_id)
         else:
@@ -434,7 +492,10 @@ class Payments:
                 raise NotificationRefused(f"{provider_name} is not configured")
             note = provider.verify_notification(headers, body, time.time())
             verified, order_no, event_id = True, note.trade.order_no[:64], note.event_id
-            order = await self._load(order_no) if 0 < len(order_no) <= 32 else None
+            order = None
+            if 0 < len(order_no) <= 32:
+                async with self.db.connection() as conn:
+                    order = await orders.load_for_settlement(conn, order_no)
             if order is None:
                 raise NotificationRefused("unknown order")
             if order.channel not in provider.channels:

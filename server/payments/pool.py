@@ -2,7 +2,7 @@
 
 One per provider, made by `open_payments` (entered by the app's cleanup_ctx) and shut down with it. At most
 `max_pending` calls may be running or queued; one more answers BUSY at once instead of
-queueing without bound. `asyncio.wait_for` bounds a whole call at `timeout` seconds; the
+queueing without bound. `asyncio.timeout` bounds a whole call at `timeout` seconds; the
 thread cannot be stopped when that fires, which is safe because every call we make is
 idempotent per out_trade_no / out_refund_no.
 """
@@ -51,7 +51,8 @@ class SdkPool:
         started = time.perf_counter()
         outcome = "error"
         try:
-            result = await asyncio.wait_for(asyncio.wrap_future(future), self._timeout)
+            async with asyncio.timeout(self._timeout):  # cancels the wrapper, and so the future
+                result = await asyncio.wrap_future(future)
             outcome = "ok"
             return result
         except TimeoutError:
