@@ -302,7 +302,7 @@ async def test_20_tasks_forking_10_branches_never_exceed_the_vendors_limit_of_5(
     )
     ids = [(await r.json())["id"] for r in created]
     tasks = await asyncio.gather(*(user.finished(i, within=60) for i in ids))
-    assert [t["status"] for t in tasks] == ["succeeded"] * 20
+    assert [(t["status"], t["error"]) for t in tasks] == [("succeeded", None)] * 20
     assert fake.calls == 200
     assert fake.max_in_flight == 5
     assert await user.quota() == QuotaState(0, 0)
@@ -502,6 +502,60 @@ async def test_a_socket_sees_every_status_of_a_task_in_seq_order(user: User, cli
     assert statuses == ["queued", "running", "succeeded"]
     assert progress[-1] == 1
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # no gap
+
+
+async def test_a_full_vendor_mailbox_is_waited_out_not_failed_after_a_few_quick_retries(
+    aiohttp_client: Any, make_settings: Callable[..., Settings], fake: FakeVendor
+) -> None:
+    """One slot, a mailbox of one, 0.4 s a call: the fifth task's call is refused at the door
+    for ~1.2 s. It is tried again (backoff to 1 s) for as long as a queued call may wait for
+    a slot (the vendor's queue timeout), so all five succeed."""
+    settings = auth_settings(
+        make_settings, cron_enabled=False, **ADMIN, **vendor_settings(fake, concurrency=1, mailbox=1)
+    )
+    app = create_app(settings)
+    client = await aiohttp_client(app)
+    user = User(client, app, await register(client))
+    fake.latency = 0.4
+    await add_feature(client, "narrow", {"steps": [enhance("e")], "output": "e"}, cost=1)
+    await user.grant(5)
+    photo = await user.upload(image_bytes("teal"))
+    created = await asyncio.gather(
+        *(user.create("narrow", {"image": photo["id"]}, f"n-{i}") for i in range(5))
+    )
+    tasks = [await user.finished((await r.json())["id"]) for r in created]
+    assert [(t["status"], t["error"]) for t in tasks] == [("succeeded", None)] * 5
+    assert fake.max_in_flight == 1 and fake.calls == 5
+    assert app[vendors_key].actor("fake").counts["busy"] >= 1  # the door was shut at least once
+
+
+async def test_a_vendor_mailbox_full_for_its_whole_queue_timeout_fails_the_step_with_its_own_message(
+    aiohttp_client: Any, make_settings: Callable[..., Settings], fake: FakeVendor
+) -> None:
+    settings = auth_settings(
+        make_settings,
+        cron_enabled=False,
+        **ADMIN,
+        **vendor_settings(fake, concurrency=1, mailbox=1, queue_timeout=0.3),
+    )
+    app = create_app(settings)
+    client = await aiohttp_client(app)
+    user = User(client, app, await register(client))
+    first = await held_task(user, client, fake, "slow", cost=1)
+    await user.grant(2)
+    photo = await user.upload(image_bytes("teal"))
+    queued, refused = await asyncio.gather(
+        user.create("slow", {"image": photo["id"]}, "queued"),
+        user.create("slow", {"image": photo["id"]}, "refused"),
+    )
+    message = "Vendor fake had no free slot within 0.3s"
+    for resp in (queued, refused):  # one waited in the mailbox, the other at its door
+        task = await user.finished((await resp.json())["id"])
+        assert (task["status"], task["error"]) == ("failed", {"code": "UPSTREAM_FAILED", "message": message})
+    assert fake.calls == 1
+    fake.hold.set()
+    assert (await user.finished(first))["status"] == "succeeded"
+    assert await user.quota() == QuotaState(2, 0)  # 3 granted, only the first charged
 
 
 async def test_a_vendor_queue_timeout_fails_the_step_after_one_wait_with_its_own_message(

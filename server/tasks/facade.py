@@ -127,7 +127,7 @@ async def open_tasks(
     start it recovers what a dead process left, at exit it stops its runs."""
     features = FeatureStore(db, redis, vendors.catalog())
     deps = TaskDeps(settings, db, redis, credits, hub, storage, features, profiles, metrics, owner)
-    runs = TaskManager(deps, vendors.call)
+    runs = TaskManager(deps, vendors)
     runs.start_renewing()
     recovery = asyncio.get_running_loop().create_task(runs.recover(), name="tasks:recover-at-start")
     try:

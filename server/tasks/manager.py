@@ -23,7 +23,7 @@ from loguru import logger
 from server.errors import AppError, Busy, ErrorCode
 from server.tasks import leases, states, store
 from server.tasks.deps import TaskDeps
-from server.tasks.runner import VendorCall, fail, hold_lease, run_task
+from server.tasks.runner import VendorCalls, fail, hold_lease, run_task
 from server.tasks.slots import Run, RunSlot
 
 _HALF_SUBMITTED = "The server taking this task stopped before scheduling it"
@@ -31,10 +31,10 @@ _TASK_ROW = "SELECT id, user_id, feature, inputs, attempts, status FROM tasks WH
 
 
 class TaskManager:
-    def __init__(self, deps: TaskDeps, call: VendorCall) -> None:
+    def __init__(self, deps: TaskDeps, vendors: VendorCalls) -> None:
         settings = deps.settings
         self.deps = deps
-        self.call = call
+        self.vendors = vendors
         self.scheduler = aiojobs.Scheduler(
             limit=settings.tasks.concurrency,
             pending_limit=settings.tasks.pending,
@@ -124,7 +124,7 @@ class TaskManager:
             ):
                 logger.warning("task {} waited past its lease and another instance took it", task_id)
                 return
-            await hold_lease(self.deps, task_id, run_task(self.deps, run, self.call))
+            await hold_lease(self.deps, task_id, run_task(self.deps, run, self.vendors))
         except asyncio.CancelledError:
             raise
         except Exception:

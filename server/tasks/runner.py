@@ -14,7 +14,7 @@ import io
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from loguru import logger
 from PIL import Image
@@ -32,12 +32,21 @@ from server.tasks.slots import Run
 from server.timing import backoff_delay
 from server.vendors.adapters import VendorResult
 
-# (vendor, operation, inputs, params) -> output: the vendor actors' `Vendors.call`.
-VendorCall = Callable[
-    [str, str, Mapping[str, bytes | list[bytes]], Mapping[str, Any]], Awaitable[VendorResult]
-]
 
-BUSY_RETRIES = 5
+class VendorCalls(Protocol):
+    """What a run needs of the vendors (`server.vendors.facade.Vendors` is one)."""
+
+    async def call(
+        self,
+        vendor: str,
+        operation: str,
+        inputs: Mapping[str, bytes | list[bytes]],
+        params: Mapping[str, Any] | None = None,
+    ) -> VendorResult: ...
+
+    def queue_timeout(self, vendor: str) -> float: ...
+
+
 PROGRESS_INTERVAL_S = 0.2
 
 
@@ -48,7 +57,7 @@ class PipelineRun:
         task: Mapping[str, Any],
         feature: Feature,
         inputs: dict[str, bytes],
-        call: VendorCall,
+        vendors: VendorCalls,
     ) -> None:
         self.deps = deps
         self.task_id = str(task["id"])
@@ -56,7 +65,7 @@ class PipelineRun:
         self.attempt = int(task["attempts"])
         self.feature = feature
         self.inputs = inputs
-        self.call_vendor = call
+        self.vendors = vendors
         self.total = max(1, feature.pipeline.call_count())
         self.done = 0
         self._last_progress = 0.0
@@ -111,22 +120,30 @@ class PipelineRun:
     async def _vendor(
         self, vendor: str, operation: str, inputs: Mapping[str, Any], params: Mapping[str, Any]
     ) -> VendorResult:
-        """One vendor call. A full mailbox (refused at once, nothing queued) is retried a few
-        times with backoff; a call that waited its queue timeout for a slot fails the step
-        at once: retrying it would only wait again."""
-        for attempt in range(BUSY_RETRIES + 1):
+        """One vendor call. A full mailbox (refused at once, nothing queued) is tried again
+        with backoff (50 ms doubling to 1 s) for as long as a queued call may wait for a
+        slot, the vendor's queue timeout; a call that waited that long in the queue, or
+        was refused for that long, fails the step: retrying would only wait again."""
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        attempt = 0
+        while True:
             try:
-                return await self.call_vendor(vendor, operation, inputs, params)
-            except MailboxFull:
-                if attempt == BUSY_RETRIES:
-                    raise
-                await asyncio.sleep(backoff_delay(attempt + 1, 0.05, 1.0))
+                return await self.vendors.call(vendor, operation, inputs, params)
+            except MailboxFull as exc:
+                wait = self.vendors.queue_timeout(vendor)
+                deadline = deadline if deadline is not None else loop.time() + wait
+                if loop.time() >= deadline:
+                    raise AppError(
+                        ErrorCode.UPSTREAM_FAILED, f"Vendor {vendor} had no free slot within {wait:g}s"
+                    ) from exc
+                attempt += 1
+                await asyncio.sleep(min(backoff_delay(attempt, 0.05, 1.0), max(0.0, deadline - loop.time())))
             except AskTimeout as exc:
                 raise AppError(
                     ErrorCode.UPSTREAM_FAILED,
                     f"Vendor {vendor} had no free slot within {exc.timeout:g}s",
                 ) from exc
-        raise AssertionError("unreachable")
 
     async def _vendor_step(
         self,
@@ -262,18 +279,18 @@ async def fail(deps: TaskDeps, task: Mapping[str, Any], error: AppError) -> None
         await _publish_status(deps, user_id, task_id, "failed")
 
 
-async def run_task(deps: TaskDeps, run: Run, call: VendorCall) -> bool:
+async def run_task(deps: TaskDeps, run: Run, vendors: VendorCalls) -> bool:
     """The whole life of one task run; the caller holds its lease. True when the task has
     its final status (whoever gave it). Timed by feature in wardrobe_task_run_seconds,
     whatever the outcome."""
     began = time.perf_counter()
     try:
-        return await _run_task(deps, run, call)
+        return await _run_task(deps, run, vendors)
     finally:
         deps.metrics.task_run_seconds.labels(str(run.row["feature"])).observe(time.perf_counter() - began)
 
 
-async def _run_task(deps: TaskDeps, run: Run, call: VendorCall) -> bool:
+async def _run_task(deps: TaskDeps, run: Run, vendors: VendorCalls) -> bool:
     task = run.row
     task_id, user_id = str(task["id"]), int(task["user_id"])
     db = deps.db
@@ -291,7 +308,7 @@ async def _run_task(deps: TaskDeps, run: Run, call: VendorCall) -> bool:
                 db, user_id, [v for k, v in refs.items() if feature.inputs[k].type == "image"]
             )
         images = {k: await storage.get(mine[v].storage_key) for k, v in refs.items() if v in mine}
-        pipeline = PipelineRun(deps, task, feature, images, call)
+        pipeline = PipelineRun(deps, task, feature, images, vendors)
         async with asyncio.timeout(settings.tasks.timeout):
             out = await pipeline.execute()
         image = ValidatedImage(out.data, out.content_type, *_size(out.data), len(out.data))

@@ -113,6 +113,10 @@ class Vendors:
     def ref(self, vendor: str) -> ActorRef[Call]:
         return self._get(vendor).ref
 
+    def queue_timeout(self, vendor: str) -> float:
+        """The longest a call waits for one of the vendor's slots (VENDORS `queue_timeout`)."""
+        return self._get(vendor).actor.limits.queue_timeout
+
     def actor(self, vendor: str) -> VendorActor:
         return self._get(vendor).actor
 
