@@ -172,6 +172,13 @@ def sign_up(base: str) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
+    if not shutil.which("wrk"):
+        print(
+            "warning: wrk is not installed (apt-get install wrk): the load comes from an aiohttp "
+            "client, which saturates its own CPU before the servers do; the ratios below are "
+            "then the client's, not the servers'",
+            file=sys.stderr,
+        )
     with services("bench_auth", redis_db=15) as ready:
         env = {**ready.env, "SMS_RESEND_INTERVAL": "0"}
         procs = ready.procs
