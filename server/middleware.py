@@ -172,8 +172,7 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
         elapsed = time.perf_counter() - started
         route = route_template(request)
         metrics = request.app[metrics_key]
-        metrics.http_requests.labels(request.method, route, str(status)).inc()
-        metrics.http_duration.labels(request.method, route).observe(elapsed)
+        metrics.http_answered(request.method, route, status, elapsed)
         code = request.get(error_code_key)
         if code is not None:
             metrics.http_errors.labels(route, code).inc()
