@@ -140,40 +140,86 @@ def derived_pool(redis: Redis, max_connections: int, **overrides: Any) -> Connec
     return ConnectionPool(connection_class=base.connection_class, max_connections=max_connections, **kwargs)
 
 
-async def run_script_many(
-    redis: Redis, script: AsyncScript, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]
-) -> list[Any]:
-    """Run `script` once per (keys, args) in one round trip: EVALSHA each in one redis-py
-    pipeline (no MULTI: each run is atomic on its own), in order. Answers the results,
-    an error as its exception. A lone call goes through the script itself; if Redis lost
-    its scripts (a restart), the script is loaded and those calls run again, in order.
-    Never raises but cancellation. (A Script passed to a pipeline would cost a SCRIPT
-    EXISTS round trip each time.)"""
-    if len(calls) == 1:
-        keys, args = calls[0]
+class ScriptBatch:
+    """One Lua script's calls, group-committed: calls made while a round trip is in flight
+    wait for it and then go together, one EVALSHA each in one redis-py pipeline (no MULTI:
+    each run is atomic on its own), in the order they were made. A lone call goes through
+    the script itself. If Redis lost its scripts (a restart), the script is loaded again
+    and those calls run again, in order. (A Script passed to a pipeline would cost a
+    SCRIPT EXISTS round trip each time.) Used by the event hub and the vendor permits."""
+
+    def __init__(self, redis: Redis, script: AsyncScript, name: str) -> None:
+        self.redis = redis
+        self.script = script
+        self._name = name
+        self._queue: list[tuple[Sequence[Any], Sequence[Any], asyncio.Future[Any]]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    async def run(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """The script's answer for these keys and args; raises its error. A caller that
+        stops waiting (a timeout) does not stop its call from being sent."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((keys, args, answer))
+        if self._sender is None:
+            self._sender = loop.create_task(self._send(), name=f"{self._name}:send")
+        return await answer
+
+    async def _send(self) -> None:
+        """Send what is queued, one round trip at a time, until nothing is left."""
+        batch: list[tuple[Sequence[Any], Sequence[Any], asyncio.Future[Any]]] = []
         try:
-            return [await script(keys=keys, args=args)]
-        except Exception as exc:
-            return [exc]
-    try:
-        async with redis.pipeline(transaction=False) as pipe:
-            for keys, args in calls:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            results: list[Any] = list(await pipe.execute(raise_on_error=False))
-    except Exception as exc:  # the connection failed: every call has that answer
-        return [exc] * len(calls)
-    if any(isinstance(r, NoScriptError) for r in results):
+            while self._queue:
+                batch, self._queue = self._queue, []
+                results = await self._run_all([(keys, args) for keys, args, _ in batch])
+                for (_, _, answer), result in zip(batch, results, strict=True):
+                    if answer.done():  # its caller stopped waiting
+                        continue
+                    if isinstance(result, Exception):
+                        answer.set_exception(result)
+                    else:
+                        answer.set_result(result)
+        finally:
+            self._sender = None
+            for _, _, answer in batch + self._queue:  # cancelled (shutdown): no answer will come
+                if not answer.done():
+                    answer.cancel()
+            self._queue = []
+
+    async def _run_all(self, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> list[Any]:
+        """Each call's result, an error as its exception; never raises but cancellation."""
+        script, redis = self.script, self.redis
+        if len(calls) == 1:
+            keys, args = calls[0]
+            try:
+                return [await script(keys=keys, args=args)]
+            except Exception as exc:
+                return [exc]
         try:
-            await redis.script_load(script.script)
-        except Exception as exc:
-            return [exc if isinstance(r, NoScriptError) else r for r in results]
-        for i, (keys, args) in enumerate(calls):
-            if isinstance(results[i], NoScriptError):
-                try:
-                    results[i] = await redis.evalsha(script.sha, len(keys), *keys, *args)
-                except Exception as exc:
-                    results[i] = exc
-    return results
+            async with redis.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                results: list[Any] = list(await pipe.execute(raise_on_error=False))
+        except Exception as exc:  # the connection failed: every call has that answer
+            return [exc] * len(calls)
+        if any(isinstance(r, NoScriptError) for r in results):
+            try:
+                await redis.script_load(script.script)
+            except Exception as exc:
+                return [exc if isinstance(r, NoScriptError) else r for r in results]
+            for i, (keys, args) in enumerate(calls):
+                if isinstance(results[i], NoScriptError):
+                    try:
+                        results[i] = await redis.evalsha(script.sha, len(keys), *keys, *args)
+                    except Exception as exc:
+                        results[i] = exc
+        return results
+
+    async def close(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - a bounded wait
+        """Wait (at most `timeout`) for the calls still being sent."""
+        sender = self._sender
+        if sender is not None:
+            await asyncio.wait({sender}, timeout=timeout)
 
 
 def pool_stats(client: Redis) -> dict[str, int]:

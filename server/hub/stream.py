@@ -38,7 +38,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from server.redis import run_script_many
+from server.redis import ScriptBatch
 
 # KEYS: the user's seq, stream and marks (EventStreams.keys). ARGV: now_ms, event (a JSON
 # string), data (JSON), user id. Returns the seq. The hub's settings are written into the
@@ -77,8 +77,6 @@ return seq
 FRAME_PREFIX = b'{"type":"event","seq":'
 
 _Entries = list[tuple[bytes, dict[bytes, bytes]]]  # XRANGE, decode_responses=False
-# One queued event: the script's KEYS and ARGV, and the future of its seq.
-_Queued = tuple[tuple[str, str, str], list[bytes | str | int], "asyncio.Future[int]"]
 
 
 def _dumps(value: Any) -> str:
@@ -119,8 +117,7 @@ class EventStreams:
                 prefix=self.channel_prefix.decode(),  # ev:live:<db>: (digits and colons)
             )
         )
-        self._queue: list[_Queued] = []  # waiting for the round trip in flight
-        self._sender: asyncio.Task[None] | None = None
+        self._batch = ScriptBatch(redis, self.script, "events")
 
     def channel(self, user_id: int) -> bytes:
         return self.channel_prefix + str(user_id).encode()
@@ -133,42 +130,11 @@ class EventStreams:
         """Number, keep and announce one event; returns its seq. Raises on Redis errors.
         Concurrent calls share a round trip (the module doc); a caller that stops waiting
         (a timeout) does not stop its event from being sent."""
-        loop = asyncio.get_running_loop()
-        seq: asyncio.Future[int] = loop.create_future()
-        self._queue.append((self.keys(user_id), self.args(user_id, event, data), seq))
-        if self._sender is None:
-            self._sender = loop.create_task(self._send(), name="events:send")
-        return await seq
-
-    async def _send(self) -> None:
-        """Send what is queued, one round trip at a time, until nothing is left."""
-        batch: list[_Queued] = []
-        try:
-            while self._queue:
-                batch, self._queue = self._queue, []
-                results = await self._run(batch)
-                for (_, _, seq), result in zip(batch, results, strict=True):
-                    if seq.done():  # its caller stopped waiting
-                        continue
-                    if isinstance(result, Exception):
-                        seq.set_exception(result)
-                    else:
-                        seq.set_result(int(result))
-        finally:
-            self._sender = None
-            for _, _, seq in batch + self._queue:  # cancelled (shutdown): no answer will come
-                if not seq.done():
-                    seq.cancel()
-            self._queue = []
-
-    async def _run(self, batch: list[_Queued]) -> list[Any]:
-        return await run_script_many(self.redis, self.script, [(keys, args) for keys, args, _ in batch])
+        return int(await self._batch.run(self.keys(user_id), self.args(user_id, event, data)))
 
     async def close(self) -> None:
         """Wait (briefly) for the events still being sent."""
-        sender = self._sender
-        if sender is not None:
-            await asyncio.wait({sender}, timeout=5.0)
+        await self._batch.close()
 
     def args(self, user_id: int, event: str, data: dict[str, Any]) -> list[bytes | str | int]:
         """The script's ARGV for one event (`script` with `keys(user_id)` publishes it)."""

@@ -11,7 +11,7 @@ in Redis, under `wardrobe:vendor:{vendor}:…`:
   list; a waiting instance blocks on that list (`BLPOP`, bounded by the earliest lease
   expiry), so a freed permit is taken within a round trip and nothing polls hot.
   Permits freed while a release is in flight go back together in the next round trip
-  (server/redis.py `run_script_many`). A live
+  (server/redis.py `ScriptBatch`). A live
   process renews its leases every `lease_ttl / 3`; a crashed one's expire after
   `lease_ttl`.
 - rate: one key holding the next free start time (a token bucket of one token, as the
@@ -39,7 +39,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from server.errors import Busy
-from server.redis import run_script_many
+from server.redis import ScriptBatch
 from server.vendors.resilience import Clock, TokenBucket
 
 #: After a Redis failure, the permits stay on the local share this long before retrying.
@@ -206,8 +206,7 @@ class ClusterPermits:
         self._down_until = 0.0  # monotonic time before which Redis is not tried again
         self._renewer: asyncio.Task[None] | None = None
         self._jobs: set[asyncio.Task[None]] = set()
-        self._releasing: list[str] = []  # leases to give back in the next round trip
-        self._giving_back = False
+        self._releases = ScriptBatch(redis, self._release, f"vendor-permits:{vendor}:release")
         self.counts = {"waits": 0, "wakeups": 0, "renewals": 0, "lost": 0, "redis_errors": 0}
 
     # ------------------------------------------------------------------ state
@@ -282,27 +281,13 @@ class ClusterPermits:
         if lease is None:
             return
         self.held.discard(lease)
-        self._releasing.append(lease)
-        if len(self._releasing) == 1 and not self._giving_back:
-            self._spawn(self._give_back(), "release")
+        self._spawn(self._give_back(lease), "release")
 
-    async def _give_back(self) -> None:
-        self._giving_back = True
+    async def _give_back(self, lease: str) -> None:
         try:
-            while self._releasing:
-                leases, self._releasing = self._releasing, []
-                keys = [self.leases_key, self.wake_key]
-                results = await run_script_many(
-                    self.redis, self._release, [(keys, [lease, self.concurrency]) for lease in leases]
-                )
-                errors = [r for r in results if isinstance(r, Exception)]
-                for error in errors:
-                    if not isinstance(error, RedisError | OSError | Busy):
-                        raise error
-                if errors:
-                    self._failed("release", errors[0])  # those leases expire after lease_ttl
-        finally:
-            self._giving_back = False
+            await self._releases.run([self.leases_key, self.wake_key], [lease, self.concurrency])
+        except (RedisError, OSError, Busy) as exc:
+            self._failed("release", exc)  # the lease expires after lease_ttl
 
     def _hold(self, lease: str) -> None:
         self.held.add(lease)
