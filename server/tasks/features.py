@@ -114,7 +114,7 @@ class FeatureStore:
     def _feature(self, row: Row) -> Feature:
         key = (int(row["id"]), int(row["version"]))
         feature = self._parsed.get(key)
-        if feature is None or feature.enabled != bool(row["enabled"]):
+        if feature is None:
             if len(self._parsed) >= self.PARSED_MAX:
                 self._parsed.clear()
             feature = self._parsed[key] = _from_row(row, self.catalog)
