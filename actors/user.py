@@ -28,12 +28,13 @@ from server.credits.ledger import (
     Reservation,
     Reserve,
     StaleAccount,
+    WithEffect,
     apply_batch,
     plan_single,
 )
 from server.db import Database, is_duplicate, is_retryable
 from server.errors import Busy
-from server.hub.events import EventHub
+from server.hub.events import Event, EventHub
 from server.timing import backoff_delay
 
 
@@ -123,15 +124,18 @@ class UserActor(Actor[QuotaOp]):
             for env in batch:
                 env.fail(exc)
             return
+        events: list[Event] = []
         for env, outcome in zip(batch, result.outcomes, strict=True):
             if isinstance(outcome, Exception):
                 env.fail(outcome)
-            else:
-                env.ok(outcome)
+                continue
+            env.ok(outcome)
+            op = env.msg
+            if isinstance(op, WithEffect) and op.announce is not None and outcome.applied:
+                events.extend(op.announce())
         if result.changed:
             state = result.state
-            await self.hub.publish(
-                self.user_id,
-                "quota.changed",
-                {"balance": state.balance, "reserved": state.reserved, "available": state.available},
-            )
+            quota = {"balance": state.balance, "reserved": state.reserved, "available": state.available}
+            events.insert(0, ("quota.changed", quota))
+        # The batch's events in one script run: quota.changed, then what the effects announce.
+        await self.hub.publish_many(self.user_id, events)

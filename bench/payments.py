@@ -6,13 +6,14 @@ latency with 50 concurrent buyers, against the same gateway called bare with the
 
 (a) The app (its own process, pinned to CPU 0) receives signed, AES-256-GCM encrypted
 TRANSACTION.SUCCESS notifications over HTTP from 50 concurrent senders and does all it
-does for a real one: headers, serial, timestamp, RSA signature, decryption, the order read
-and checks, then `settle()` through the buyer's UserActor (one transaction: order → paid,
-the notification row, membership, commission hook, ledger grant), then the events. Bare:
-the same settlement SQL (`apply_batch` with a WithEffect running the app's own `pay_order`
-and `order_grant`, recording the same notification bodies) in one transaction per order,
-50 concurrent, from this process with no HTTP, signature, decryption, order read, actor or
-events. 50 buyers; every order is a fresh pending one.
+does for a real one: headers, serial, timestamp, RSA signature, decryption, then
+`settle()` through the buyer's UserActor, found by the notification's `attach` (one
+transaction: the order read with the account lock, the checks, order → paid, the
+notification row, membership, commission hook, ledger grant), then the events. Bare: the
+same settlement SQL (`apply_batch` with the app's own `Settlement` effect, recording the
+same notification bodies) in one transaction per order, 50 concurrent, from this process
+with no HTTP, signature, decryption, actor or events. 50 buyers; every order is a fresh
+pending one.
 
 (b) The fake WeChat Pay gateway (tests/fakes/wechatpay.py: verifies the merchant's
 signature, signs its answer) runs in its own process (pinned to CPU 1) with 50 ms added
@@ -44,7 +45,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -151,6 +152,7 @@ async def insert_orders(db: Any, n: int, tag: str) -> list[tuple[str, int]]:
 
 
 def signed_notifications(fake: Any, made: list[tuple[str, int]]) -> list[tuple[dict[str, str], bytes]]:
+    from server.payments.wechat import attach_of
     from tests.fakes.wechatpay import APPID, MCHID
 
     return [
@@ -164,9 +166,10 @@ def signed_notifications(fake: Any, made: list[tuple[str, int]]) -> list[tuple[d
                 "trade_type": "NATIVE",
                 "trade_state": "SUCCESS",
                 "amount": {"total": 990, "payer_total": 990, "currency": "CNY"},
+                "attach": attach_of(uid),  # as the app sets it when it creates an order
             },
         )
-        for no, _ in made
+        for no, uid in made
     ]
 
 
@@ -197,43 +200,36 @@ async def app_notifications(
 
 
 async def bare_settlements(db: Any, made: list[tuple[str, int]], bodies: list[bytes]) -> tuple[float, float]:
-    """The app's settlement SQL (`pay_order` and `order_grant` in one WithEffect: order →
-    paid, the notification row, the commission hook, the grant) in one transaction per
-    order, as the UserActor runs it, without HTTP, verification, the order read or the actor."""
+    """The app's settlement SQL (its `Settlement` effect in one WithEffect: the order read
+    in the account lock's round trip, order → paid, the notification row, the commission
+    hook, the grant) in one transaction per order, as the UserActor runs it, without HTTP,
+    verification, the actor or the events."""
     from server.config import DistributorSettings
-    from server.credits.ledger import Grant, QuotaState, WithEffect, apply_batch
-    from server.db import Conn, is_duplicate, is_retryable
-    from server.payments.facade import Received, order_grant, pay_order
+    from server.credits.ledger import WithEffect, apply_batch
+    from server.db import is_duplicate, is_retryable
+    from server.payments.facade import Received, Settlement
     from server.payments.orders import Order
 
     terms = DistributorSettings()
     work = iter(zip(made, bodies, strict=True))
 
+    def check(order: Order) -> str | None:
+        return None if order.amount_fen == 990 else "amount"
+
     async def settle(no: str, uid: int, body: bytes) -> None:
-        now = dt.datetime.now(dt.UTC).replace(tzinfo=None, microsecond=0)
-        order = Order(
-            order_no=no, user_id=uid, product_id="credits-100", product_kind="credits", credits=100,
-            membership_days=0, channel="wechat_native", amount_fen=990, status="pending", pay_params=None,
-            request_hash="", provider_txn_id=None, refunded_fen=0, created_at=now,
-            expires_at=now + dt.timedelta(hours=1), paid_at=None,
+        run = Settlement(
+            no, uid, None, check, paid_at=dt.datetime.now(dt.UTC).replace(tzinfo=None), txn_id=f"bare-{no}",
+            source="notify", received=Received("wechat", f"bare-{no}", body, "127.0.0.1"), terms=terms,
         )  # fmt: skip
-        received = Received("wechat", f"bare-{no}", body, "127.0.0.1")
-
-        async def effect(tx: Conn, _: QuotaState) -> Grant | Literal[False] | None:
-            paid_at = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-            moved = await pay_order(
-                tx, order, paid_at=paid_at, txn_id=f"bare-{no}", source="notify", received=received,
-                terms=terms,
-            )  # fmt: skip
-            return order_grant(order) if moved else False
-
-        op = WithEffect(effect, grant_refs=(("grant", no),))  # as Credits.grant_after sends it
+        op = WithEffect(run.effect, grant_refs=run.grant_refs, reads=run.reads)  # as Credits.apply sends it
         for _ in range(20):
             try:
                 async with db.transaction("READ COMMITTED") as tx:
                     result = await apply_batch(tx, uid, [op])
                 if isinstance(result.outcomes[0], Exception):
                     raise result.outcomes[0]
+                if not result.outcomes[0].applied:
+                    raise RuntimeError(f"order {no} not applied: {run.refused}")
                 return
             except Exception as exc:
                 if not (is_retryable(exc) or is_duplicate(exc)):

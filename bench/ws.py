@@ -244,7 +244,7 @@ async def publisher() -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    await streams.publish(0, "bench.ready", {})  # connected, script loaded
+    await streams.publish(0, [("bench.ready", {})])  # connected, script loaded
     print("ready", flush=True)
 
     sha = streams.script.sha  # loaded by the publish above: EVALSHA, no SCRIPT EXISTS per pipeline
@@ -252,7 +252,7 @@ async def publisher() -> None:
     async def publish_slice(part: range, data: dict[str, Any]) -> list[Any]:
         async with redis.pipeline(transaction=False) as pipe:
             for uid in part:
-                pipe.evalsha(sha, 3, *streams.keys(uid), *streams.args(uid, "task.progress", data))
+                pipe.evalsha(sha, 3, *streams.keys(uid), *streams.args(uid, [("task.progress", data)]))
             return list(await pipe.execute())
 
     async def publish_round(r: int, t: float) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -19,9 +20,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from server.app import create_app
 from server.config import Settings
 from server.errors import AppError, Busy, ErrorCode
-from server.keys import payments_key
+from server.hub import RedisEventHub
+from server.keys import hub_key, payments_key
 from server.metrics import Metrics
 from server.payments.pool import SdkPool
+from server.payments.wechat import attach_of
 from tests.auth_support import auth_settings, bearer, error_code, fake_wechat, register
 from tests.conftest import Services, run_command
 from tests.fakes.wechat import FakeWeChat
@@ -108,6 +111,11 @@ async def deliver(client: TestClient[Any, Any], note: tuple[dict[str, str], byte
 
 async def balance(client: TestClient[Any, Any], who: dict[str, str]) -> int:
     return int((await (await client.get("/api/v1/me/quota", headers=who)).json())["balance"])
+
+
+async def me(client: TestClient[Any, Any], who: dict[str, str]) -> dict[str, Any]:
+    body: dict[str, Any] = await (await client.get("/api/v1/me", headers=who)).json()
+    return body
 
 
 async def status_of(client: TestClient[Any, Any], who: dict[str, str], order_no: str) -> str:
@@ -254,6 +262,60 @@ async def test_bad_notifications_change_nothing_and_are_recorded_as_refused(
     assert reasons[4] == "unknown order"
     assert reasons[5].startswith("unknown serial")
     assert reasons[6].startswith("missing headers")
+
+
+async def test_a_notification_routed_by_attach_to_another_buyer_pays_nothing_and_is_refused(
+    client: Any, fake: FakeWeChatPay, services: Services, database: str
+) -> None:
+    who, other = await buyer(client), await buyer(client)
+    other_id = int((await me(client, other))["id"])
+    no = (await order(client, who))["order_no"]
+    trade = fake.pay(no)
+    assert trade["attach"] == attach_of(int((await me(client, who))["id"]))  # as the order was made
+    # A signed notification whose attach names someone else (WeChat Pay would never send
+    # it): the order read inside the other buyer's credit transaction refuses it.
+    forged = fake.notification(no, resource={**trade, "attach": attach_of(other_id)})
+    assert await deliver(client, forged) == 400
+    assert await balance(client, who) == 0 and await balance(client, other) == 0
+    assert await status_of(client, who, no) == "pending"
+    [row] = notifications(services, database)
+    assert row["outcome"] == "refused" and row["reason"] == f"the order is not user {other_id}'s"
+    assert await deliver(client, fake.notification(no)) == 204  # the real one still pays it
+    assert await balance(client, who) == 100
+
+
+async def test_an_order_whose_notification_has_no_attach_is_read_first_and_paid(
+    client: Any, fake: FakeWeChatPay, services: Services, database: str, settings: Settings
+) -> None:
+    who = await buyer(client)
+    no = (await order(client, who))["order_no"]
+    trade = {k: v for k, v in fake.pay(no).items() if k != "attach"}  # an order made before attach
+    assert await deliver(client, fake.notification(no, resource=trade)) == 204
+    assert await deliver(client, fake.notification(no, resource=trade)) == 204
+    assert await balance(client, who) == 100
+    assert [n["outcome"] for n in notifications(services, database)] == ["applied", "duplicate"]
+    await assert_books_clean(settings)
+
+
+async def test_a_paid_credit_pack_announces_quota_then_order_with_consecutive_seqs(
+    client: Any, fake: FakeWeChatPay
+) -> None:
+    who = await buyer(client)
+    uid = int((await me(client, who))["id"])
+    no = (await order(client, who))["order_no"]
+    fake.pay(no)
+    assert await deliver(client, fake.notification(no)) == 204
+    hub: RedisEventHub = client.app[hub_key]
+    frames: list[tuple[int, dict[str, Any]]] = []
+    for _ in range(200):  # the actor publishes right after it answers: wait for both
+        frames = [(seq, json.loads(f)) for seq, f in await hub.streams.read_after(uid, 0, 10)]
+        if len(frames) >= 2:
+            break
+        await asyncio.sleep(0.01)
+    (seq1, first), (seq2, second) = frames[-2:]
+    assert (first["event"], second["event"]) == ("quota.changed", "order.paid") and seq2 == seq1 + 1
+    assert first["data"]["balance"] == 100
+    assert second["data"]["order_no"] == no and second["data"]["status"] == "paid"
 
 
 # ---------------------------------------------------------------- lost notifications, closing

@@ -29,7 +29,7 @@ NOTE = (
 def effect_writing(
     body: str, grant: Grant | None, *, fail: bool = False
 ) -> Any:  # an Effect: writes one row, then answers `grant` or fails
-    async def effect(tx: Conn, _: QuotaState) -> Grant | Literal[False] | None:
+    async def effect(tx: Conn, _: QuotaState, __: object) -> Grant | Literal[False] | None:
         await tx.execute(NOTE, body)
         if fail:
             raise Conflict(f"{body} fails after writing")
@@ -65,7 +65,7 @@ async def test_a_settlement_transaction_runs_at_read_committed_and_the_next_one_
     user = next(_users)
     seen: list[tuple[int, int]] = []
 
-    async def effect(tx: Conn, _: QuotaState) -> None:
+    async def effect(tx: Conn, _: QuotaState, __: object) -> None:
         seen.append(await reads_twice_around_a_commit(db, tx, f"u{user}-in-settlement"))
 
     await run_batch(db, user, [WithEffect(effect)])

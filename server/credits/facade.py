@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Literal
 
 from loguru import logger
 
@@ -32,9 +31,9 @@ from server.credits.ledger import (
     Snapshot,
     WithEffect,
 )
-from server.db import Conn, Database, Row
+from server.db import Database, Row
 from server.figures import ReservationFigures
-from server.hub.events import EventHub
+from server.hub.events import Event, EventHub
 from server.metrics import Metrics
 from server.timing import utcnow
 
@@ -92,22 +91,20 @@ class Credits:
         """Add (or, for `refund`/`adjust`, remove) credits; a `ref` is applied once."""
         return await self._user(user_id).ask(Grant(amount, kind, ref=ref, reason=reason, order_no=order_no))
 
-    async def apply(self, user_id: int, effect: Effect) -> EffectOutcome:
-        """Run another capability's SQL in this user's credit transaction (the account row
-        locked first), then the grant it answers; both commit or neither (see WithEffect)."""
-        return await self._user(user_id).ask(WithEffect(effect))
-
-    async def grant_after(
-        self, user_id: int, effect: Callable[[Conn], Awaitable[bool]], grant: Grant | None
+    async def apply(
+        self,
+        user_id: int,
+        effect: Effect,
+        *,
+        grant_refs: tuple[tuple[str, str], ...] = (),
+        reads: tuple[tuple[str, tuple[object, ...]], ...] = (),
+        announce: Callable[[], Sequence[Event]] | None = None,
     ) -> EffectOutcome:
-        """`effect`, then `grant`, in one transaction, unless the effect answers False
-        ("already applied": nothing is granted). How a paid order credits its buyer."""
-
-        async def sized(conn: Conn, _: QuotaState) -> Grant | Literal[False] | None:
-            return grant if await effect(conn) else False
-
-        refs = ((grant.kind, grant.ref),) if grant is not None and grant.ref is not None else ()
-        return await self._user(user_id).ask(WithEffect(sized, grant_refs=refs))
+        """Run another capability's SQL in this user's credit transaction (the account row
+        locked first), then the grant it answers; both commit or neither. `grant_refs`,
+        `reads` and `announce`: see WithEffect (how a paid order credits its buyer)."""
+        op = WithEffect(effect, grant_refs=grant_refs, reads=reads, announce=announce)
+        return await self._user(user_id).ask(op)
 
     async def balance(self, user_id: int) -> QuotaState:
         return await self._user(user_id).ask(Snapshot())

@@ -32,8 +32,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from actors.runtime import Message
-from server.db import Conn, Database
+from server.db import Conn, Database, Row
 from server.errors import AppError, Conflict, ErrorCode, NotFound, validation_failed
+from server.hub.events import Event
 from server.timing import utcnow
 
 Phase = Literal["reserved", "confirmed", "cancelled"]
@@ -105,9 +106,10 @@ class EffectOutcome:
 
 
 #: Another capability's SQL, run inside a user's credit batch (the account row locked
-#: first). Given the user's state at that point, it answers the grant to make with it:
-#: a Grant, None (applied, nothing to grant), or False ("already applied": nothing written).
-Effect = Callable[[Conn, QuotaState], Awaitable[Grant | Literal[False] | None]]
+#: first). Given the user's state at that point and the rows of its WithEffect's `reads`
+#: (one list per statement), it answers the grant to make with it: a Grant, None
+#: (applied, nothing to grant), or False ("already applied": nothing written).
+Effect = Callable[[Conn, QuotaState, Sequence[Sequence[Row]]], Awaitable[Grant | Literal[False] | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +122,12 @@ class WithEffect(Message[EffectOutcome]):
     #: (kind, ref) of the grants the effect may answer: looked up with the account lock,
     #: in its round trip, instead of after the effect.
     grant_refs: tuple[tuple[str, str], ...] = ()
+    #: SELECTs (sql, args) the effect needs, sent in the account lock's round trip too
+    #: (after the lock: they see what committed before it); their rows are its third argument.
+    reads: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    #: Called after the batch committed, when the effect applied: the events to publish
+    #: with the batch's `quota.changed`, in one script run (consecutive seqs).
+    announce: Callable[[], Sequence[Event]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,14 +182,21 @@ class _Locked:
     account: AccountRow
     known: dict[str, Reservation]  # the batch's reservations, locked
     applied_refs: set[tuple[str, str]]  # of the refs looked up, those in the ledger
+    read: list[list[Row]]  # the rows of the effects' reads, in the batch's order
 
 
 async def _lock(
-    tx: Conn, user_id: int, *, savepoint: bool, task_ids: Sequence[str], refs: Sequence[tuple[str, str]]
+    tx: Conn,
+    user_id: int,
+    *,
+    savepoint: bool,
+    task_ids: Sequence[str],
+    refs: Sequence[tuple[str, str]],
+    reads: Sequence[tuple[str, tuple[Any, ...]]] = (),
 ) -> _Locked:
     """In ONE round trip: lock and read the account row; set the first WithEffect's
     savepoint right after it (nothing is written between the two); lock the batch's
-    reservations; look up which grant refs the ledger holds."""
+    reservations; look up which grant refs the ledger holds; run the effects' reads."""
     statements = [tx.format(_LOCK, user_id)]
     if savepoint:
         statements.append(_SAVEPOINT)
@@ -198,6 +213,7 @@ async def _lock(
         statements.append(
             tx.format(f"SELECT kind, ref FROM quota_ledger WHERE {where}", *[v for kr in refs for v in kr])
         )
+    statements.extend(tx.format(sql, *args) for sql, args in reads)
     sets = await tx.fetch_sets(statements)
     if not sets[0]:
         await tx.execute(
@@ -210,7 +226,8 @@ async def _lock(
     rest = sets[2:] if savepoint else sets[1:]
     known = {str(r["task_id"]): _reservation(r) for r in rest.pop(0)} if task_ids else {}
     applied = {(str(r["kind"]), str(r["ref"])) for r in rest.pop(0)} if refs else set()
-    return _Locked(AccountRow(int(row["balance"]), int(row["reserved"]), int(row["version"])), known, applied)
+    account = AccountRow(int(row["balance"]), int(row["reserved"]), int(row["version"]))
+    return _Locked(account, known, applied, rest)
 
 
 class _Batch:
@@ -333,8 +350,11 @@ async def apply_batch(
     task_ids = sorted({op.task_id for op in ops if isinstance(op, Reserve | Confirm | Cancel)})
     refs = {(op.kind, op.ref) for op in ops if isinstance(op, Grant) and op.ref is not None}
     checked = refs | {kr for op in ops if isinstance(op, WithEffect) for kr in op.grant_refs}
-    locked = await _lock(tx, user_id, savepoint=savepoint_set, task_ids=task_ids, refs=sorted(checked))
-    before, known, applied_refs = locked.account, locked.known, locked.applied_refs
+    reads = [r for op in ops if isinstance(op, WithEffect) for r in op.reads]
+    locked = await _lock(
+        tx, user_id, savepoint=savepoint_set, task_ids=task_ids, refs=sorted(checked), reads=reads
+    )
+    before, known, applied_refs, read = locked.account, locked.known, locked.applied_refs, locked.read
 
     batch = _Batch(user_id, before, known, now)
     outcomes: list[Any] = []
@@ -350,7 +370,10 @@ async def apply_batch(
                 outcomes.append(batch.grant(op, applied_refs))
             elif isinstance(op, WithEffect):
                 fresh, savepoint_set = savepoint_set, False
-                outcomes.append(await _with_effect(tx, batch, op, applied_refs, checked, savepoint_set=fresh))
+                mine, read = read[: len(op.reads)], read[len(op.reads) :]
+                outcomes.append(
+                    await _with_effect(tx, batch, op, applied_refs, checked, mine, savepoint_set=fresh)
+                )
             else:
                 outcomes.append(QuotaState(batch.balance, batch.reserved))
         except AppError as exc:
@@ -485,6 +508,7 @@ async def _with_effect(
     op: WithEffect,
     applied_refs: set[tuple[str, str]],
     checked: set[tuple[str, str]],
+    read: Sequence[Sequence[Row]],
     *,
     savepoint_set: bool,
 ) -> EffectOutcome:
@@ -494,7 +518,7 @@ async def _with_effect(
     if not savepoint_set:
         await tx.execute(_SAVEPOINT)
     try:
-        grant = await op.effect(tx, QuotaState(batch.balance, batch.reserved))
+        grant = await op.effect(tx, QuotaState(batch.balance, batch.reserved), read)
         if grant is not False and grant is not None:
             key = (grant.kind, grant.ref or "")
             if (

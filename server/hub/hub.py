@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 
 from server.config import Settings
+from server.hub.events import Event
 from server.hub.pubsub import LiveChannels
 from server.hub.session import HubStats, Session
 from server.hub.stream import FRAME_PREFIX, EventStreams
@@ -73,16 +74,24 @@ class RedisEventHub:
 
         Never raises (but cancellation): on a Redis failure or timeout it logs, counts
         and returns None; the event is then lost for live delivery and replay."""
+        return await self.publish_many(user_id, ((event, data),))
+
+    async def publish_many(self, user_id: int, events: Sequence[Event]) -> int | None:
+        """`publish` for several events of one user, in order, in one script run (their
+        seqs follow each other); returns the last seq, or None as `publish` does."""
+        if not events:
+            return None
         try:
             async with asyncio.timeout(self.timeout):
-                seq = await self.streams.publish(user_id, event, data)
+                seq = await self.streams.publish(user_id, events)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self.stats.publish_failures += 1
-            logger.warning("event {} for user {} not published: {!r}", event, user_id, exc)
+            self.stats.publish_failures += len(events)
+            names = ", ".join(event for event, _ in events)
+            logger.warning("events {} for user {} not published: {!r}", names, user_id, exc)
             return None
-        self.stats.published += 1
+        self.stats.published += len(events)
         return seq
 
     # --- lifecycle ------------------------------------------------------------------

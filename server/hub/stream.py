@@ -12,11 +12,14 @@ One Lua script numbers, stores and announces an event: INCR, XADD, trim, PUBLISH
 atomically, so seqs have no gaps across every instance, and an event is in the stream
 before any subscriber can see it live (whoever sees N+1 live can read N from the stream).
 
-Group commit: events published while a round trip is in flight wait for it and then go
-together, one EVALSHA each in one redis-py pipeline (no MULTI: each event is its own
-atomic script run). A lone event costs one call as before; under load (many tasks
-announcing at once) a round trip carries many events. Callers keep their order: the
-batch is sent in the order `publish` was called.
+Several events of one user known at once (a paid order's `quota.changed` and
+`order.paid`) go in one script run: consecutive seqs, one EVALSHA.
+
+Group commit: publishes made while a round trip is in flight wait for it and then go
+together, one EVALSHA each in one redis-py pipeline (no MULTI: each is its own atomic
+script run). A lone publish costs one call; under load (many tasks announcing at once)
+a round trip carries many. Callers keep their order: the batch is sent in the order
+`publish` was called.
 
 Retention: an event is kept while it is younger than EVENTS_RETENTION_HOURS *or* among
 the user's last EVENTS_KEEP_MIN. Time is tracked in buckets of 1/24 of the retention
@@ -33,44 +36,51 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from redis.asyncio import Redis
 
+from server.hub.events import Event
 from server.redis import ScriptBatch
 
-# KEYS: the user's seq, stream and marks (EventStreams.keys). ARGV: now_ms, event (a JSON
-# string), data (JSON), user id. Returns the seq. The hub's settings are written into the
-# source (EventStreams.__init__), so each call packs four arguments, not nine.
+# KEYS: the user's seq, stream and marks (EventStreams.keys). ARGV: now_ms, user id, then
+# (event, data) pairs, both JSON strings: one or more events of that user, numbered in
+# order. Returns the last seq. The hub's settings are written into the source
+# (EventStreams.__init__), so a call packs two arguments and two per event, not nine.
 _PUBLISH = """
 local call = redis.call
 local width, retention, prefix = {bucket_ms}, {retention_ms}, '{prefix}'
 local keep_min, max_len = {keep_min}, {max_len}
 local seq_key, stream, marks = KEYS[1], KEYS[2], KEYS[3]
 local now = tonumber(ARGV[1])
+local channel = prefix .. ARGV[2]
 local bucket = math.floor(now / width)
 local oldest = math.floor((now - retention) / width)
-local seq = call('INCR', seq_key)
-local frame = '{{"type":"event","seq":' .. seq .. ',"event":' .. ARGV[2] .. ',"data":' .. ARGV[3] .. '}}'
-call('XADD', stream, 'MAXLEN', '~', max_len, seq .. '-0', 'f', frame)
-if call('HSETNX', marks, bucket, seq) == 1 then
-  -- the user's first event in this time bucket: drop what left the window
-  local keep_from = seq - keep_min + 1
-  local kept = call('HGETALL', marks)
-  for k = 1, #kept, 2 do
-    local first = tonumber(kept[k + 1])
-    if tonumber(kept[k]) < oldest then
-      call('HDEL', marks, kept[k])
-    elseif first < keep_from then
-      keep_from = first
+local seq
+for i = 3, #ARGV, 2 do
+  seq = call('INCR', seq_key)
+  local frame = '{{"type":"event","seq":' .. seq .. ',"event":' .. ARGV[i]
+    .. ',"data":' .. ARGV[i + 1] .. '}}'
+  call('XADD', stream, 'MAXLEN', '~', max_len, seq .. '-0', 'f', frame)
+  if call('HSETNX', marks, bucket, seq) == 1 then
+    -- the user's first event in this time bucket: drop what left the window
+    local keep_from = seq - keep_min + 1
+    local kept = call('HGETALL', marks)
+    for k = 1, #kept, 2 do
+      local first = tonumber(kept[k + 1])
+      if tonumber(kept[k]) < oldest then
+        call('HDEL', marks, kept[k])
+      elseif first < keep_from then
+        keep_from = first
+      end
+    end
+    if keep_from > 1 then
+      call('XTRIM', stream, 'MINID', keep_from .. '-0')
     end
   end
-  if keep_from > 1 then
-    call('XTRIM', stream, 'MINID', keep_from .. '-0')
-  end
+  call('PUBLISH', channel, frame)
 end
-call('PUBLISH', prefix .. ARGV[4], frame)
 return seq
 """
 # Every frame starts so: the dispatcher reads the seq right after it (no other parsing).
@@ -126,19 +136,23 @@ class EventStreams:
     def keys(user_id: int) -> tuple[str, str, str]:
         return f"ev:{{{user_id}}}:seq", f"ev:{{{user_id}}}:stream", f"ev:{{{user_id}}}:marks"
 
-    async def publish(self, user_id: int, event: str, data: dict[str, Any]) -> int:
-        """Number, keep and announce one event; returns its seq. Raises on Redis errors.
-        Concurrent calls share a round trip (the module doc); a caller that stops waiting
-        (a timeout) does not stop its event from being sent."""
-        return int(await self._batch.run(self.keys(user_id), self.args(user_id, event, data)))
+    async def publish(self, user_id: int, events: Sequence[Event]) -> int:
+        """Number, keep and announce one or more events of one user, in order, in one
+        script run; returns the last seq. Raises on Redis errors. Concurrent calls share a
+        round trip (the module doc); a caller that stops waiting (a timeout) does not
+        stop its events from being sent."""
+        return int(await self._batch.run(self.keys(user_id), self.args(user_id, events)))
 
     async def close(self) -> None:
         """Wait (briefly) for the events still being sent."""
         await self._batch.close()
 
-    def args(self, user_id: int, event: str, data: dict[str, Any]) -> list[bytes | str | int]:
-        """The script's ARGV for one event (`script` with `keys(user_id)` publishes it)."""
-        return [int(self.clock() * 1000), _dumps(event), _dumps(data), user_id]
+    def args(self, user_id: int, events: Sequence[Event]) -> list[str | int]:
+        """The script's ARGV for these events (`script` with `keys(user_id)` publishes them)."""
+        args: list[str | int] = [int(self.clock() * 1000), user_id]
+        for event, data in events:
+            args += (_dumps(event), _dumps(data))
+        return args
 
     async def last_seq(self, user_id: int) -> int:
         async with self._readers:

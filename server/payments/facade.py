@@ -2,7 +2,7 @@
 
 Paying an order is `settle()`, whoever noticed the money (a notification, a query, a
 close answered "already paid", the dev endpoint): one transaction, run by the buyer's
-UserActor inside its credit batch (Credits.grant_after): the order's
+UserActor inside its credit batch (Credits.apply): the order's
 conditional `pending|closed → paid`, the ledger `grant` (ref = order number), the
 membership extension and the commission hook. Of any number of racers one moves the
 order; the rest answer "already applied" and grant nothing.
@@ -15,8 +15,10 @@ import datetime as dt
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
+from typing import Literal
 
 from loguru import logger
 from redis.asyncio import Redis
@@ -24,10 +26,10 @@ from redis.asyncio import Redis
 from server.auth.users import Profiles
 from server.config import DistributorSettings, Settings
 from server.credits.facade import Credits
-from server.credits.ledger import Grant
+from server.credits.ledger import Grant, QuotaState
 from server.db import Conn, Database, Row, is_duplicate
 from server.errors import AppError, ErrorCode, NotFound, validation_failed
-from server.hub.events import EventHub
+from server.hub.events import Event, EventHub
 from server.metrics import Metrics
 from server.paging import decode_cursor, encode_cursor
 from server.payments import alipay, orders, wechat
@@ -147,6 +149,82 @@ async def pay_order(
     # The notification row and the membership go in the commission lookup's round trip.
     await record_commission(tx, order, terms, along=writes)
     return True
+
+
+def _amount_differs(amount_fen: int | None, order: Order) -> str | None:
+    if amount_fen != order.amount_fen:
+        return f"amount {amount_fen} differs from the order's {order.amount_fen}"
+    return None
+
+
+class Settlement:
+    """One settlement's effect in the buyer's credit transaction (Credits.apply): the
+    order read in the account lock's round trip when the caller has not read it, the
+    caller's checks, `pay_order`, the grant; and, once committed, the `order.paid` event
+    (published by the UserActor with the batch's `quota.changed`, in one script run).
+    `bench/payments.py` runs the same object bare."""
+
+    def __init__(
+        self,
+        order_no: str,
+        buyer_id: int,
+        order: Order | None,
+        check: Callable[[Order], str | None],
+        *,
+        paid_at: dt.datetime,
+        txn_id: str | None,
+        source: str,
+        received: Received | None,
+        terms: DistributorSettings,
+    ) -> None:
+        self.order_no = order_no
+        self.buyer_id = buyer_id
+        self.order = order
+        self.check = check
+        self.paid_at = paid_at
+        self.txn_id = txn_id
+        self.source = source
+        self.received = received
+        self.terms = terms
+        self.refused: str | None = None
+        self.grant_refs = (("grant", order_no),)  # order_grant's ref: looked up with the lock
+        self.reads: tuple[tuple[str, tuple[object, ...]], ...] = ()
+        if order is None:
+            self.reads = ((f"SELECT {orders.SETTLE_COLUMNS} FROM orders WHERE order_no = %s", (order_no,)),)
+
+    async def effect(
+        self, tx: Conn, _: QuotaState, read: Sequence[Sequence[Row]]
+    ) -> Grant | Literal[False] | None:
+        if self.order is None:
+            rows = read[0]
+            if not rows:
+                self.refused = "unknown order"
+                return False
+            self.order = Order.of(rows[0])
+        order = self.order
+        why = self.check(order)
+        if why is None and order.user_id != self.buyer_id:
+            why = f"the order is not user {self.buyer_id}'s"
+        if why is not None:
+            self.refused = why
+            return False
+        moved = await pay_order(
+            tx, order, paid_at=self.paid_at, txn_id=self.txn_id, source=self.source, received=self.received,
+            terms=self.terms,
+        )  # fmt: skip
+        return order_grant(order) if moved else False
+
+    def paid(self) -> Order:
+        """The order as this settlement left it (when it applied)."""
+        assert self.order is not None
+        return replace(self.order, status="paid", paid_at=self.paid_at, provider_txn_id=self.txn_id)
+
+    def announce(self) -> list[Event]:
+        """`order.paid` for a credit pack. A membership's waits for the buyer's cached
+        profile to be dropped (Payments.settle publishes it): a client reading GET /me on
+        the event must see the membership."""
+        assert self.order is not None
+        return [] if self.order.membership_days else [("order.paid", self.paid().public())]
 
 
 class Payments:
@@ -279,6 +357,7 @@ class Payments:
                 description=product.name[:40],
                 expires_at_rfc3339=expires.isoformat() + "+00:00",
                 openid=openid,
+                buyer_id=user_id,
             )
         )
         try:
@@ -379,6 +458,12 @@ class Payments:
         assert reloaded is not None
         return reloaded
 
+    def _refusal(self, provider: Provider, trade: Trade, order: Order) -> str | None:
+        """Why a verified notification must not pay this order, or None."""
+        if order.channel not in provider.channels:
+            return f"order {order.order_no} is a {order.channel} order"
+        return self._mismatch(order, trade)
+
     def _mismatch(self, order: Order, trade: Trade) -> str | None:
         """Why a provider's answer does not belong to this order, or None when it does."""
         provider = self.provider_for(order.channel)
@@ -417,45 +502,60 @@ class Payments:
         txn_id: str | None,
         amount_fen: int | None,
         order: Order | None = None,
+        buyer_id: int | None = None,
+        check: Callable[[Order], str | None] | None = None,
         received: Received | None = None,
     ) -> Settled:
         """Pay the order once: see the module docstring. Callers have verified the money.
 
         `order`: the order as the caller just read it (its terms never change; its status
-        is re-checked inside the transaction), to save reading it again. `received`: the
+        is re-checked inside the transaction), to save reading it again. Without it,
+        `buyer_id` (the provider echoed it back) lets the transaction read the order in its
+        first round trip instead; without either, it is read first. `check`: why the
+        order must not be paid by this caller's news (a notification's ids and amount), or
+        None; a refusal raises NotificationRefused and writes nothing. `received`: the
         notification to record (applied or duplicate) in the same transaction."""
-        if order is None or order.order_no != order_no:
+        if order is not None and order.order_no != order_no:
+            order = None
+        if order is None and buyer_id is None:
             order = await self._load(order_no)
-        if order is None:
-            raise NotFound(f"No order {order_no}")
-        if amount_fen != order.amount_fen:
-            raise AppError(
-                ErrorCode.CONFLICT, f"amount {amount_fen} differs from the order's {order.amount_fen}"
-            )
-        if order.status in PAID_STATUSES:
-            return Settled(order, applied=False)
-        paid_at = utcnow()
-
-        async def effect(tx: Conn) -> bool:
-            return await pay_order(
-                tx, order, paid_at=paid_at, txn_id=txn_id, source=source, received=received,
-                terms=self.settings.distributors,
-            )  # fmt: skip
-
-        outcome = await self.credits.grant_after(order.user_id, effect, order_grant(order))
+            if order is None:
+                raise NotFound(f"No order {order_no}")
+        refuse = check is not None  # the caller's check refuses a notification; ours is a conflict
+        check = check or partial(_amount_differs, amount_fen)
+        if order is not None:
+            why = check(order)
+            if why is not None and refuse:
+                raise NotificationRefused(why, verified=True, order_no=order_no)
+            if why is not None:
+                raise AppError(ErrorCode.CONFLICT, why)
+            if order.status in PAID_STATUSES:
+                return Settled(order, applied=False)
+            buyer_id = order.user_id
+        assert buyer_id is not None
+        run = Settlement(
+            order_no, buyer_id, order, check, paid_at=utcnow(), txn_id=txn_id, source=source,
+            received=received, terms=self.settings.distributors,
+        )  # fmt: skip
+        outcome = await self.credits.apply(
+            buyer_id, run.effect, grant_refs=run.grant_refs, reads=run.reads, announce=run.announce
+        )
+        if run.refused is not None:
+            raise NotificationRefused(run.refused, verified=True, order_no=order_no)
+        assert run.order is not None
+        paid = run.order
         if outcome.applied:  # this call moved it: no need to read it back
-            reloaded = replace(order, status="paid", paid_at=paid_at, provider_txn_id=txn_id)
+            reloaded = run.paid()
+            self.metrics.orders.labels(paid.channel, "paid").inc()
+            self.metrics.paid_fen.labels(paid.channel).inc(paid.amount_fen)
+            logger.info("order {} paid ({}), {} credits granted", order_no, source, paid.credits)
+            if paid.membership_days:  # the cached profile goes first, then the news (not announced)
+                await self.profiles.invalidate(paid.user_id)
+                await self.hub.publish(paid.user_id, "order.paid", reloaded.public())
         else:
             found = await self._load(order_no)
             assert found is not None
             reloaded = found
-        if outcome.applied:
-            self.metrics.orders.labels(order.channel, "paid").inc()
-            self.metrics.paid_fen.labels(order.channel).inc(order.amount_fen)
-            logger.info("order {} paid ({}), {} credits granted", order_no, source, order.credits)
-            if order.membership_days:
-                await self.profiles.invalidate(order.user_id)
-            await self.hub.publish(order.user_id, "order.paid", reloaded.public())
         return Settled(reloaded, outcome.applied, recorded=received is not None)
 
     async def dev_paid(self, order_no: str) -> Order:
@@ -492,23 +592,22 @@ class Payments:
                 raise NotificationRefused(f"{provider_name} is not configured")
             note = provider.verify_notification(headers, body, time.time())
             verified, order_no, event_id = True, note.trade.order_no[:64], note.event_id
+            if not 0 < len(order_no) <= 32:
+                raise NotificationRefused("unknown order")
             order = None
-            if 0 < len(order_no) <= 32:
+            if note.trade.buyer_id is None:  # else read in the settlement's first round trip
                 async with self.db.connection() as conn:
                     order = await orders.load_for_settlement(conn, order_no)
-            if order is None:
-                raise NotificationRefused("unknown order")
-            if order.channel not in provider.channels:
-                raise NotificationRefused(f"order {order_no} is a {order.channel} order")
-            why = self._mismatch(order, note.trade)
-            if why is not None:
-                raise NotificationRefused(why)
+                if order is None:
+                    raise NotificationRefused("unknown order")
             settled = await self.settle(
-                order.order_no,
+                order_no,
                 "notify",
                 txn_id=note.trade.txn_id,
                 amount_fen=note.trade.amount_fen,
                 order=order,
+                buyer_id=note.trade.buyer_id,
+                check=partial(self._refusal, provider, note.trade),
                 received=Received(provider_name, event_id, body, remote),
             )
             outcome, reason, status = ("applied" if settled.applied else "duplicate"), None, 204

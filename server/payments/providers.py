@@ -30,6 +30,10 @@ class Trade:
     appid: str | None = None
     mchid: str | None = None
     raw_state: str = ""
+    #: The buyer's user id as we gave it when creating the order and the provider echoes
+    #: it (WeChat Pay's `attach`): lets a notification go to the buyer's credit actor
+    #: without reading the order first. None when absent (older orders, Alipay).
+    buyer_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +44,7 @@ class PayRequest:
     description: str
     expires_at_rfc3339: str
     openid: str | None = None
+    buyer_id: int | None = None  # echoed back in notifications where the provider allows
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 from loguru import logger
@@ -30,7 +30,7 @@ from loguru import logger
 from server.auth.users import Profiles
 from server.credits.facade import Credits
 from server.credits.ledger import Grant, QuotaState
-from server.db import Conn, Database, is_duplicate
+from server.db import Conn, Database, Row, is_duplicate
 from server.errors import AppError, Conflict, ErrorCode, NotFound, validation_failed
 from server.hub.events import EventHub
 from server.metrics import Metrics
@@ -244,7 +244,9 @@ class Refunds:
         now = utcnow()
         taken_shortfall: list[int] = []
 
-        async def effect(tx: Conn, state: QuotaState) -> Grant | Literal[False] | None:
+        async def effect(
+            tx: Conn, state: QuotaState, _: Sequence[Sequence[Row]]
+        ) -> Grant | Literal[False] | None:
             locked = await orders.load(tx, order.order_no, lock=True)  # after the quota row
             assert locked is not None
             if not await refunds.transition(

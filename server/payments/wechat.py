@@ -43,6 +43,7 @@ _T = TypeVar("_T")
 CHANNELS: tuple[str, ...] = ("wechat_native", "wechat_jsapi")
 SIGNATURE_TYPE = "WECHATPAY2-SHA256-RSA2048"
 MAX_SKEW = 300  # seconds a notification's timestamp may be off our clock
+ATTACH_BUYER = "buyer:"  # an order's attach: "buyer:<user id>" (WeChat Pay allows 128 characters)
 
 _STATES: dict[str, TradeStatus] = {
     "SUCCESS": "paid",
@@ -133,6 +134,7 @@ class WeChatPayProvider:
                 amount={"total": req.amount_fen, "currency": "CNY"},
                 payer={"openid": req.openid} if jsapi else None,
                 time_expire=req.expires_at_rfc3339,
+                attach=attach_of(req.buyer_id),
                 pay_type=WeChatPayType.JSAPI if jsapi else WeChatPayType.NATIVE,
             )
             answer = _json(text)
@@ -294,6 +296,19 @@ def _json(text: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def attach_of(buyer_id: int | None) -> str | None:
+    """The `attach` of an order: WeChat Pay echoes it in the notification and the query."""
+    return None if buyer_id is None else f"{ATTACH_BUYER}{buyer_id}"
+
+
+def _buyer(attach: Any) -> int | None:
+    if isinstance(attach, str) and attach.startswith(ATTACH_BUYER):
+        digits = attach[len(ATTACH_BUYER) :]
+        if digits.isascii() and digits.isdigit() and len(digits) <= 18:
+            return int(digits)
+    return None
+
+
 def _trade(answer: Mapping[str, Any]) -> Trade:
     amount = answer.get("amount")
     total = amount.get("total") if isinstance(amount, dict) else None
@@ -306,6 +321,7 @@ def _trade(answer: Mapping[str, Any]) -> Trade:
         appid=answer.get("appid"),
         mchid=answer.get("mchid"),
         raw_state=state,
+        buyer_id=_buyer(answer.get("attach")),
     )
 
 

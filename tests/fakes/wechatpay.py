@@ -257,6 +257,7 @@ class FakeWeChatPay:
                 "amount": {"total": data["amount"]["total"], "currency": "CNY"},
                 "prepay_id": "wx" + secrets.token_hex(15),
                 "payer": data.get("payer", {}),
+                **({"attach": data["attach"]} if "attach" in data else {}),  # echoed back, as WeChat Pay does
             },
         )
         if jsapi:
