@@ -8,7 +8,7 @@ instance's back, after this instance cached the product."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -265,59 +265,63 @@ async def test_jsapi_without_an_openid_is_422_without_a_provider_call(
 # ---------------------------------------------------------------- MySQL statements per order
 
 
-@pytest.fixture
-async def general_log(services: Services) -> AsyncIterator[Callable[[], list[str]]]:
-    """The statements every other connection sends while on: `read()` stops the log and
-    answers them (this test's own connection's excluded)."""
-    conn = services.admin_conn()
-    own: int | None = None
+class GeneralLog:
+    """MariaDB's general log (to its table), read from a connection of the test's own,
+    whose statements are left out: what every other connection sent meanwhile."""
 
-    def read() -> list[str]:
-        with conn.cursor() as cur:
+    def __init__(self, services: Services) -> None:
+        self.conn = services.admin_conn()
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT CONNECTION_ID()")
+            row = cur.fetchone()
+            assert row is not None
+            self.own = int(row[0])
+            cur.execute("SET GLOBAL general_log = 0")
+            cur.execute("SET GLOBAL log_output = 'TABLE'")
+            cur.execute("TRUNCATE mysql.general_log")
+
+    def start(self) -> None:
+        with self.conn.cursor() as cur:
+            cur.execute("SET GLOBAL general_log = 1")
+
+    def stop(self) -> list[str]:
+        """Turn it off; the statements the others sent since `start`, in order."""
+        with self.conn.cursor() as cur:
             cur.execute("SET GLOBAL general_log = 0")
             cur.execute(
-                "SELECT command_type, CONVERT(argument USING utf8mb4) FROM mysql.general_log "
+                "SELECT CONVERT(argument USING utf8mb4) FROM mysql.general_log "
                 "WHERE thread_id <> %s AND command_type IN ('Query', 'Execute') ORDER BY event_time",
-                (own,),
+                (self.own,),
             )
-            rows = cur.fetchall()
+            sent = [str(row[0]) for row in cur.fetchall()]
             cur.execute("TRUNCATE mysql.general_log")
-        return [str(arg) for _, arg in rows]
+        return sent
 
-    with conn.cursor() as cur:
-        cur.execute("SELECT CONNECTION_ID()")
-        own = int(cur.fetchone()[0])
-        cur.execute("SET GLOBAL log_output = 'TABLE'")
-        cur.execute("TRUNCATE mysql.general_log")
+    def close(self) -> None:
+        self.stop()
+        self.conn.close()
+
+
+@pytest.fixture
+def general_log(services: Services) -> Iterator[GeneralLog]:
+    log = GeneralLog(services)
     try:
-        yield read
+        yield log
     finally:
-        with conn.cursor() as cur:
-            cur.execute("SET GLOBAL general_log = 0")
-            cur.execute("TRUNCATE mysql.general_log")
-        conn.close()
-
-
-def start(services: Services) -> None:
-    conn = services.admin_conn()
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SET GLOBAL general_log = 1")
-    finally:
-        conn.close()
+        log.close()
 
 
 @pytest.mark.parametrize("channel", ["wechat_native", "alipay_qr"])
 async def test_a_native_or_alipay_order_is_one_mysql_statement(
-    client: Any, general_log: Callable[[], list[str]], services: Services, channel: str
+    client: Any, general_log: GeneralLog, channel: str
 ) -> None:
     who = await buyer(client)
     status, _ = await post_order(client, who, "warm", {"product_id": "credits-100", "channel": channel})
     assert status == 201  # this instance has the product cached now
 
-    start(services)
+    general_log.start()
     status, _ = await post_order(client, who, "measured", {"product_id": "credits-100", "channel": channel})
-    sent = general_log()
+    sent = general_log.stop()
 
     assert status == 201
     assert len(sent) == 1 and sent[0].startswith("INSERT INTO orders"), sent
@@ -325,8 +329,7 @@ async def test_a_native_or_alipay_order_is_one_mysql_statement(
 
 async def test_a_jsapi_order_is_two_mysql_statements_the_openid_then_the_order(
     client: Any,
-    general_log: Callable[[], list[str]],
-    services: Services,
+    general_log: GeneralLog,
     wechat_server: tuple[FakeWeChat, str],
 ) -> None:
     resp = await client.post("/api/v1/auth/wechat", json={"code": wechat_server[0].issue()})
@@ -334,9 +337,9 @@ async def test_a_jsapi_order_is_two_mysql_statements_the_openid_then_the_order(
     body = {"product_id": "credits-100", "channel": "wechat_jsapi"}
     assert (await post_order(client, who, "warm", body))[0] == 201
 
-    start(services)
+    general_log.start()
     status, _ = await post_order(client, who, "measured", body)
-    sent = general_log()
+    sent = general_log.stop()
 
     assert status == 201
     assert len(sent) == 2, sent
