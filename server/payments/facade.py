@@ -28,14 +28,13 @@ from server.config import DistributorSettings, Settings
 from server.credits.facade import Credits
 from server.credits.ledger import Grant, QuotaState
 from server.db import Conn, Database, Row, is_duplicate
-from server.errors import AppError, ErrorCode, NotFound, validation_failed
+from server.errors import AppError, Busy, ErrorCode, NotFound, validation_failed
 from server.hub.events import Event, EventHub
 from server.metrics import Metrics
 from server.paging import decode_cursor, encode_cursor
 from server.payments import alipay, orders, wechat
 from server.payments.commissions import record_commission
 from server.payments.orders import PAID_STATUSES, Order
-from server.payments.products import COLUMNS as PRODUCT_COLUMNS
 from server.payments.products import Product, Products
 from server.payments.providers import NotificationRefused, PayRequest, Provider, Trade
 from server.payments.refunding import Refunds
@@ -57,6 +56,22 @@ NOTIFICATION_COLUMNS = "id, provider, kind, event_id, order_no, verified, outcom
 def request_hash(product_id: str, channel: str) -> str:
     raw = json.dumps({"product_id": product_id, "channel": channel}, sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()
+
+
+#: The order row in one statement, written only while the product still has the terms the
+#: order was priced with (the cached Product): 0 rows → the product changed, nothing written.
+INSERT_ORDER = (
+    "INSERT INTO orders (order_no, user_id, product_id, product_kind, credits, membership_days, channel, "
+    "amount_fen, status, pay_params, idempotency_key, request_hash, created_at, expires_at) "
+    "SELECT %s, %s, id, kind, credits, membership_days, %s, price_fen, 'pending', %s, %s, %s, %s, %s "
+    "FROM products WHERE id = %s AND enabled = 1 AND kind = %s AND price_fen = %s AND credits = %s "
+    "AND membership_days = %s"
+)
+
+
+def not_on_sale(product: Product | None) -> AppError:
+    what = "no such product" if product is None else "this product is not on sale"
+    return validation_failed([{"field": "product_id", "message": what}])
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,100 +297,128 @@ class Payments:
         return order
 
     async def _by_key(self, user_id: int, key: str, digest: str) -> Order | None:
+        """The order this Idempotency-Key made (read in one statement), if the body is the same."""
         row = await self.db.fetchone(
-            "SELECT order_no FROM orders WHERE user_id = %s AND idempotency_key = %s", user_id, key
+            f"SELECT {orders.ORDER_COLUMNS} FROM orders WHERE user_id = %s AND idempotency_key = %s",
+            user_id,
+            key,
         )
-        if row is None:
-            return None
-        return await self._answer_repeat(str(row["order_no"]), digest)
+        return None if row is None else self._answer_repeat(Order.of(row), digest)
 
-    async def _answer_repeat(self, order_no: str, digest: str) -> Order:
+    def _answer_repeat(self, order: Order, digest: str) -> Order:
         """The order an Idempotency-Key made, if this request's body is the same."""
-        order = await self._load(order_no)
-        assert order is not None
         if order.request_hash != digest:
             raise AppError(
                 ErrorCode.IDEMPOTENCY_CONFLICT, "This Idempotency-Key was used with a different request body"
             )
         return order
 
-    async def _order_context(
-        self, user_id: int, key: str, product_id: str, openid: bool
-    ) -> tuple[str | None, Product | None, str | None]:
-        """In one statement: (the order this key already made, the product, the buyer's
-        WeChat openid when `openid`): one round trip where there were two or three."""
-        product_columns = ", ".join(f"p.{c}" for c in PRODUCT_COLUMNS.split(", "))
-        sql = (
-            f"SELECT o.order_no AS existing, {product_columns}, "
-            f"{'u.wechat_openid' if openid else 'NULL AS wechat_openid'} FROM (SELECT 1) AS one "
-            "LEFT JOIN orders o ON o.user_id = %s AND o.idempotency_key = %s "
-            "LEFT JOIN products p ON p.id = %s"
-        )
-        args: list[object] = [user_id, key, product_id]
-        if openid:
-            sql += " LEFT JOIN users u ON u.id = %s"
-            args.append(user_id)
-        row = await self.db.fetchone(sql, *args)
-        assert row is not None  # one row always: the LEFT JOINs of SELECT 1
-        product = Product.of(row) if row["id"] is not None else None
-        existing = str(row["existing"]) if row["existing"] is not None else None
-        return existing, product, str(row["wechat_openid"]) if row["wechat_openid"] else None
+    async def _refuse(self, user_id: int, key: str, digest: str, error: AppError) -> tuple[Order, bool]:
+        """Raise `error`, unless this key made an order already: then that order answers (or
+        409 for another body), as when the key was looked up before every check. Only
+        refusals pay for this read; the happy path lets the INSERT's unique key decide."""
+        found = await self._by_key(user_id, key, digest)
+        if found is None:
+            raise error
+        return found, False
+
+    async def _openid(self, user_id: int) -> str | None:
+        openid = await self.db.fetchval("SELECT wechat_openid FROM users WHERE id = %s", user_id)
+        return str(openid) if openid else None
 
     async def create_order(self, user_id: int, key: str, product_id: str, channel: str) -> tuple[Order, bool]:
-        """(order, created). A repeat of a key with the same body answers the first order."""
+        """(order, created). A repeat of a key with the same body answers the first order.
+
+        MySQL round trips on the happy path: one (the INSERT) for Native and Alipay, two for
+        JSAPI (the buyer's openid first), once the product is in `Products`' cache. The
+        key is not looked up first: the unique key (user_id, idempotency_key) decides at
+        the INSERT, so a repeat costs a provider call whose prepay is thrown away (never
+        handed to anyone; it expires at the provider at our `expires_at`). Every refusal
+        checks the key first (`_refuse`), so a repeat is answered whatever changed since."""
         digest = request_hash(product_id, channel)
         provider = self.provider_for(channel)
-        needs_openid = provider is not None and provider.needs_openid(channel)
-        existing, product, openid = await self._order_context(user_id, key, product_id, needs_openid)
-        if existing is not None:
-            return await self._answer_repeat(existing, digest), False
         if provider is None:
             offered = ", ".join(self.channels()) or "none"
-            raise validation_failed(
-                [
-                    {
-                        "field": "channel",
-                        "message": f"{channel} is not configured on this server (offered: {offered})",
-                    }
-                ]
+            message = f"{channel} is not configured on this server (offered: {offered})"
+            return await self._refuse(
+                user_id, key, digest, validation_failed([{"field": "channel", "message": message}])
             )
+        product = await self.products.for_sale(product_id)
         if product is None or not product.enabled:
-            what = "no such product" if product is None else "this product is not on sale"
-            raise validation_failed([{"field": "product_id", "message": what}])
-        if needs_openid and not openid:
-            raise validation_failed(
-                [{"field": "channel", "message": f"{channel} needs an account signed in with WeChat"}]
-            )
+            return await self._refuse(user_id, key, digest, not_on_sale(product))
+        openid = None
+        if provider.needs_openid(channel):
+            openid = await self._openid(user_id)
+            if not openid:
+                message = f"{channel} needs an account signed in with WeChat"
+                return await self._refuse(
+                    user_id, key, digest, validation_failed([{"field": "channel", "message": message}])
+                )
+        for attempt in (1, 2):
+            made = await self._make_order(user_id, key, digest, channel, provider, product, openid)
+            if made is not None:
+                return made
+            # The product's terms changed (or it was disabled) since this instance cached
+            # it: nothing was written. Read it again; still on sale → one more order, with
+            # a new order number and a new provider call (the first prepay just expires).
+            self.products.forget(product.id)
+            fresh = await self.products.get(product.id)
+            if fresh is None or not fresh.enabled:
+                return await self._refuse(user_id, key, digest, not_on_sale(fresh))
+            if attempt == 2:
+                # Changed again within one provider call: nothing written; the same request
+                # (same key) may simply be sent again.
+                raise Busy(f"product {product.id} changed twice while this order was made; retry")
+            logger.info("product {} changed since it was cached; ordering at its current terms", product.id)
+            product = fresh
+        raise AssertionError("unreachable")
+
+    async def _make_order(
+        self,
+        user_id: int,
+        key: str,
+        digest: str,
+        channel: str,
+        provider: Provider,
+        product: Product,
+        openid: str | None,
+    ) -> tuple[Order, bool] | None:
+        """Ask the provider, then write the order in ONE statement that re-checks the
+        product's terms (None: they changed; nothing written). The Order is returned as
+        inserted, without reading it back."""
         now = utcnow().replace(microsecond=0)
         expires = now + dt.timedelta(seconds=self.settings.payments.order_ttl)
         order_no = orders.new_order_no()
-        pay_params = await provider.create(
-            PayRequest(
-                order_no=order_no,
-                channel=channel,
-                amount_fen=product.price_fen,
-                description=product.name[:40],
-                expires_at_rfc3339=expires.isoformat() + "+00:00",
-                openid=openid,
-                buyer_id=user_id,
-            )
-        )
         try:
-            await self.db.execute(
-                "INSERT INTO orders (order_no, user_id, product_id, product_kind, credits, "
-                "membership_days, channel, amount_fen, status, pay_params, idempotency_key, request_hash, "
-                "created_at, expires_at) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 'pending', %s, %s, %s, %s, %s)",
-                order_no, user_id, product.id, product.kind, product.credits, product.membership_days,
-                channel, product.price_fen, json.dumps(pay_params), key, digest, now, expires,
+            pay_params = await provider.create(
+                PayRequest(
+                    order_no=order_no,
+                    channel=channel,
+                    amount_fen=product.price_fen,
+                    description=product.name[:40],
+                    expires_at_rfc3339=expires.isoformat() + "+00:00",
+                    openid=openid,
+                    buyer_id=user_id,
+                )
+            )
+        except AppError as exc:  # UPSTREAM_FAILED, BUSY: nothing written; a repeat still answers
+            return await self._refuse(user_id, key, digest, exc)
+        try:
+            inserted = await self.db.execute(
+                INSERT_ORDER,
+                order_no, user_id, channel, json.dumps(pay_params), key, digest, now, expires,
+                product.id, product.kind, product.price_fen, product.credits, product.membership_days,
             )  # fmt: skip
         except Exception as exc:
             if not is_duplicate(exc):
                 raise
-            # A racing request with the same key won; its order is the answer (ours expires unpaid).
+            # This key made an order already (a repeat, or a racing request that won): that
+            # order is the answer, or 409 for another body. Our prepay expires unused.
             found = await self._by_key(user_id, key, digest)
             assert found is not None
             return found, False
+        if not inserted:
+            return None
         self.metrics.orders.labels(channel, "pending").inc()
         order = Order(
             order_no=order_no,

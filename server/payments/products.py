@@ -58,17 +58,46 @@ def check_terms(kind: str, credits: int, membership_days: int) -> None:
 
 
 class Products:
+    """The products table, with an in-process cache used only to ACCEPT an order.
+
+    `for_sale()` answers a cached, enabled product as is and reads MySQL on a miss or a
+    cached-disabled product, so a refusal ("no such product", "not on sale") is always
+    current and a product enabled on another instance is seen at once. A cached product
+    whose terms changed elsewhere (another instance's admin) is caught where it matters:
+    the order's INSERT re-checks the terms against the row (Payments.create_order), and on
+    a mismatch the caller `forget()`s it and reads it again. Every read here refreshes the
+    cache; admin create/update on this instance replace the entry."""
+
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._cache: dict[str, Product] = {}  # bounded by the products table: misses are not cached
+
+    def _keep(self, product: Product) -> Product:
+        self._cache[product.id] = product
+        return product
+
+    def forget(self, product_id: str) -> None:
+        self._cache.pop(product_id, None)
+
+    async def for_sale(self, product_id: str) -> Product | None:
+        """The product to accept an order for: the cached one when it is enabled, else MySQL's."""
+        cached = self._cache.get(product_id)
+        if cached is not None and cached.enabled:
+            return cached
+        return await self.get(product_id)
 
     async def list(self, *, enabled_only: bool) -> list[Product]:
         where = " WHERE enabled = 1" if enabled_only else ""
         rows = await self.db.fetchall(f"SELECT {COLUMNS} FROM products{where} ORDER BY price_fen, id")
-        return [Product.of(r) for r in rows]
+        return [self._keep(Product.of(r)) for r in rows]
 
     async def get(self, product_id: str) -> Product | None:
+        """The product as MySQL has it now."""
         row = await self.db.fetchone(f"SELECT {COLUMNS} FROM products WHERE id = %s", product_id)
-        return None if row is None else Product.of(row)
+        if row is None:
+            self.forget(product_id)
+            return None
+        return self._keep(Product.of(row))
 
     async def create(self, values: dict[str, Any]) -> Product:
         check_terms(values["kind"], values["credits"], values["membership_days"])
