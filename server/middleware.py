@@ -7,6 +7,8 @@ Only this module turns exceptions into HTTP answers (STYLE.md rule 10).
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import re
 import secrets
 import time
@@ -37,12 +39,27 @@ UNMATCHED = "<unmatched>"
 CLIENT_CLOSED = 499  # the status nginx logs for a client that went away before the answer
 
 
+#: A request id made here: this process's random prefix and a counter. Unique across
+#: processes and restarts (64 random bits), and no system call per request: an id
+#: needs to be unique, not unguessable.
+_RID_PREFIX = secrets.token_hex(8)
+_rid_serial = itertools.count(1)
+
+
+def _new_rid_prefix() -> None:  # a forked child is another process: its own prefix
+    global _RID_PREFIX, _rid_serial
+    _RID_PREFIX, _rid_serial = secrets.token_hex(8), itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_rid_prefix)
+
+
 def request_id_for(request: web.Request) -> str:
     rid: str | None = request.get(request_id_key)
     if rid is not None:
         return rid
     sent = request.headers.get(REQUEST_ID_HEADER, "")
-    rid = sent if _REQUEST_ID_OK.match(sent) else secrets.token_hex(16)
+    rid = sent if _REQUEST_ID_OK.match(sent) else f"{_RID_PREFIX}{next(_rid_serial):016x}"
     request[request_id_key] = rid
     return rid
 

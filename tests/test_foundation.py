@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
+import sys
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -92,6 +94,21 @@ async def test_unknown_route_answers_404_envelope_with_its_request_id(client: An
     rid = resp.headers["X-Request-ID"]
     assert re.fullmatch(r"[0-9a-f]{32}", rid)
     assert_envelope(await resp.json(), ErrorCode.NOT_FOUND, rid)
+
+
+async def test_request_ids_made_by_the_server_differ_per_request(client: Any) -> None:
+    made = [(await client.get("/healthz")).headers["X-Request-ID"] for _ in range(20)]
+    assert len(set(made)) == 20 and all(re.fullmatch(r"[0-9a-f]{32}", rid) for rid in made)
+
+
+def test_a_forked_process_makes_request_ids_of_its_own() -> None:
+    code = (
+        "import os, server.middleware as m; r, w = os.pipe(); pid = os.fork()\n"
+        "if pid == 0: os.write(w, m._RID_PREFIX.encode()); os._exit(0)\n"
+        "os.waitpid(pid, 0); print(m._RID_PREFIX != os.read(r, 64).decode())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "True"  # a forked worker makes its own ids
 
 
 async def test_request_id_sent_by_the_client_is_echoed(client: Any) -> None:
