@@ -139,7 +139,7 @@ def _run_db_command(
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from server.app import create_app
+    from server.app import create_app, freeze_heap
     from server.auth.accounts import mask_phone
 
     host = args.host or settings.host
@@ -172,6 +172,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     app = create_app(settings)
     app.on_startup.append(announce)
+    app.on_startup.append(freeze_heap)  # after every cleanup_ctx: the heap startup built
     if args.path:
         Path(args.path).unlink(missing_ok=True)  # left by an instance that did not stop cleanly
     web.run_app(

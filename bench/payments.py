@@ -63,7 +63,7 @@ _serial = itertools.count()
 def serve_app(port: int) -> None:
     from aiohttp import web
 
-    from server.app import create_app
+    from server.app import create_app, freeze_heap
     from server.config import load_settings
     from server.logging import setup_logging
 
@@ -76,7 +76,9 @@ def serve_app(port: int) -> None:
 
         profiler = cProfile.Profile()
         profiler.enable()
-    web.run_app(create_app(settings), host="127.0.0.1", port=port, access_log=None, print=None)
+    app = create_app(settings)
+    app.on_startup.append(freeze_heap)  # as run.py serve does
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
     if profile_to:
         profiler.disable()
         profiler.dump_stats(profile_to)

@@ -9,6 +9,7 @@ capability's parts.
 
 from __future__ import annotations
 
+import gc
 import os
 import secrets
 import socket
@@ -315,6 +316,16 @@ async def cron_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await runner.stop()
+
+
+async def freeze_heap(app: web.Application) -> None:
+    """on_startup of a serving process (run.py serve), appended after every cleanup_ctx
+    has started: what startup built lives as long as the process, so the cyclic GC stops
+    scanning it (`gc.freeze`). Under load a full collection went over that whole heap
+    every few seconds, a pause of 70-100 ms for every request; about 3 ms after
+    (bench/RESULTS.md "Payments"). Not in create_app: tests make many apps in one process."""
+    gc.collect()
+    gc.freeze()
 
 
 def create_app(settings: Settings) -> web.Application:
