@@ -431,10 +431,12 @@ async def run(
     best = {"bare_settle": 0.0, "app_notify": 0.0, "bare_order": 0.0, "app_order": 0.0}
     cpu = dict.fromkeys(best, float("inf"))  # CPU ms per operation of the server side (least seen)
     loop_cpu = dict.fromkeys(best, float("inf"))  # of which the app's event loop thread
+    rates: dict[str, list[float]] = {name: [] for name in best}  # every round's, in order
 
     def keep(name: str, rate: float, cpu_ms: float, loop_ms: float = float("inf")) -> None:
         best[name], cpu[name] = max(best[name], rate), min(cpu[name], cpu_ms)
         loop_cpu[name] = min(loop_cpu[name], loop_ms)
+        rates[name].append(rate)
 
     async def on_app(name: str, n: int, work: Any) -> None:
         before, loop_before = cpu_seconds(app_pid), cpu_seconds(app_pid, app_pid)
@@ -458,6 +460,12 @@ async def run(
         if problems or differences:
             raise SystemExit(f"books not clean: {problems[:3]} {differences[:3]}")
         print(f"books clean: {checked} paid orders, {accounts} accounts")
+        for what, app_key, bare_key in (
+            ("notifications", "app_notify", "bare_settle"),
+            ("orders", "app_order", "bare_order"),
+        ):
+            paired = " ".join(f"{a / b:.2f}" for a, b in zip(rates[app_key], rates[bare_key], strict=True))
+            print(f"{what}, each round's app / the bare run just before it: {paired}")
     finally:
         await db.close()
     return best, cpu, loop_cpu
