@@ -23,9 +23,10 @@ a call still queued is skipped when its turn comes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, ClassVar
@@ -344,44 +345,50 @@ class VendorActor(Actor[Call]):
             raise ActorStopped(self.id, f"Vendor {self.vendor} is shutting down")
         return False
 
+    @contextlib.contextmanager
+    def _woken(self, reply: asyncio.Future[VendorResult]) -> Iterator[Callable[[], asyncio.Future[None]]]:
+        """While inside: `renew()` makes `_slot_freed` a fresh future, which a call ending
+        (`_call_done`) or `reply` being done (its asker left) completes."""
+        loop = asyncio.get_running_loop()
+
+        def renew() -> asyncio.Future[None]:
+            self._slot_freed = loop.create_future()
+            return self._slot_freed
+
+        def wake(_: object) -> None:
+            waiter = self._slot_freed
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+        reply.add_done_callback(wake)
+        try:
+            yield renew
+        finally:
+            reply.remove_done_callback(wake)
+            self._slot_freed = None
+
     async def _permit_or_gone(self, reply: asyncio.Future[VendorResult]) -> str | None:
         """A permit from `permits.acquire()`, unless `reply` is done or shutdown comes first
         (then the acquire is cancelled and None answered)."""
         acquire = asyncio.ensure_future(self.permits.acquire())
-        waiter = self._slot_freed = asyncio.get_running_loop().create_future()
-
-        def wake(_: object) -> None:
-            if not waiter.done():
-                waiter.set_result(None)
-
-        reply.add_done_callback(wake)
-        try:
-            while not acquire.done() and not reply.done() and not self._closing:
-                await asyncio.wait({acquire, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                if waiter.done() and not acquire.done():  # a local call ended: not our business
-                    waiter = self._slot_freed = asyncio.get_running_loop().create_future()
-        finally:
-            reply.remove_done_callback(wake)
-            self._slot_freed = None
-            if not acquire.done():
-                acquire.cancel()
-                await asyncio.gather(acquire, return_exceptions=True)
+        with self._woken(reply) as renew:
+            waiter = renew()
+            try:
+                while not acquire.done() and not reply.done() and not self._closing:
+                    either: set[asyncio.Future[Any]] = {acquire, waiter}
+                    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                    if waiter.done() and not acquire.done():  # a local call ended: not our business
+                        waiter = renew()
+            finally:
+                if not acquire.done():
+                    acquire.cancel()
+                    await asyncio.gather(acquire, return_exceptions=True)
         return acquire.result() if not acquire.cancelled() else None
 
     async def _slot_or_gone(self, reply: asyncio.Future[VendorResult]) -> None:
         """Wait until a call ends or `reply` is done (its asker left)."""
-        waiter = self._slot_freed = asyncio.get_running_loop().create_future()
-
-        def wake(_: object) -> None:
-            if not waiter.done():
-                waiter.set_result(None)
-
-        reply.add_done_callback(wake)
-        try:
-            await waiter
-        finally:
-            reply.remove_done_callback(wake)
-            self._slot_freed = None
+        with self._woken(reply) as renew:
+            await renew()
 
     def _call_done(self, task: asyncio.Task[None]) -> None:
         self._calls.discard(task)

@@ -14,9 +14,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from server.app import create_app
 from server.config import Settings
-from tests.auth_support import PASSWORD, auth_settings, bearer, login, register
+from tests.auth_support import PASSWORD, auth_settings, bearer, fake_wechat, login, register
 from tests.conftest import Services, run_command
 from tests.fakes.alipay import AlipayKeys, FakeAlipay
+from tests.fakes.wechat import FakeWeChat
 from tests.fakes.wechatpay import FakeWeChatPay, Keys
 
 ADMIN_PHONE = "13900000009"
@@ -58,16 +59,30 @@ def alipay(alipay_gateway: tuple[FakeAlipay, str]) -> FakeAlipay:
 
 
 @pytest.fixture
+async def wechat_server(aiohttp_server: Any) -> tuple[FakeWeChat, str]:
+    """The fake WeChat login API (jscode2session): accounts that can pay by JSAPI."""
+    wechat = fake_wechat()
+    server: TestServer = await aiohttp_server(wechat.app())
+    return wechat, str(server.make_url("/"))
+
+
+@pytest.fixture
 def settings(
     make_settings: Callable[..., Settings],
     wx_keys: Keys,
     ali_keys: AlipayKeys,
     wxpay_gateway: tuple[FakeWeChatPay, str],
     alipay_gateway: tuple[FakeAlipay, str],
+    wechat_server: tuple[FakeWeChat, str],
 ) -> Settings:
     both = {**wx_keys.settings(wxpay_gateway[1]), **ali_keys.settings(alipay_gateway[1])}
     return auth_settings(
-        make_settings, cron_enabled=False, admin_phone=ADMIN_PHONE, admin_password=PASSWORD, **both
+        make_settings,
+        cron_enabled=False,
+        admin_phone=ADMIN_PHONE,
+        admin_password=PASSWORD,
+        wechat_api_base=wechat_server[1],
+        **both,
     )
 
 

@@ -23,6 +23,7 @@ wx_keys, ali_keys, wxpay_gateway, alipay_gateway = (
     support.alipay_gateway,
 )
 settings, admin = support.settings, support.admin
+wechat_server = support.wechat_server  # the fake WeChat login API the settings name
 
 
 async def reserved_for_task(client: Any, who: dict[str, str], services: Services, database: str) -> int:

@@ -25,7 +25,8 @@ from server.keys import hub_key, payments_key
 from server.metrics import Metrics
 from server.payments.pool import SdkPool
 from server.payments.wechat import attach_of
-from tests.auth_support import auth_settings, bearer, error_code, fake_wechat, register
+from tests import payments_support as support
+from tests.auth_support import auth_settings, bearer, error_code, register
 from tests.conftest import Services, run_command
 from tests.fakes.wechat import FakeWeChat
 from tests.fakes.wechatpay import APPID, FakeWeChatPay, Keys, verify
@@ -45,11 +46,7 @@ async def gateway(aiohttp_server: Any, keys: Keys) -> tuple[FakeWeChatPay, str]:
     return fake, str(server.make_url("")).rstrip("/")
 
 
-@pytest.fixture
-async def wechat_server(aiohttp_server: Any) -> tuple[FakeWeChat, str]:
-    wechat = fake_wechat()
-    server: TestServer = await aiohttp_server(wechat.app())
-    return wechat, str(server.make_url("/"))
+wechat_server = support.wechat_server  # the fake WeChat login API (a shared fixture)
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ wx_keys, ali_keys, wxpay_gateway, alipay_gateway = (
     support.alipay_gateway,
 )
 settings, client2, alipay, admin = support.settings, support.client2, support.alipay, support.admin
+wechat_server = support.wechat_server  # the fake WeChat login API the settings name
 
 
 async def deliver(client: TestClient[Any, Any], body: bytes, slash: str = "") -> str:

@@ -15,14 +15,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from server.config import Settings
 from tests import payments_support as support
-from tests.auth_support import PASSWORD, auth_settings, bearer, error_code, fake_wechat
+from tests.auth_support import bearer, error_code
 from tests.conftest import Services
-from tests.fakes.alipay import AlipayKeys, FakeAlipay
 from tests.fakes.wechat import FakeWeChat
 from tests.fakes.wechatpay import FakeWeChatPay, Keys
-from tests.payments_support import ADMIN_PHONE, buyer
+from tests.payments_support import buyer
 
 # The shared fixtures (pytest finds them by these module-level names).
 wx_keys, ali_keys, alipay_gateway, alipay, client2, admin = (
@@ -33,6 +31,7 @@ wx_keys, ali_keys, alipay_gateway, alipay, client2, admin = (
     support.client2,
     support.admin,
 )
+wechat_server, settings = support.wechat_server, support.settings
 
 NATIVE = {"product_id": "credits-100", "channel": "wechat_native"}
 
@@ -68,33 +67,6 @@ async def wxpay_gateway(aiohttp_server: Any, wx_keys: Keys, outage: Outage) -> t
 @pytest.fixture
 def wxpay(wxpay_gateway: tuple[FakeWeChatPay, str]) -> FakeWeChatPay:
     return wxpay_gateway[0]
-
-
-@pytest.fixture
-async def wechat_server(aiohttp_server: Any) -> tuple[FakeWeChat, str]:
-    wechat = fake_wechat()
-    server: TestServer = await aiohttp_server(wechat.app())
-    return wechat, str(server.make_url("/"))
-
-
-@pytest.fixture
-def settings(
-    make_settings: Callable[..., Settings],
-    wx_keys: Keys,
-    ali_keys: AlipayKeys,
-    wxpay_gateway: tuple[FakeWeChatPay, str],
-    alipay_gateway: tuple[FakeAlipay, str],
-    wechat_server: tuple[FakeWeChat, str],
-) -> Settings:
-    both = {**wx_keys.settings(wxpay_gateway[1]), **ali_keys.settings(alipay_gateway[1])}
-    return auth_settings(
-        make_settings,
-        cron_enabled=False,
-        admin_phone=ADMIN_PHONE,
-        admin_password=PASSWORD,
-        wechat_api_base=wechat_server[1],
-        **both,
-    )
 
 
 async def post_order(

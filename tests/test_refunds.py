@@ -35,6 +35,7 @@ settings, client2, alipay, wxpay, admin = (
     support.wxpay,
     support.admin,
 )
+wechat_server = support.wechat_server  # the fake WeChat login API the settings name
 
 _keys = itertools.count()
 

@@ -97,21 +97,27 @@ NOTE_SQL = (
 )
 
 
-def note_args(
-    provider: str,
-    kind: str,
-    event_id: str | None,
-    order_no: str | None,
-    verified: bool,
-    outcome: str,
-    reason: str | None,
-    body: bytes,
-    remote: str | None,
-) -> tuple[object, ...]:
-    return (
-        provider, kind, event_id, order_no, verified, outcome, (reason or "")[:200] or None,
-        body[:1_000_000].decode("utf-8", "replace"), (remote or "")[:64] or None,
-    )  # fmt: skip
+@dataclass(frozen=True, slots=True)
+class Note:
+    """One `payment_notifications` row: a notification received, verified or not, and its outcome."""
+
+    provider: str
+    kind: str  # payment | refund
+    event_id: str | None
+    order_no: str | None
+    verified: bool
+    outcome: str  # applied | duplicate | refused | error
+    reason: str | None
+    body: bytes
+    remote: str | None
+
+    def args(self) -> tuple[object, ...]:
+        """NOTE_SQL's parameters (the reason, body and remote cut to their columns)."""
+        return (
+            self.provider, self.kind, self.event_id, self.order_no, self.verified, self.outcome,
+            (self.reason or "")[:200] or None, self.body[:1_000_000].decode("utf-8", "replace"),
+            (self.remote or "")[:64] or None,
+        )  # fmt: skip
 
 
 def order_grant(order: Order) -> Grant | None:
@@ -147,8 +153,11 @@ async def pay_order(
     writes: list[str] = []
     if received is not None:
         outcome = "applied" if moved else "duplicate"
-        note = (received.provider, "payment", received.event_id, order.order_no, True, outcome, None)
-        writes.append(tx.format(NOTE_SQL, *note_args(*note, received.body, received.remote)))
+        note = Note(
+            received.provider, "payment", received.event_id, order.order_no, True, outcome, None,
+            received.body, received.remote,
+        )  # fmt: skip
+        writes.append(tx.format(NOTE_SQL, *note.args()))
     if not moved:
         if writes:
             await tx.execute_all(writes)
@@ -667,7 +676,7 @@ class Payments:
             logger.opt(exception=True).error("{} payment notification failed", provider_name)
             outcome, reason, status = "error", type(exc).__name__, 500
         await self._record(
-            provider_name, "payment", event_id, order_no, verified, outcome, reason, body, remote
+            Note(provider_name, "payment", event_id, order_no, verified, outcome, reason, body, remote)
         )
         if outcome == "refused":
             logger.warning("{} payment notification refused ({}): {}", provider_name, order_no, reason)
@@ -697,31 +706,20 @@ class Payments:
         except Exception as exc:
             logger.opt(exception=True).error("WeChat Pay refund notification failed")
             outcome, reason, status = "error", type(exc).__name__, 500
-        await self._record("wechat", "refund", event_id, order_no, verified, outcome, reason, body, remote)
+        note = Note("wechat", "refund", event_id, order_no, verified, outcome, reason, body, remote)
+        await self._record(note)
         if outcome == "refused":
             logger.warning("WeChat Pay refund notification refused ({}): {}", order_no, reason)
         return status, reason or ""
 
-    async def _record(
-        self,
-        provider: str,
-        kind: str,
-        event_id: str | None,
-        order_no: str | None,
-        verified: bool,
-        outcome: str,
-        reason: str | None,
-        body: bytes,
-        remote: str | None,
-    ) -> None:
-        self.metrics.notifications.labels(provider, outcome).inc()
+    async def _record(self, note: Note) -> None:
+        self.metrics.notifications.labels(note.provider, note.outcome).inc()
         try:
-            await self.db.execute(
-                NOTE_SQL,
-                *note_args(provider, kind, event_id, order_no, verified, outcome, reason, body, remote),
-            )
+            await self.db.execute(NOTE_SQL, *note.args())
         except Exception:
-            logger.opt(exception=True).error("could not record a {} notification ({})", provider, outcome)
+            logger.opt(exception=True).error(
+                "could not record a {} notification ({})", note.provider, note.outcome
+            )
 
     # ------------------------------------------------------------ admin views
 
