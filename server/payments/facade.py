@@ -211,6 +211,7 @@ class Settlement:
         self.received = received
         self.terms = terms
         self.refused: str | None = None
+        self._paid: Order | None = None
         self.grant_refs = (("grant", order_no),)  # order_grant's ref: looked up with the lock
         self.reads: tuple[tuple[str, tuple[object, ...]], ...] = ()
         if order is None:
@@ -240,8 +241,10 @@ class Settlement:
 
     def paid(self) -> Order:
         """The order as this settlement left it (when it applied)."""
-        assert self.order is not None
-        return replace(self.order, status="paid", paid_at=self.paid_at, provider_txn_id=self.txn_id)
+        if self._paid is None:
+            assert self.order is not None
+            self._paid = replace(self.order, status="paid", paid_at=self.paid_at, provider_txn_id=self.txn_id)
+        return self._paid
 
     def announce(self) -> list[Event]:
         """`order.paid` for a credit pack. A membership's waits for the buyer's cached
