@@ -94,17 +94,22 @@ class LiveChannels:
             logger.warning("events pub/sub not connected yet; sockets wait for it")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        for task in list(self._commands):
+        """Cancel the connection's task and its commands, close the pool. Each step is
+        bounded by the Redis timeout: a shutdown must end even if one of them never would."""
+        waiting = [t for t in [self._task, *self._commands] if t is not None]
+        for task in waiting:
             task.cancel()
-        if self._commands:
-            await asyncio.wait(self._commands)
-        await self._client.aclose()
-        await self._pool.aclose()
+        if waiting:
+            _, stuck = await asyncio.wait(waiting, timeout=self.timeout)
+            if stuck:
+                logger.warning("events pub/sub: {} task(s) did not stop; left behind", len(stuck))
+        self._task = None
+        for close in (self._client.aclose, self._pool.aclose):
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await close()
+            except TimeoutError:
+                logger.warning("events pub/sub: closing its Redis connection timed out")
 
     async def subscribe(self, channel: bytes) -> None:
         """Subscribe `channel`; returns once Redis confirmed it (bounded by the Redis timeout)."""
@@ -228,9 +233,10 @@ class LiveChannels:
             self._lost.set_result(None)
         if reader is not None:
             reader.cancel()
-            await asyncio.wait([reader])
+            await asyncio.wait([reader], timeout=self.timeout)
         with contextlib.suppress(Exception):
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            async with asyncio.timeout(self.timeout):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _run(self) -> None:
         attempt = 0
