@@ -117,8 +117,8 @@ def _body_deadline(request: web.Request) -> asyncio.TimerHandle | None:
     """After REQUEST_BODY_TIMEOUT, a body not fully received fails every read of it with
     BodyTimeout (408): whoever reads it (JSON, multipart, form) gets the same error, and a
     client trickling a byte at a time cannot hold a handler for ever."""
-    if not request.body_exists:
-        return None
+    if not request.body_exists or request.content.is_eof():
+        return None  # no body, or all of it is in already (most requests): no timer to set
     body = request.content
     seconds = request.app[settings_key].http.request_body_timeout
 
