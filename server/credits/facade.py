@@ -26,6 +26,7 @@ from server.credits.ledger import (
     GrantKind,
     QuotaOp,
     QuotaState,
+    Read,
     Reservation,
     Reserve,
     Snapshot,
@@ -97,7 +98,7 @@ class Credits:
         effect: Effect,
         *,
         grant_refs: tuple[tuple[str, str], ...] = (),
-        reads: tuple[tuple[str, tuple[object, ...]], ...] = (),
+        reads: tuple[Read, ...] = (),
         announce: Callable[[], Sequence[Event]] | None = None,
     ) -> EffectOutcome:
         """Run another capability's SQL in this user's credit transaction (the account row

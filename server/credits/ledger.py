@@ -105,6 +105,9 @@ class EffectOutcome:
     state: QuotaState
 
 
+#: A SELECT a WithEffect needs: (sql, args), formatted with the transaction's connection.
+Read = tuple[str, tuple[Any, ...]]
+
 #: Another capability's SQL, run inside a user's credit batch (the account row locked
 #: first). Given the user's state at that point and the rows of its WithEffect's `reads`
 #: (one list per statement), it answers the grant to make with it: a Grant, None
@@ -124,7 +127,7 @@ class WithEffect(Message[EffectOutcome]):
     grant_refs: tuple[tuple[str, str], ...] = ()
     #: SELECTs (sql, args) the effect needs, sent in the account lock's round trip too
     #: (after the lock: they see what committed before it); their rows are its third argument.
-    reads: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    reads: tuple[Read, ...] = ()
     #: Called after the batch committed, when the effect applied: the events to publish
     #: with the batch's `quota.changed`, in one script run (consecutive seqs).
     announce: Callable[[], Sequence[Event]] | None = None
@@ -192,7 +195,7 @@ async def _lock(
     savepoint: bool,
     task_ids: Sequence[str],
     refs: Sequence[tuple[str, str]],
-    reads: Sequence[tuple[str, tuple[Any, ...]]] = (),
+    reads: Sequence[Read] = (),
 ) -> _Locked:
     """In ONE round trip: lock and read the account row; set the first WithEffect's
     savepoint right after it (nothing is written between the two); lock the batch's

@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 from server.auth.users import Profiles
 from server.config import DistributorSettings, Settings
 from server.credits.facade import Credits
-from server.credits.ledger import Grant, QuotaState
+from server.credits.ledger import Grant, QuotaState, Read
 from server.db import Conn, Database, Row, is_duplicate
 from server.errors import AppError, Busy, ErrorCode, NotFound, validation_failed
 from server.hub.events import Event, EventHub
@@ -213,31 +213,34 @@ class Settlement:
         self.refused: str | None = None
         self._paid: Order | None = None
         self.grant_refs = (("grant", order_no),)  # order_grant's ref: looked up with the lock
-        self.reads: tuple[tuple[str, tuple[object, ...]], ...] = ()
+        self.reads: tuple[Read, ...] = ()
         if order is None:
             self.reads = ((f"SELECT {orders.SETTLE_COLUMNS} FROM orders WHERE order_no = %s", (order_no,)),)
 
     async def effect(
         self, tx: Conn, _: QuotaState, read: Sequence[Sequence[Row]]
     ) -> Grant | Literal[False] | None:
-        if self.order is None:
-            rows = read[0]
-            if not rows:
-                self.refused = "unknown order"
+        if self.order is None:  # read here, so checked here (the caller checked an order it gave)
+            self.refused = self._adopt(read[0])
+            if self.refused is not None:
                 return False
-            self.order = Order.of(rows[0])
         order = self.order
-        why = self.check(order)
-        if why is None and order.user_id != self.buyer_id:
-            why = f"the order is not user {self.buyer_id}'s"
-        if why is not None:
-            self.refused = why
-            return False
+        assert order is not None
         moved = await pay_order(
             tx, order, paid_at=self.paid_at, txn_id=self.txn_id, source=self.source, received=self.received,
             terms=self.terms,
         )  # fmt: skip
         return order_grant(order) if moved else False
+
+    def _adopt(self, rows: Sequence[Row]) -> str | None:
+        """Take the order read in the transaction: why it must not be paid, or None."""
+        if not rows:
+            return "unknown order"
+        order = self.order = Order.of(rows[0])
+        why = self.check(order)
+        if why is None and order.user_id != self.buyer_id:
+            why = f"the order is not user {self.buyer_id}'s"
+        return why
 
     def paid(self) -> Order:
         """The order as this settlement left it (when it applied)."""
@@ -373,8 +376,7 @@ class Payments:
             # The product's terms changed (or it was disabled) since this instance cached
             # it: nothing was written. Read it again; still on sale → one more order, with
             # a new order number and a new provider call (the first prepay just expires).
-            self.products.forget(product.id)
-            fresh = await self.products.get(product.id)
+            fresh = await self.products.get(product.id)  # and so replaces, or drops, the cached one
             if fresh is None or not fresh.enabled:
                 return await self._refuse(user_id, key, digest, not_on_sale(fresh))
             if attempt == 2:

@@ -65,8 +65,8 @@ class Products:
     current and a product enabled on another instance is seen at once. A cached product
     whose terms changed elsewhere (another instance's admin) is caught where it matters:
     the order's INSERT re-checks the terms against the row (Payments.create_order), and on
-    a mismatch the caller `forget()`s it and reads it again. Every read here refreshes the
-    cache; admin create/update on this instance replace the entry."""
+    a mismatch the caller reads it again. Every read here (`get`, `list`) replaces or
+    drops the cached entry; admin create/update on this instance replace it too."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -75,9 +75,6 @@ class Products:
     def _keep(self, product: Product) -> Product:
         self._cache[product.id] = product
         return product
-
-    def forget(self, product_id: str) -> None:
-        self._cache.pop(product_id, None)
 
     async def for_sale(self, product_id: str) -> Product | None:
         """The product to accept an order for: the cached one when it is enabled, else MySQL's."""
@@ -95,7 +92,7 @@ class Products:
         """The product as MySQL has it now."""
         row = await self.db.fetchone(f"SELECT {COLUMNS} FROM products WHERE id = %s", product_id)
         if row is None:
-            self.forget(product_id)
+            self._cache.pop(product_id, None)
             return None
         return self._keep(Product.of(row))
 
