@@ -3,6 +3,7 @@ embedded MariaDB + Redis that server processes run on."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -30,6 +31,15 @@ def pin(cpu: int) -> None:
         os.sched_setaffinity(0, {cpu})
 
 
+def pin_process(pid: int, cpu: int) -> None:
+    """Run every thread of process `pid` on `cpu` (threads it starts later inherit the
+    affinity of the thread that starts them)."""
+    if (os.cpu_count() or 1) >= 2:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(ProcessLookupError):  # that thread ended meanwhile
+                os.sched_setaffinity(int(task.name), {cpu})
+
+
 def wait_until_up(url: str, proc: subprocess.Popen[bytes]) -> None:
     """Until `url` answers at all (any HTTP status), for up to 60 s; exits if `proc` does."""
     deadline = time.monotonic() + 60
@@ -49,6 +59,7 @@ def wait_until_up(url: str, proc: subprocess.Popen[bytes]) -> None:
 @dataclass
 class Services:
     redis: Any  # server.embedded.EmbeddedRedis (its pid_file, for pinning)
+    mariadb: Any  # server.embedded.EmbeddedMariaDB (likewise)
     env: dict[str, str]  # for server processes: test mode, the fresh database, the Redis db
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)  # stopped on the way out
 
@@ -64,7 +75,7 @@ def services(database: str, redis_db: int) -> Iterator[Services]:
 
     var = ROOT / "var" / "bench"
     mariadb, redis = EmbeddedMariaDB(var, fast=True), EmbeddedRedis(var, persist=False)
-    ready = Services(redis, {})
+    ready = Services(redis, mariadb, {})
     try:
         mariadb.start()
         redis.start()
