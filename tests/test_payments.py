@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -496,9 +498,22 @@ async def test_check_orders_reports_a_paid_order_without_its_grant(
 def test_order_numbers_are_32_alphanumerics_and_unguessable() -> None:
     from server.payments.orders import new_order_no
 
-    numbers = {new_order_no() for _ in range(1000)}
-    assert len(numbers) == 1000
+    numbers = {new_order_no() for _ in range(5000)}  # the random bytes are drawn ~455 numbers at a time
+    assert len(numbers) == 5000
     assert all(len(n) == 32 and n.isascii() and n.isalnum() for n in numbers)
+
+
+def test_a_forked_process_draws_order_numbers_of_its_own() -> None:
+    # The parent has random bytes drawn in advance; a child must not hand out the same ones.
+    code = (
+        "import os; from server.payments.orders import new_order_no; new_order_no()\n"
+        "r, w = os.pipe(); pid = os.fork()\n"
+        "if pid == 0: os.write(w, ' '.join(new_order_no()[14:] for _ in range(3)).encode()); os._exit(0)\n"
+        "os.waitpid(pid, 0); child = set(os.read(r, 1000).decode().split())\n"
+        "mine = {new_order_no()[14:] for _ in range(3)}; print(len(child), len(mine), child & mine)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["3", "3", "set()"], done.stdout + done.stderr
 
 
 async def test_a_provider_call_past_its_timeout_is_upstream_failed_and_holds_its_slot_until_it_ends() -> None:

@@ -402,7 +402,7 @@ class Payments:
         inserted, without reading it back."""
         now = utcnow().replace(microsecond=0)
         expires = now + dt.timedelta(seconds=self.settings.payments.order_ttl)
-        order_no = orders.new_order_no()
+        order_no = orders.new_order_no(now)
         try:
             pay_params = await provider.create(
                 PayRequest(
