@@ -195,6 +195,17 @@ async def test_a_native_order_is_paid_by_its_notification_once(
         ("duplicate", 1),
     ]
     assert fake.refused == 0
+    text = await (await client.get("/metrics")).text()  # what the ops board reads
+    for line in (
+        'wardrobe_payment_orders_total{channel="wechat_native",status="pending"} 1.0',
+        'wardrobe_payment_orders_total{channel="wechat_native",status="paid"} 1.0',
+        'wardrobe_payment_paid_fen_total{channel="wechat_native"} 990.0',
+        'wardrobe_payment_provider_calls_total{op="create",outcome="ok",provider="wechat"} 1.0',
+        'wardrobe_payment_provider_call_seconds_count{op="create",provider="wechat"} 1.0',
+        'wardrobe_payment_notifications_total{outcome="applied",provider="wechat"} 1.0',
+        'wardrobe_payment_notifications_total{outcome="duplicate",provider="wechat"} 1.0',
+    ):
+        assert line in text, line
     await assert_books_clean(settings)
 
 
@@ -518,7 +529,8 @@ def test_a_forked_process_draws_order_numbers_of_its_own() -> None:
 
 async def test_a_provider_call_past_its_timeout_is_upstream_failed_and_holds_its_slot_until_it_ends() -> None:
     release = threading.Event()
-    pool = SdkPool("wechat", "WeChat Pay", threads=1, max_pending=2, timeout=0.2, metrics=Metrics())
+    metrics = Metrics()
+    pool = SdkPool("wechat", "WeChat Pay", threads=1, max_pending=2, timeout=0.2, metrics=metrics)
     try:
         with pytest.raises(AppError, match=r"WeChat Pay create took longer than 0\.2 s") as slow:
             await pool.call("create", lambda: release.wait(10))
@@ -530,6 +542,14 @@ async def test_a_provider_call_past_its_timeout_is_upstream_failed_and_holds_its
         release.set()
         async with asyncio.timeout(5):
             assert await queued == "answer"
+
+        def sample(name: str, **labels: str) -> float | None:
+            return metrics.registry.get_sample_value(f"wardrobe_payment_provider_{name}", labels)
+
+        assert sample("calls_total", provider="wechat", op="create", outcome="timeout") == 1
+        assert sample("calls_total", provider="wechat", op="query", outcome="ok") == 1
+        waited = sample("call_seconds_sum", provider="wechat", op="create")
+        assert waited is not None and 0.2 <= waited < 1  # the caller's wait, not the thread's
     finally:
         release.set()
         pool.shutdown()

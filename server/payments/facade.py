@@ -433,7 +433,7 @@ class Payments:
             return found, False
         if not inserted:
             return None
-        self.metrics.orders.labels(channel, "pending").inc()
+        self.metrics.child(self.metrics.orders, channel, "pending").inc()
         order = Order(
             order_no=order_no,
             user_id=user_id,

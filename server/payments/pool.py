@@ -68,7 +68,4 @@ class SdkPool:
             logger.warning("{} {} failed: {!r}", self.label, op, exc)
             raise AppError(ErrorCode.UPSTREAM_FAILED, f"{self.label} {op} failed: {exc!r}"[:300]) from None
         finally:
-            self._metrics.payment_provider_calls.labels(self.provider, op, outcome).inc()
-            self._metrics.payment_provider_seconds.labels(self.provider, op).observe(
-                time.perf_counter() - started
-            )
+            self._metrics.provider_called(self.provider, op, outcome, time.perf_counter() - started)
