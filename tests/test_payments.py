@@ -171,6 +171,20 @@ async def test_without_merchant_settings_no_channel_is_offered_and_ordering_is_4
     assert (await resp.json())["error"]["details"]["fields"][0]["field"] == "channel"
 
 
+async def test_a_ca_bundle_that_requests_would_load_on_every_wechat_pay_call_is_warned_of(
+    aiohttp_client: Any, settings: Settings, monkeypatch: pytest.MonkeyPatch, log_lines: list[str]
+) -> None:
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    await aiohttp_client(create_app(settings))
+    warned = [line for line in log_lines if "CA_BUNDLE" in line]
+    assert len(warned) == 1 and "REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt is set" in warned[0]
+    log_lines.clear()
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+    await aiohttp_client(create_app(settings))
+    assert not [line for line in log_lines if "CA_BUNDLE" in line]
+
+
 # ---------------------------------------------------------------- paying
 
 

@@ -5,15 +5,23 @@ The SDK runs for real in the server's thread pool."""
 from __future__ import annotations
 
 import asyncio
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from aiohttp.test_utils import TestClient
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
+from server.app import create_app
+from server.config import Settings
 from server.keys import settings_key
 from server.payments.alipay import fen_of, yuan
 from tests import payments_support as support
+from tests.auth_support import auth_settings
 from tests.conftest import Services
-from tests.fakes.alipay import FakeAlipay
+from tests.fakes.alipay import AlipayKeys, FakeAlipay
+from tests.fakes.tls import self_signed, server_context
 from tests.fakes.wechatpay import sign
 from tests.payments_support import assert_books_clean, buyer, notifications, order, quota
 
@@ -163,3 +171,56 @@ async def test_closing_an_alipay_order_closes_it_there_and_one_paid_first_ends_p
     assert alipay.trades[unpaid["order_no"]]["trade_status"] == "TRADE_CLOSED"
     assert (await raced.json())["status"] == "paid"
     assert (await quota(client, who))["balance"] == 100
+
+
+# ---------------------------------------------------------------- over TLS, as in production
+
+
+async def tls_gateway(
+    aiohttp_server: Any, keys: AlipayKeys, cert: tuple[Path, Path]
+) -> tuple[FakeAlipay, str]:
+    fake = FakeAlipay(keys)
+    server: TestServer = await aiohttp_server(fake.app(), ssl=server_context(cert))
+    url = str(server.make_url("/gateway.do"))
+    assert url.startswith("https://")
+    return fake, url
+
+
+async def test_alipay_over_tls_verifies_the_gateway_certificate_against_the_ca_store(
+    aiohttp_server: Any,
+    aiohttp_client: Any,
+    make_settings: Callable[..., Settings],
+    ali_keys: AlipayKeys,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    services: Services,
+    database: str,
+) -> None:
+    # The CA store is what the operating system's would be: here one certificate.
+    trusted, untrusted = self_signed(tmp_path, "trusted"), self_signed(tmp_path, "untrusted")
+    monkeypatch.setenv("SSL_CERT_FILE", str(trusted[0]))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    # The apps install urlopen's opener (share_tls_context): back to urllib's own after.
+    request.addfinalizer(lambda: urllib.request.install_opener(None))
+    for cert, works in ((trusted, True), (untrusted, False)):
+        fake, url = await tls_gateway(aiohttp_server, ali_keys, cert)
+        app = create_app(auth_settings(make_settings, cron_enabled=False, **ali_keys.settings(url)))
+        client: TestClient[Any, Any] = await aiohttp_client(app)
+        who = await buyer(client)
+        for attempt in range(2):  # the second call goes through the same shared context
+            resp = await client.post(
+                "/api/v1/orders",
+                json={"product_id": "credits-100", "channel": "alipay_qr"},
+                headers={**who, "Idempotency-Key": f"tls-{works}-{attempt}"},
+            )
+            body = await resp.json()
+            if works:
+                assert resp.status == 201, body
+                assert body["pay_params"]["qr_code"].startswith("https://qr.alipay.com/")
+            else:  # a gateway whose certificate the store does not vouch for is never spoken to
+                assert resp.status == 502 and body["error"]["code"] == "UPSTREAM_FAILED", body
+                assert "CERTIFICATE_VERIFY_FAILED" in body["error"]["message"], body
+        assert len(fake.trades) == (2 if works else 0)
+    orders = services.query(database, "SELECT order_no FROM orders")
+    assert len(orders) == 2  # the untrusted gateway's attempts wrote nothing

@@ -10,16 +10,23 @@ Notifications are verified on the loop (`callback()` is pure CPU, ≈0.05 ms) bu
 after checking the serial is our platform public key id: for any other serial the SDK
 would fetch platform certificates over the network, blocking. The SDK checks no
 timestamp, so we refuse one more than 300 s off.
+
+The SDK calls `requests.post` (a new connection, so a TLS handshake, each call). With
+REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE set, requests also loads that file into a new TLS
+context for each call: ~50 ms of CPU a call with a system-sized bundle, against ~5 ms
+(bench/tls.py). Unset, it uses one context made at import. So the provider warns at start.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from loguru import logger
 from wechatpayv3 import WeChatPay, WeChatPayType
 
 from server.config import ConfigError, Settings
@@ -70,6 +77,20 @@ def settings_complete(settings: Settings) -> bool:
     )
 
 
+def warn_of_ca_bundle() -> None:
+    """A warning when requests would load a CA bundle file into every WeChat Pay call."""
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):  # the two requests reads, in its order
+        if os.environ.get(name):
+            logger.warning(
+                "{}={} is set: requests, under the WeChat Pay SDK, loads that file into a new TLS "
+                "context on every call (~50 ms of CPU a call for a system CA bundle, bench/tls.py); "
+                "unset it for the server unless WeChat Pay must be reached through a private CA",
+                name,
+                os.environ[name],
+            )
+            return
+
+
 class WeChatPayProvider:
     name = "wechat"
     channels = CHANNELS
@@ -101,6 +122,7 @@ class WeChatPayProvider:
             raise ConfigError(f"WeChat Pay settings rejected by the SDK: {exc}") from exc
         # The SDK hard-codes the real gateway; this attribute is where it keeps it.
         self._wx._core._gate_way = settings.payments.wechatpay_api_base.rstrip("/")
+        warn_of_ca_bundle()
         self.refund_notify_url = (
             settings.public_base_url.rstrip("/") + "/api/v1/payments/wechat/refund-notify"
         )
