@@ -305,23 +305,9 @@ async def app_orders(base: str, tokens: list[str], n: int) -> float:
 
 
 def bare_orders(keys: Any, gateway: str, n: int) -> tuple[float, float]:
-    from wechatpayv3 import WeChatPay, WeChatPayType
+    from wechatpayv3 import WeChatPayType
 
-    from tests.fakes.wechatpay import APIV3_KEY, APPID, CERT_SERIAL, MCHID, PUBLIC_KEY_ID
-
-    wx = WeChatPay(
-        wechatpay_type=WeChatPayType.NATIVE,
-        mchid=MCHID,
-        private_key=keys.merchant_private_pem.read_text(),
-        cert_serial_no=CERT_SERIAL,
-        appid=APPID,
-        apiv3_key=APIV3_KEY,
-        notify_url="https://wardrobe.test/api/v1/payments/wechat/notify",
-        timeout=(5, 15),
-        public_key=keys.platform_public_pem.read_text(),
-        public_key_id=PUBLIC_KEY_ID,
-    )
-    wx._core._gate_way = gateway
+    wx = keys.sdk_client(gateway)
     run = next(_serial)
 
     def one(i: int) -> None:

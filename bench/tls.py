@@ -73,13 +73,13 @@ def per_call(n: int, call: Callable[[int], None]) -> tuple[float, float]:
 
 def main(args: argparse.Namespace) -> None:
     from alipay import AliPay, AliPayConfig
-    from wechatpayv3 import WeChatPay, WeChatPayType
+    from wechatpayv3 import WeChatPay
 
     from server.payments.alipay import share_tls_context
     from tests.fakes.alipay import APPID as ALI_APPID
     from tests.fakes.alipay import AlipayKeys, FakeAlipay
     from tests.fakes.tls import self_signed, server_context
-    from tests.fakes.wechatpay import APIV3_KEY, APPID, CERT_SERIAL, MCHID, PUBLIC_KEY_ID, FakeWeChatPay, Keys
+    from tests.fakes.wechatpay import FakeWeChatPay, Keys
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-tls-"))
     cert = self_signed(tmp, "gateway")
@@ -110,22 +110,6 @@ def main(args: argparse.Namespace) -> None:
     )
     ali._gateway = f"https://127.0.0.1:{ali_port}/gateway.do"
 
-    def wechat(base: str) -> WeChatPay:
-        wx = WeChatPay(
-            wechatpay_type=WeChatPayType.NATIVE,
-            mchid=MCHID,
-            private_key=wx_keys.merchant_private_pem.read_text(),
-            cert_serial_no=CERT_SERIAL,
-            appid=APPID,
-            apiv3_key=APIV3_KEY,
-            notify_url="https://wardrobe.test/api/v1/payments/wechat/notify",
-            timeout=(5, 15),
-            public_key=wx_keys.platform_public_pem.read_text(),
-            public_key_id=PUBLIC_KEY_ID,
-        )
-        wx._core._gate_way = base  # the SDK's place for it (server/payments/wechat.py)
-        return wx
-
     def ali_query(i: int) -> None:
         ali.api_alipay_trade_query(out_trade_no=f"tls{i}")  # "trade not found": a signed answer
 
@@ -140,12 +124,12 @@ def main(args: argparse.Namespace) -> None:
     rows = [("Alipay query, urllib's default (a TLS context per connection)", default)]
     share_tls_context()
     rows.append(("Alipay query, `share_tls_context` (one context)", per_call(args.count, ali_query)))
-    tls_wx = wx_call(wechat(f"https://127.0.0.1:{wx_port}"))
+    tls_wx = wx_call(wx_keys.sdk_client(f"https://127.0.0.1:{wx_port}"))
     os.environ["REQUESTS_CA_BUNDLE"] = str(bundle)
     rows.append(("WeChat Pay query, REQUESTS_CA_BUNDLE = the system bundle", per_call(args.count, tls_wx)))
     os.environ["REQUESTS_CA_BUNDLE"] = str(cert[0])
     rows.append(("WeChat Pay query, REQUESTS_CA_BUNDLE = one certificate", per_call(args.count, tls_wx)))
-    plain_wx = wx_call(wechat(f"http://127.0.0.1:{plain_port}"))
+    plain_wx = wx_call(wx_keys.sdk_client(f"http://127.0.0.1:{plain_port}"))
     rows.append(("WeChat Pay query over plain HTTP", per_call(args.count, plain_wx)))
     certificates = SYSTEM_BUNDLE.read_bytes().count(b"BEGIN CERTIFICATE")
     print(f"CA bundle: {SYSTEM_BUNDLE} ({certificates} certificates)")

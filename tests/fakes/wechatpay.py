@@ -26,6 +26,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from wechatpayv3 import WeChatPay, WeChatPayType
 
 MCHID = "1900000109"
 APPID = "wx-test-app"  # the mini-program's appid (tests/auth_support.WECHAT_APPID)
@@ -76,6 +77,24 @@ class Keys:
             "wechatpay_public_key_id": PUBLIC_KEY_ID,
             "wechatpay_api_base": api_base,
         }
+
+    def sdk_client(self, api_base: str) -> WeChatPay:
+        """The merchant's SDK client (Native) for these keys, pointed at `api_base`: what the
+        benchmarks call bare."""
+        wx = WeChatPay(
+            wechatpay_type=WeChatPayType.NATIVE,
+            mchid=MCHID,
+            private_key=self.merchant_private_pem.read_text(),
+            cert_serial_no=CERT_SERIAL,
+            appid=APPID,
+            apiv3_key=APIV3_KEY,
+            notify_url="https://wardrobe.test/api/v1/payments/wechat/notify",
+            timeout=(5, 15),
+            public_key=self.platform_public_pem.read_text(),
+            public_key_id=PUBLIC_KEY_ID,
+        )
+        wx._core._gate_way = api_base  # the SDK's place for it (server/payments/wechat.py)
+        return wx
 
 
 def sign(key: rsa.RSAPrivateKey, message: str) -> str:
