@@ -199,16 +199,20 @@ async def test_alipay_over_tls_verifies_the_gateway_certificate_against_the_ca_s
 ) -> None:
     # The CA store is what the operating system's would be: here one certificate.
     trusted, untrusted = self_signed(tmp_path, "trusted"), self_signed(tmp_path, "untrusted")
-    monkeypatch.setenv("SSL_CERT_FILE", str(trusted[0]))
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
     # The apps install urlopen's opener (share_tls_context): back to urllib's own after.
     request.addfinalizer(lambda: urllib.request.install_opener(None))
     for cert, works in ((trusted, True), (untrusted, False)):
+        monkeypatch.setenv("SSL_CERT_FILE", str(trusted[0]))
         fake, url = await tls_gateway(aiohttp_server, ali_keys, cert)
         app = create_app(auth_settings(make_settings, cron_enabled=False, **ali_keys.settings(url)))
         client: TestClient[Any, Any] = await aiohttp_client(app)
         who = await buyer(client)
-        for attempt in range(2):  # the second call goes through the same shared context
+        for attempt in range(2):
+            if attempt == 1:
+                # The context was made at start, with the store it had: a context made per
+                # call (urllib's default) would now load the system's, which lacks ours.
+                monkeypatch.delenv("SSL_CERT_FILE")
             resp = await client.post(
                 "/api/v1/orders",
                 json={"product_id": "credits-100", "channel": "alipay_qr"},
