@@ -107,11 +107,13 @@ async def order(
     who: dict[str, str],
     product_id: str = "credits-100",
     channel: str = "alipay_qr",
+    key: str | None = None,
 ) -> dict[str, Any]:
+    """A new order (201), under `key` or a fresh Idempotency-Key."""
     resp = await client.post(
         "/api/v1/orders",
         json={"product_id": product_id, "channel": channel},
-        headers={**who, "Idempotency-Key": f"k{next(_keys)}"},
+        headers={**who, "Idempotency-Key": key or f"k{next(_keys)}"},
     )
     assert resp.status == 201, await resp.text()
     body: dict[str, Any] = await resp.json()

@@ -5,7 +5,6 @@ thread pool, so every provider call is driven through HTTP."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import subprocess
 import sys
@@ -32,8 +31,6 @@ from tests.auth_support import auth_settings, bearer, error_code, register
 from tests.conftest import Services, run_command
 from tests.fakes.wechat import FakeWeChat
 from tests.fakes.wechatpay import APPID, FakeWeChatPay, Keys, verify
-
-_keys = itertools.count()
 
 
 @pytest.fixture(scope="session")
@@ -92,14 +89,8 @@ async def order(
     channel: str = "wechat_native",
     key: str | None = None,
 ) -> dict[str, Any]:
-    resp = await client.post(
-        "/api/v1/orders",
-        json={"product_id": product_id, "channel": channel},
-        headers={**who, "Idempotency-Key": key or f"k{next(_keys)}"},
-    )
-    assert resp.status == 201, await resp.text()
-    body: dict[str, Any] = await resp.json()
-    return body
+    """support.order, WeChat Pay Native unless told."""
+    return await support.order(client, who, product_id, channel, key)
 
 
 async def deliver(client: TestClient[Any, Any], note: tuple[dict[str, str], bytes], slash: str = "") -> int:

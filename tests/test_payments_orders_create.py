@@ -166,8 +166,7 @@ async def test_a_repeated_key_answers_the_first_order_and_another_body_conflicts
     client: Any, services: Services, database: str
 ) -> None:
     who = await buyer(client)
-    status, first = await post_order(client, who, "same")
-    assert status == 201
+    first = await support.order(client, who, channel="wechat_native", key="same")
 
     status, repeat = await post_order(client, who, "same")
     assert status == 200 and repeat == first
@@ -195,8 +194,7 @@ async def test_a_repeat_after_the_product_was_disabled_still_answers_the_first_o
     client: Any, client2: Any, services: Services, database: str
 ) -> None:
     who = await buyer(client)
-    status, first = await post_order(client, who, "same")
-    assert status == 201
+    first = await support.order(client, who, channel="wechat_native", key="same")
     services.query(database, "UPDATE products SET enabled = 0 WHERE id = 'credits-100'")
 
     for instance in (client, client2):  # client cached it enabled; client2 reads it disabled
@@ -209,8 +207,7 @@ async def test_a_provider_failure_writes_nothing_and_a_repeat_of_an_earlier_key_
     client: Any, outage: Outage, services: Services, database: str
 ) -> None:
     who = await buyer(client)
-    status, first = await post_order(client, who, "before")
-    assert status == 201
+    first = await support.order(client, who, channel="wechat_native", key="before")
     outage.on = True
 
     status, failed = await post_order(client, who, "during")
