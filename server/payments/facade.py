@@ -603,8 +603,8 @@ class Payments:
         paid = run.order
         if outcome.applied:  # this call moved it: no need to read it back
             reloaded = run.paid()
-            self.metrics.orders.labels(paid.channel, "paid").inc()
-            self.metrics.paid_fen.labels(paid.channel).inc(paid.amount_fen)
+            self.metrics.child(self.metrics.orders, paid.channel, "paid").inc()
+            self.metrics.child(self.metrics.paid_fen, paid.channel).inc(paid.amount_fen)
             logger.info("order {} paid ({}), {} credits granted", order_no, source, paid.credits)
             if paid.membership_days:  # the cached profile goes first, then the news (not announced)
                 await self.profiles.invalidate(paid.user_id)
@@ -669,7 +669,7 @@ class Payments:
             )
             outcome, reason, status = ("applied" if settled.applied else "duplicate"), None, 204
             if settled.recorded:
-                self.metrics.notifications.labels(provider_name, outcome).inc()
+                self.metrics.child(self.metrics.notifications, provider_name, outcome).inc()
                 return status, ""
         except NotificationRefused as exc:
             verified = verified or exc.verified
@@ -718,7 +718,7 @@ class Payments:
         return status, reason or ""
 
     async def _record(self, note: Note) -> None:
-        self.metrics.notifications.labels(note.provider, note.outcome).inc()
+        self.metrics.child(self.metrics.notifications, note.provider, note.outcome).inc()
         try:
             await self.db.execute(NOTE_SQL, *note.args())
         except Exception:
