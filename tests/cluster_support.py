@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -22,16 +21,11 @@ import aiohttp
 from PIL import Image
 
 from tests.conftest import ROOT
+from tests.ports import free_port
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 # Cheap argon2 and no SMS resend gap, so a test makes accounts quickly.
 FAST_ENV = {"ARGON2_TIME_COST": "1", "ARGON2_MEMORY_KIB": "8", "SMS_RESEND_INTERVAL": "0"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Instance:

@@ -14,7 +14,8 @@ from server.app import create_app
 from server.config import Settings
 from tests.auth_support import FAST, auth_settings, bearer, register
 from tests.conftest import ROOT, run_command
-from tests.test_process import free_port, spawn, terminate, wait_ready
+from tests.ports import free_port
+from tests.test_process import spawn, terminate, wait_ready
 
 pytestmark = pytest.mark.timeout(60)
 

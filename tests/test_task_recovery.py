@@ -20,7 +20,7 @@ from server.tasks import leases
 from tests.auth_support import auth_settings, register
 from tests.conftest import ROOT, Services
 from tests.fakes.vendor import FakeVendor
-from tests.test_process import free_port
+from tests.ports import free_port
 from tests.test_tasks import User, image_bytes, vendor_settings
 
 pytestmark = pytest.mark.timeout(120)
