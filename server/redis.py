@@ -23,8 +23,9 @@ from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError, NoScriptError
 
 from server.config import SENTINEL_SCHEME, SentinelURL, Settings
@@ -36,18 +37,31 @@ class _Pool(ConnectionPool):
     for one to be released, then raises `Busy` (503 BUSY) instead of redis-py's
     MaxConnectionsError (a 500). redis-py's BlockingConnectionPool does the wait too, but
     takes an asyncio.Condition on every call (~25 % more CPU a command here); this pool
-    costs nothing until it is full."""
+    costs nothing until it is full.
+
+    Once closed it stays closed: a call made after `aclose` (a task still running at
+    shutdown) fails with redis-py's ConnectionError (503 UNAVAILABLE) instead of opening
+    a new connection that nothing would ever close."""
 
     def __init__(self, *, timeout: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.timeout = timeout
         self.exhausted = 0  # calls that gave up with Busy (wardrobe_redis_pool_exhausted_total)
+        self.closed = False
         self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def aclose(self) -> None:
+        self.closed = True
+        while self._waiters:  # each one wakes, finds the pool closed and fails
+            self._wake_one()
+        await super().aclose()
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         while True:
+            if self.closed:
+                raise RedisConnectionError("the Redis client is closed")
             try:
                 conn = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
                 return cast(AbstractConnection, conn)
@@ -93,11 +107,29 @@ class _Pool(ConnectionPool):
 
 class _SentinelPool(_Pool, SentinelConnectionPool):
     """The waiting pool over redis-py's SentinelConnectionPool; closing it also closes
-    the connections to the sentinels (this pool owns its `Sentinel`)."""
+    the connections to the sentinels (this pool owns its `_OwnedSentinel`)."""
 
     async def aclose(self) -> None:
         await super().aclose()
         await self.sentinel_manager.aclose()
+
+
+class _OwnedSentinel(Sentinel):
+    """The sentinels of one `_SentinelPool`, shared with the pools `derived_pool` makes
+    from it. Once closed it asks no sentinel again: a connection of a derived pool still
+    opening after the close would otherwise open a new connection to a sentinel, which
+    nothing closes (seen in tests/test_sentinel.py as an unclosed-connection warning)."""
+
+    closed = False
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await super().aclose()
+
+    async def discover_master(self, service_name: str) -> Any:
+        if self.closed:
+            raise MasterNotFoundError(f"{service_name}: the Redis client is closed")
+        return await super().discover_master(service_name)
 
 
 def connect_redis(url: str, settings: Settings) -> Redis:
@@ -115,7 +147,7 @@ def connect_redis(url: str, settings: Settings) -> Redis:
         password = target.password or password
         auth: dict[str, Any] = {"username": target.username, "password": password}
         asked = {"socket_timeout": settings.redis.timeout, "socket_connect_timeout": settings.redis.timeout}
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]  # (redis-py leaves it unannotated)
+        sentinel = _OwnedSentinel(  # type: ignore[no-untyped-call]  # (redis-py leaves it unannotated)
             list(target.sentinels), sentinel_kwargs={**asked, **(auth if target.sentinel_auth else {})}
         )
         pool: ConnectionPool = _SentinelPool(

@@ -5,10 +5,12 @@ running event stream and task load, and the server carries on with the new prima
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import json
 import shutil
 import subprocess
+import warnings
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -17,12 +19,14 @@ import aiohttp
 import pytest
 import redis as redis_sync
 from aiohttp.test_utils import TestServer
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server.app import create_app
 from server.config import Settings, load_settings
 from server.credits.ledger import check_all
 from server.keys import db_key
-from server.redis import connect_redis
+from server.redis import connect_redis, derived_pool
 from tests.cluster_support import Client, free_port, image_bytes
 
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -159,12 +163,28 @@ def test_a_sentinel_url_is_accepted_and_a_malformed_one_is_named() -> None:
 async def test_commands_follow_the_primary_the_sentinels_name(topology: Topology, make_settings: Any) -> None:
     settings: Settings = make_settings(redis_url=topology.url)
     client = connect_redis(topology.url, settings)
+    derived = Redis(connection_pool=derived_pool(client, 2))  # as the events pub/sub makes one
     try:
         await client.set("k", "v")
+        assert await derived.get("k") == b"v"
         with topology.node("replica") as replica:
             await topology.until(lambda: replica.get("k") == b"v")
     finally:
         await client.aclose()
+    # A call made after the close (a task still running at shutdown), on the client or on
+    # a pool derived from it, fails and opens nothing: no connection, to a node or to a
+    # sentinel, is left for the garbage collector to find unclosed.
+    await derived.connection_pool.disconnect()  # its connection goes: the next call opens one
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(RedisConnectionError):
+            await client.get("k")
+        with pytest.raises(RedisConnectionError):
+            await derived.get("k")
+        await derived.aclose()
+        del client, derived
+        gc.collect()
+    assert [str(w.message) for w in seen if issubclass(w.category, ResourceWarning)] == []
 
 
 class Watcher:
