@@ -27,7 +27,8 @@ from server.config import Settings, load_settings
 from server.credits.ledger import check_all
 from server.keys import db_key
 from server.redis import connect_redis, derived_pool
-from tests.cluster_support import Client, free_port, image_bytes
+from tests.cluster_support import Client, image_bytes
+from tests.ports import free_port
 
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 SENTINEL = shutil.which("redis-sentinel") or "/usr/bin/redis-sentinel"  # Debian's redis-sentinel
