@@ -19,7 +19,8 @@ pending one.
 signature, signs its answer) runs in its own process (pinned to CPU 1) with 50 ms added
 latency. App: 50 buyers each POST /api/v1/orders (wechat_native) in a loop;
 WECHATPAY_THREADS=50 so the pool is as wide as the load. Bare: 50 threads calling the
-SDK's `pay()` directly against the same gateway.
+SDK's `pay()` directly against the same gateway, with the fields the app sends (`time_expire`,
+`attach`).
 
 CPU 0 runs only what is measured: the app, or a bare run (a process of its own). What they
 talk to runs on CPU 1: the load, the notifications' signer, the fake gateway, and MariaDB
@@ -307,14 +308,19 @@ async def app_orders(base: str, tokens: list[str], n: int) -> float:
 def bare_orders(keys: Any, gateway: str, n: int) -> tuple[float, float]:
     from wechatpayv3 import WeChatPayType
 
+    from server.payments.wechat import attach_of
+
     wx = keys.sdk_client(gateway)
     run = next(_serial)
+    expires = (dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(hours=2)).isoformat()
 
     def one(i: int) -> None:
-        code, text = wx.pay(
+        code, text = wx.pay(  # the request the app makes: the same fields, so the same body to sign
             description="100 credits",
             out_trade_no=f"bare{run:04d}{i:024d}",
             amount={"total": 990, "currency": "CNY"},
+            time_expire=expires,
+            attach=attach_of(1 + i % BUYERS),
             pay_type=WeChatPayType.NATIVE,
         )
         if code != 200 or "code_url" not in text:
