@@ -51,7 +51,10 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -210,11 +213,12 @@ async def app_notifications(
     return rate
 
 
-async def bare_settlements(db: Any, made: list[tuple[str, int]], bodies: list[bytes]) -> tuple[float, float]:
-    """The app's settlement SQL (its `Settlement` effect in one WithEffect: the order read
-    in the account lock's round trip, order → paid, the notification row, the commission
-    hook, the grant) in one transaction per order, as the UserActor runs it, without HTTP,
-    verification, the actor or the events."""
+def bare_settler(db: Any) -> Callable[[str, int, bytes, str], Awaitable[None]]:
+    """`settle(order_no, user_id, body, txn_id)`: one order's settlement SQL (the app's
+    `Settlement` effect in one WithEffect: the order read in the account lock's round trip,
+    order → paid, the notification row with `body`, the commission hook, the grant) in one
+    transaction, as the UserActor runs it, without HTTP, verification, the actor or the
+    events. Retries a deadlock as the actor does."""
     from server.config import DistributorSettings
     from server.credits.ledger import WithEffect, apply_batch
     from server.db import is_duplicate, is_retryable
@@ -222,15 +226,14 @@ async def bare_settlements(db: Any, made: list[tuple[str, int]], bodies: list[by
     from server.payments.orders import Order
 
     terms = DistributorSettings()
-    work = iter(zip(made, bodies, strict=True))
 
     def check(order: Order) -> str | None:
         return None if order.amount_fen == 990 else "amount"
 
-    async def settle(no: str, uid: int, body: bytes) -> None:
+    async def settle(no: str, uid: int, body: bytes, txn_id: str) -> None:
         run = Settlement(
-            no, uid, None, check, paid_at=dt.datetime.now(dt.UTC).replace(tzinfo=None), txn_id=f"bare-{no}",
-            source="notify", received=Received("wechat", f"bare-{no}", body, "127.0.0.1"), terms=terms,
+            no, uid, None, check, paid_at=dt.datetime.now(dt.UTC).replace(tzinfo=None), txn_id=txn_id,
+            source="notify", received=Received("wechat", txn_id, body, "127.0.0.1"), terms=terms,
         )  # fmt: skip
         op = WithEffect(run.effect, grant_refs=run.grant_refs, reads=run.reads)  # as Credits.apply sends it
         for _ in range(20):
@@ -247,9 +250,17 @@ async def bare_settlements(db: Any, made: list[tuple[str, int]], bodies: list[by
                     raise
         raise RuntimeError("gave up after 20 deadlocks")
 
+    return settle
+
+
+async def bare_settlements(db: Any, made: list[tuple[str, int]], bodies: list[bytes]) -> tuple[float, float]:
+    """`bare_settler`'s settlement of every order, 50 concurrent: (per second, CPU seconds)."""
+    settle = bare_settler(db)
+    work = iter(zip(made, bodies, strict=True))
+
     async def worker() -> None:
         for (no, uid), body in work:
-            await settle(no, uid, body)
+            await settle(no, uid, body, f"bare-{no}")
 
     started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(BUYERS)))
@@ -507,7 +518,22 @@ def report(
     )
 
 
-def main(args: argparse.Namespace) -> None:
+@dataclass(frozen=True)
+class SetUp:
+    env: dict[str, str]  # the app's environment; the bare runs get it too
+    keys: Any
+    tmp: Path  # the keys' directory
+    gateway: str  # the fake gateway's base URL
+    base: str  # the app's base URL
+    tokens: list[str]  # one per buyer
+    procs: list[Any]  # the services' processes, the gateway's and the app's: stopped on exit
+    app_pid: int
+
+
+@contextmanager
+def set_up(args: argparse.Namespace) -> Iterator[SetUp]:
+    """Private MariaDB and Redis, the keys, the fake gateway and the app, 50 buyers signed in.
+    What the measured side talks to runs on CPU 1, and so does this process (the load)."""
     from loguru import logger
 
     with (
@@ -523,8 +549,13 @@ def main(args: argparse.Namespace) -> None:
         tokens = [sign_in(base, i) for i in range(BUYERS)]
         pin(1)  # the load (and the notifications' signer) share CPU 1 with the fake gateway
         env = app_env(ready.env, keys, gateway)  # for the bare runs too
+        yield SetUp(env, keys, Path(tmp), gateway, base, tokens, ready.procs, ready.procs[1].pid)
+
+
+def main(args: argparse.Namespace) -> None:
+    with set_up(args) as s:
         best, cpu, loop_cpu, paired = asyncio.run(
-            run(args, env, keys, base, gateway, tokens, Path(tmp), ready.procs[1].pid)
+            run(args, s.env, s.keys, s.base, s.gateway, s.tokens, s.tmp, s.app_pid)
         )
     report(best, cpu, loop_cpu, paired, args)
 
