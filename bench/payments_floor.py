@@ -17,8 +17,8 @@ metrics, CORS, auth), no actor, no events, and no checks but the SDK's.
 The fake gateway, the load, MariaDB and Redis run on CPU 1, as in bench/payments.py. Each
 round runs bare, then the app, then the floor. Printed for each: its rate, its rate over
 the bare run of the same round (median over rounds), and its server CPU ms per operation
-(median; "server CPU ms each"). The floor over bare is the best ratio these libraries give on this machine.
-The app's CPU minus the floor's is what our own layers cost. About three minutes.
+(median). The floor over bare is the best ratio these libraries give on this machine; the
+app's CPU minus the floor's is what our own layers cost. About three minutes.
 """
 
 from __future__ import annotations
@@ -38,8 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import payments as bp  # noqa: E402
-from bench._support import pin, wait_until_up  # noqa: E402
-from tests.ports import free_port  # noqa: E402
+from bench._support import free_port, pin, wait_until_up  # noqa: E402
 
 SIDES = ("bare", "app", "floor")
 
@@ -67,13 +66,11 @@ def serve_floor(port: int, keys_dir: Path, gateway: str) -> None:
     async def opened(app: web.Application) -> Any:
         db = await Database.connect(settings.database(), settings, Metrics())
         state["db"], state["settle"] = db, bp.bare_settler(db)
-        state["product"] = tuple(
-            await db.fetchone(
-                "SELECT id, kind, price_fen, credits, membership_days, name FROM products WHERE id = %s",
-                "credits-100",
-            )
-            or ()
-        )
+        terms = "SELECT id, kind, price_fen, credits, membership_days, name FROM products WHERE id = %s"
+        product = await db.fetchone(terms, "credits-100")
+        if product is None:
+            raise SystemExit("the seeded product credits-100 is missing")
+        state["product"] = tuple(product)
         yield
         threads.shutdown(wait=False, cancel_futures=True)
         await db.close()
