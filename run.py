@@ -312,14 +312,14 @@ def cmd_clean_files(settings: Settings, args: argparse.Namespace) -> int:
             report = await clean_orphans(db, storage, settings, dry_run=args.dry_run)
         finally:
             await storage.close()
-        for keys in report.orphans.values():
+        for keys in [*report.orphans.values(), report.partial]:
             for key in keys:
                 print(key)
         verb = "would delete" if args.dry_run else "deleted"
         counts = ", ".join(f"{len(keys)} under {prefix}" for prefix, keys in report.orphans.items())
         print(
-            f"{report.expired} expired output(s); scanned {report.scanned} object(s); {verb} {counts}; "
-            f"{report.unknown} unknown left alone"
+            f"{report.expired} expired output(s); scanned {report.scanned} object(s); {verb} {counts}, "
+            f"{len(report.partial)} partial write(s); {report.unknown} unknown left alone"
         )
         if report.failed:
             print(f"{len(report.failed)} key(s) could not be deleted: {' '.join(report.failed[:20])}")

@@ -442,6 +442,37 @@ async def test_the_cleanup_deletes_only_old_files_that_nothing_refers_to(
     assert (await clean_orphans(db, storage, settings)).found == 0
 
 
+async def test_the_cleanup_removes_what_interrupted_local_writes_left_once_they_are_old(
+    local: LocalStorage, client: TestClient[Any, Any], settings: Settings
+) -> None:
+    db = client.app[db_key]
+
+    def leftover(path: str, age: float) -> Path:  # what a write killed before its rename leaves
+        file = local.root / path
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_bytes(b"half")
+        stamp = time.time() - age
+        os.utime(file, (stamp, stamp))
+        return file
+
+    await local.put("avatars/a.bin", PNG, "image/png")  # an object and its content type
+    _backdate(local, "avatars/a.bin", 3 * DAY)
+    old = [leftover("u/7/.tmp-0a1b-x.png", 2 * DAY), leftover(".types/u/7/.tmp-2c3d-x.bin", 2 * DAY)]
+    in_progress = leftover("u/7/.tmp-4e5f-y.png", 60)
+
+    dry = await clean_orphans(db, local, settings, dry_run=True)
+    assert sorted(dry.partial) == [".types/u/7/.tmp-2c3d-x.bin", "u/7/.tmp-0a1b-x.png"]
+    assert all(f.exists() for f in old)
+
+    report = await clean_orphans(db, local, settings)
+    assert sorted(report.partial) == sorted(dry.partial) and report.found == 2
+    assert report.deleted == {"upload": [1, 4], "other": [1, 4]}
+    assert not any(f.exists() for f in old)
+    assert in_progress.exists() and await local.get("avatars/a.bin") == PNG
+    assert (local.root / ".types/avatars/a.bin").read_text() == "image/png"
+    assert (await clean_orphans(db, local, settings)).found == 0
+
+
 async def test_the_cron_job_counts_what_it_deleted_on_metrics(client: TestClient[Any, Any]) -> None:
     storage = client.app[storage_key]
     assert isinstance(storage, LocalStorage)
@@ -466,11 +497,16 @@ async def test_run_py_clean_files_lists_with_dry_run_then_deletes(
     key = f"u/7/{_asset_id(2 * DAY)}.png"
     await storage.put(key, PNG, "image/png")
     _backdate(storage, key, 2 * DAY)
+    partial = storage.root / "u/7/.tmp-0a1b-x.png"  # a write cut short
+    partial.write_bytes(b"half")
+    os.utime(partial, (time.time() - 2 * DAY,) * 2)
 
     code, out = await run_command(settings, "clean-files", "--dry-run", VAR_DIR=str(tmp_path))
     assert code == 0, out
-    assert key in out and "would delete 1 under u/, 0 under o/, 0 under vendor-inputs/, 0 under tmp/" in out
-    assert await storage.exists(key)
+    assert key in out and "u/7/.tmp-0a1b-x.png" in out
+    counts = "would delete 1 under u/, 0 under o/, 0 under vendor-inputs/, 0 under tmp/, 1 partial write(s)"
+    assert counts in out
+    assert await storage.exists(key) and partial.exists()
     code, out = await run_command(settings, "clean-files", VAR_DIR=str(tmp_path))
-    assert code == 0 and "deleted 1 under u/" in out, out
-    assert not await storage.exists(key)
+    assert code == 0 and "deleted 1 under u/" in out and "1 partial write(s)" in out, out
+    assert not await storage.exists(key) and not partial.exists()

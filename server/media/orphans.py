@@ -13,6 +13,9 @@ Runs at 03:00 Asia/Shanghai (aiocron, once per cluster) and from
 3. **Temporary objects** (`vendor-inputs/…`, `tmp/…`): deleted once their last write is
    older than their lifecycle rule's days (server/media/retention.py). On COS the bucket's
    lifecycle rules do the same; on the local backend this is what applies them.
+4. **Partial writes.** A local write goes to a hidden temporary file that is then renamed
+   into place; a crash in between leaves that file, which no listing shows. Those older
+   than ORPHAN_FILE_MIN_AGE are deleted (`Storage.clear_partial_writes`; COS has none).
 
 Deleting: candidates go to the backend `delete_batch` (≤ 1000 keys per call: one COS
 multi-delete request); keys it reports as failed are retried up to DELETE_ATTEMPTS times
@@ -60,13 +63,14 @@ class OrphanReport:
     unknown: int = 0  # keys under u/ or o/ that are not an asset's; left alone
     expired: int = 0  # output rows past their retention (deleted unless dry run)
     orphans: dict[str, list[str]] = field(default_factory=dict)  # prefix → keys deleted, every prefix listed
+    partial: list[str] = field(default_factory=list)  # what writes cut short left (paths), deleted
     failed: list[str] = field(default_factory=list)  # keys still there after every attempt
     skipped: int = 0  # candidates left because a writer held their row too long
     deleted: dict[str, list[int]] = field(default_factory=dict)  # class → [objects, bytes]
 
     @property
     def found(self) -> int:
-        return sum(len(keys) for keys in self.orphans.values())
+        return sum(len(keys) for keys in self.orphans.values()) + len(self.partial)
 
 
 def _id_time(asset_id: str) -> float:
@@ -153,7 +157,7 @@ class Sweeper:
                 break
         self.report.failed.extend(pending)
         gone = [o for o in objects if o.key not in pending]
-        self._count(gone)
+        self.count(gone)
         return gone
 
     async def delete_assets(self, candidates: dict[str, StoredObject]) -> list[StoredObject]:
@@ -176,7 +180,8 @@ class Sweeper:
             self.report.skipped += len(candidates)
             return []
 
-    def _count(self, gone: list[StoredObject]) -> None:
+    def count(self, gone: Sequence[StoredObject]) -> None:
+        """Add objects deleted to the report and `on_delete`, per class."""
         per_class: dict[str, list[int]] = {}
         for obj in gone:
             tally = per_class.setdefault(self.classes.get(obj.key) or class_of_key(obj.key), [0, 0])
@@ -199,8 +204,8 @@ async def clean_orphans(
     dry_run: bool = False,
     on_delete: OnDelete | None = None,
 ) -> OrphanReport:
-    """Expire outputs, then find (and unless `dry_run`, delete page by page) the orphans
-    and the temporary objects past their days."""
+    """Expire outputs, then find (and unless `dry_run`, delete page by page) the orphans,
+    the temporary objects past their days and what interrupted writes left."""
     now = time.time() if now is None else now
     report = OrphanReport()
     expired = await expire_outputs(db, settings, now, dry_run=dry_run)
@@ -224,6 +229,10 @@ async def clean_orphans(
         async for page in storage.objects(prefix):
             report.scanned += len(page)
             found.extend(o.key for o in await sweeper.delete([o for o in page if o.modified < bar]))
+    partial = await storage.clear_partial_writes(before, dry_run=dry_run)
+    report.partial = [o.key for o in partial]
+    if not dry_run:
+        sweeper.count(partial)
     return report
 
 
@@ -241,9 +250,10 @@ async def clean_orphan_files(
             "storage cleanup: {} key(s) could not be deleted, e.g. {}", len(report.failed), report.failed[0]
         )
     logger.info(
-        "storage cleanup: {} output(s) expired, scanned {} object(s), deleted {}",
+        "storage cleanup: {} output(s) expired, scanned {} object(s), deleted {} and {} partial write(s)",
         report.expired,
         report.scanned,
         {prefix: len(keys) for prefix, keys in report.orphans.items()},
+        len(report.partial),
     )
     return report.found

@@ -255,6 +255,11 @@ class CosStorage:
         )
         return url
 
+    async def clear_partial_writes(self, before: float, *, dry_run: bool = False) -> list[StoredObject]:
+        """None here: `put_object` is one request, and COS stores its object whole or not at
+        all (no multipart uploads are started, so none can be left unfinished)."""
+        return []
+
     async def close(self) -> None:
         """Stop taking calls, let running ones finish for a bounded time, close the sockets."""
         shutdown = asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)

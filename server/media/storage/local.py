@@ -38,6 +38,7 @@ TYPES_DIR: Final = ".types"
 DEFAULT_CONTENT_TYPE: Final = "application/octet-stream"
 _HKDF_INFO: Final = b"wardrobe-server storage url signing v1"
 _T = TypeVar("_T")
+_PARTIAL: Final = ".tmp-"  # a write in progress, or one a crash cut short
 _EXP = re.compile(r"[0-9]{1,12}")
 _SIG = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -57,7 +58,7 @@ def url_secret(settings: Settings) -> bytes:
 
 def _write_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    tmp = path.with_name(f"{_PARTIAL}{uuid.uuid4().hex}-{path.name}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -195,6 +196,31 @@ class LocalStorage:
                     page = []
         if page:
             yield page
+
+    async def clear_partial_writes(self, before: float, *, dry_run: bool = False) -> list[StoredObject]:
+        """The temporary files of writes that never reached their rename (the process died
+        in between), under the root and `.types`, last written before `before`."""
+
+        def sweep() -> list[StoredObject]:
+            found = []
+            for directory, _, names in os.walk(self.root):
+                for name in names:
+                    if not name.startswith(_PARTIAL):
+                        continue
+                    path = os.path.join(directory, name)
+                    try:
+                        stat = os.stat(path, follow_symlinks=False)
+                        if stat.st_mtime >= before:
+                            continue
+                        if not dry_run:
+                            os.unlink(path)
+                    except FileNotFoundError:
+                        continue  # renamed into place or removed meanwhile
+                    key = os.path.relpath(path, self.root).replace(os.sep, "/")
+                    found.append(StoredObject(key, stat.st_size, stat.st_mtime))
+            return found
+
+        return await self._io(sweep)
 
     async def close(self) -> None:
         return None
