@@ -148,8 +148,8 @@ async def rounds(
         got[what]["cpu"][side].append(cpu_ms)
 
     try:
-        for side in ("app", "floor"):  # warm up: connections, caches
-            await bp.app_orders(bases[side], tokens, bp.BUYERS)
+        for side in ("app", "floor"):
+            await bp.warm_up(db, signer, bases[side], tokens)
         for r in range(args.rounds):
             keep(
                 "notifications",
