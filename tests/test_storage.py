@@ -376,6 +376,16 @@ def _backdate(storage: LocalStorage, key: str, seconds: float) -> None:
     os.utime(storage.path_for(key), (stamp, stamp))
 
 
+def _partial_write(storage: LocalStorage, path: str, age: float) -> Path:
+    """What a write killed before its rename leaves at `path` (under the root), `age` s old."""
+    file = storage.root / path
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_bytes(b"half")
+    stamp = time.time() - age
+    os.utime(file, (stamp, stamp))
+    return file
+
+
 def _asset_id(age: float) -> str:
     return f"{int((time.time() - age) * 1000):012x}{os.urandom(6).hex()}"
 
@@ -447,18 +457,13 @@ async def test_the_cleanup_removes_what_interrupted_local_writes_left_once_they_
 ) -> None:
     db = client.app[db_key]
 
-    def leftover(path: str, age: float) -> Path:  # what a write killed before its rename leaves
-        file = local.root / path
-        file.parent.mkdir(parents=True, exist_ok=True)
-        file.write_bytes(b"half")
-        stamp = time.time() - age
-        os.utime(file, (stamp, stamp))
-        return file
-
     await local.put("avatars/a.bin", PNG, "image/png")  # an object and its content type
     _backdate(local, "avatars/a.bin", 3 * DAY)
-    old = [leftover("u/7/.tmp-0a1b-x.png", 2 * DAY), leftover(".types/u/7/.tmp-2c3d-x.bin", 2 * DAY)]
-    in_progress = leftover("u/7/.tmp-4e5f-y.png", 60)
+    old = [
+        _partial_write(local, "u/7/.tmp-0a1b-x.png", 2 * DAY),
+        _partial_write(local, ".types/u/7/.tmp-2c3d-x.bin", 2 * DAY),
+    ]
+    in_progress = _partial_write(local, "u/7/.tmp-4e5f-y.png", 60)  # a write going on now
 
     dry = await clean_orphans(db, local, settings, dry_run=True)
     assert sorted(dry.partial) == [".types/u/7/.tmp-2c3d-x.bin", "u/7/.tmp-0a1b-x.png"]
@@ -497,9 +502,7 @@ async def test_run_py_clean_files_lists_with_dry_run_then_deletes(
     key = f"u/7/{_asset_id(2 * DAY)}.png"
     await storage.put(key, PNG, "image/png")
     _backdate(storage, key, 2 * DAY)
-    partial = storage.root / "u/7/.tmp-0a1b-x.png"  # a write cut short
-    partial.write_bytes(b"half")
-    os.utime(partial, (time.time() - 2 * DAY,) * 2)
+    partial = _partial_write(storage, "u/7/.tmp-0a1b-x.png", 2 * DAY)
 
     code, out = await run_command(settings, "clean-files", "--dry-run", VAR_DIR=str(tmp_path))
     assert code == 0, out

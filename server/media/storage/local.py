@@ -99,6 +99,10 @@ class LocalStorage:
         """The file that holds `key` (InvalidKey for keys that could escape the root)."""
         return self.root / validate_key(key)
 
+    def _key_of(self, path: str) -> str:
+        """The `/`-separated path of a file under the root, relative to it (its key)."""
+        return path[len(str(self.root)) + 1 :].replace(os.sep, "/")
+
     def _type_path(self, key: str) -> Path:
         return self.root / TYPES_DIR / validate_key(key)
 
@@ -179,7 +183,7 @@ class LocalStorage:
             for entry in entries:
                 if entry.name.startswith("."):
                     continue
-                key = entry.path[len(root) + 1 :].replace(os.sep, "/")
+                key = self._key_of(entry.path)
                 if entry.is_dir(follow_symlinks=False):
                     if (key + "/").startswith(prefix) or prefix.startswith(key + "/"):
                         stack.append(entry.path)
@@ -216,8 +220,7 @@ class LocalStorage:
                             os.unlink(path)
                     except FileNotFoundError:
                         continue  # renamed into place or removed meanwhile
-                    key = os.path.relpath(path, self.root).replace(os.sep, "/")
-                    found.append(StoredObject(key, stat.st_size, stat.st_mtime))
+                    found.append(StoredObject(self._key_of(path), stat.st_size, stat.st_mtime))
             return found
 
         return await self._io(sweep)
