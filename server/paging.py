@@ -53,8 +53,11 @@ def encode_cursor(*key: CursorValue) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
-def decode_cursor(cursor: str | None, *types: type[CursorValue]) -> tuple[Any, ...] | None:
-    """The key a cursor carries, checked against the expected types; 422 when it is not ours."""
+def decode_cursor(
+    cursor: str | None, *types: type[CursorValue], accept: Callable[..., bool] | None = None
+) -> tuple[Any, ...] | None:
+    """The key a cursor carries, checked against the expected types (and by `accept`, given
+    the values, where a type is not enough: a string key's format); 422 when it is not ours."""
     if not cursor:
         return None
     try:
@@ -67,6 +70,8 @@ def decode_cursor(cursor: str | None, *types: type[CursorValue]) -> tuple[Any, .
     for value, tp in zip(values, types, strict=True):
         if type(value) is not tp:
             raise _bad_cursor()
+    if accept is not None and not accept(*values):
+        raise _bad_cursor()
     return tuple(values)
 
 

@@ -161,7 +161,7 @@ async def test_an_invite_code_in_any_case_sets_the_referrer(client: Any) -> None
     assert invited["user"]["referrer_id"] == referrer["user"]["id"]
 
 
-@pytest.mark.parametrize("which", ["unknown", "banned", "own"])
+@pytest.mark.parametrize("which", ["unknown", "past_the_encoder", "banned", "own"])
 async def test_an_unusable_invite_code_answers_422_and_creates_nothing(
     client: Any, services: Services, database: str, which: str
 ) -> None:
@@ -170,6 +170,8 @@ async def test_an_unusable_invite_code_answers_422_and_creates_nothing(
     phone = new_phone()
     if which == "unknown":
         code = "ZZZZZZZZ"
+    elif which == "past_the_encoder":  # decodes to a number above 2**63 - 1 (was a 500)
+        code = "9" * 23
     elif which == "banned":
         services.query(database, "UPDATE users SET status = 'banned' WHERE id = %s", referrer["user"]["id"])
     else:

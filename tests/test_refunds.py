@@ -5,7 +5,10 @@ of credits through the buyer's actor; two app instances sharing MariaDB and Redi
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
+import json
+import urllib.parse
 from typing import Any
 
 from aiohttp.test_utils import TestClient
@@ -14,6 +17,7 @@ from actors.user import UserActor
 from server.credits.ledger import Grant, Reserve
 from server.keys import actor_system_key, payments_key, settings_key
 from server.payments.refunding import clawback_due
+from server.payments.wechat import attach_of
 from tests import payments_support as support
 from tests.auth_support import error_code, register
 from tests.conftest import Services, run_command
@@ -375,3 +379,40 @@ async def test_a_refund_answer_about_another_order_is_left_processing_and_the_cr
     assert (detail["status"], detail["refunds"][0]["status"]) == ("refunded", "succeeded")
     assert (await quota(client, who))["balance"] == 0
     await assert_books_clean(client.app[settings_key])
+
+
+# ---------------------------------------------------------------- numbers no order can have
+
+
+async def test_a_number_no_order_can_have_is_not_found_on_every_path_and_a_forged_cursor_is_422(
+    client: Any, admin: dict[str, str], wxpay: FakeWeChatPay, services: Services, database: str
+) -> None:
+    """The order columns are ASCII: such a number reached MySQL, which refused the comparison
+    (error 1267), and each of these answered 500."""
+    who, buyer_id = await new_buyer(client)
+    before = await quota(client, who)
+    for number in ("ü😀", "a'b", "1" * 33):
+        quoted = urllib.parse.quote(number)
+        for method, path, headers in (
+            ("GET", f"/api/v1/orders/{quoted}", who),
+            ("POST", f"/api/v1/orders/{quoted}/close", who),
+            ("POST", f"/api/v1/dev/orders/{quoted}/paid", {}),
+            ("GET", f"/api/v1/admin/orders/{quoted}", admin),
+        ):
+            resp = await client.request(method, path, headers=headers)
+            assert resp.status == 404 and await error_code(resp) == "NOT_FOUND", (method, number)
+        await refund(client, admin, quoted, 100, expect=404)
+    forged = base64.urlsafe_b64encode(json.dumps(["ü"]).encode()).decode().rstrip("=")
+    for path, headers in (("/api/v1/orders", who), ("/api/v1/admin/orders", admin)):
+        resp = await client.get(path, params={"cursor": forged}, headers=headers)
+        assert resp.status == 422 and await error_code(resp) == "VALIDATION_FAILED", path
+    # Only WeChat Pay can sign a notification naming such a number; it is refused and recorded.
+    made = await order(client, who, "credits-100", "wechat_native")
+    trade = {**wxpay.pay(made["order_no"]), "out_trade_no": "ü😀", "attach": attach_of(buyer_id)}
+    headers, body = wxpay.notification(made["order_no"], resource=trade)
+    resp = await client.post("/api/v1/payments/wechat/notify", data=body, headers=headers)
+    assert resp.status == 400
+    last = notifications(services, database)[-1]
+    assert (last["outcome"], last["reason"], last["verified"]) == ("refused", "unknown order", 1)
+    assert services.query(database, "SELECT COUNT(*) AS n FROM refunds")[0]["n"] == 0
+    assert await quota(client, who) == before

@@ -184,9 +184,10 @@ async def test_an_invite_code_check_is_case_insensitive_and_404s_otherwise(
     for variant in (code, code.lower()):
         resp = await client.get(f"/api/v1/invite-codes/{variant}")
         assert resp.status == 200 and await resp.json() == {"valid": True}
-    unknown = await client.get("/api/v1/invite-codes/ZZZZZZZZ")
-    assert unknown.status == 404
-    assert await error_code(unknown) == "NOT_FOUND"
+    for unknown_code in ("ZZZZZZZZ", "9" * 23, "X" * 32):  # the last two decode past 2**63 - 1
+        unknown = await client.get(f"/api/v1/invite-codes/{unknown_code}")
+        assert unknown.status == 404
+        assert await error_code(unknown) == "NOT_FOUND"
     services.query(database, "UPDATE users SET status = 'banned' WHERE id = %s", account["user"]["id"])
     assert (await client.get(f"/api/v1/invite-codes/{code}")).status == 404
 

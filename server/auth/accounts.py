@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 
 from sqids import Sqids
 
@@ -31,8 +32,12 @@ def invite_code_for(user_id: int) -> str:
 
 
 def user_id_for_invite_code(code: str) -> int | None:
-    decoded = _SQIDS.decode(code.strip().upper())
-    if len(decoded) != 1 or invite_code_for(decoded[0]) != code.strip().upper():
+    """The user whose code this is, or None. Any string decodes to some numbers; one is ours
+    only if it encodes back to the same code (a string that is not one of ours can decode to
+    a number past what the encoder takes, 2**63 - 1)."""
+    normal = code.strip().upper()
+    decoded = _SQIDS.decode(normal)
+    if len(decoded) != 1 or not 0 < decoded[0] <= sys.maxsize or invite_code_for(decoded[0]) != normal:
         return None
     return int(decoded[0])
 

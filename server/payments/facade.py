@@ -306,7 +306,7 @@ class Payments:
             return await orders.load(conn, order_no)
 
     async def _own(self, user_id: int, order_no: str) -> Order:
-        order = await self._load(order_no) if 0 < len(order_no) <= 32 else None
+        order = await self._load(order_no)
         if order is None or order.user_id != user_id:
             raise NotFound(f"No order {order_no}")
         return order
@@ -457,7 +457,7 @@ class Payments:
     async def list_orders(
         self, user_id: int, cursor: str | None, limit: int
     ) -> tuple[list[Order], str | None]:
-        after = decode_cursor(cursor, str)
+        after = decode_cursor(cursor, str, accept=orders.is_order_no)
         rows = await self.db.fetchall(
             f"SELECT {orders.ORDER_COLUMNS} FROM orders WHERE user_id = %s AND order_no < %s "
             "ORDER BY order_no DESC LIMIT %s",
@@ -617,7 +617,7 @@ class Payments:
 
     async def dev_paid(self, order_no: str) -> Order:
         """The dev endpoint: pay an order as a verified notification would."""
-        order = await self._load(order_no) if 0 < len(order_no) <= 32 else None
+        order = await self._load(order_no)
         if order is None:
             raise NotFound(f"No order {order_no}")
         settled = await self.settle(
@@ -649,7 +649,7 @@ class Payments:
                 raise NotificationRefused(f"{provider_name} is not configured")
             note = provider.verify_notification(headers, body, time.time())
             verified, order_no, event_id = True, note.trade.order_no[:64], note.event_id
-            if not 0 < len(order_no) <= 32:
+            if not orders.is_order_no(order_no):  # else read inside the buyer's batch transaction
                 raise NotificationRefused("unknown order")
             order = None
             if note.trade.buyer_id is None:  # else read in the settlement's first round trip
@@ -732,7 +732,7 @@ class Payments:
         self, status: str | None, user_id: int | None, cursor: str | None, limit: int
     ) -> tuple[list[Order], str | None]:
         """Every order (or those of one status / one user), newest first."""
-        after = decode_cursor(cursor, str)
+        after = decode_cursor(cursor, str, accept=orders.is_order_no)
         where, args = ["order_no < %s"], [after[0] if after else "~"]
         if status is not None:
             where.append("status = %s")
@@ -752,7 +752,7 @@ class Payments:
 
     async def admin_order(self, order_no: str) -> tuple[Order, list[Refund], list[Row]]:
         """An order, its refunds, and every notification received about it (newest first)."""
-        order = await self._load(order_no) if 0 < len(order_no) <= 32 else None
+        order = await self._load(order_no)
         if order is None:
             raise NotFound(f"No order {order_no}")
         notes = await self.db.fetchall(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import secrets
 import threading
 from dataclasses import dataclass
@@ -46,6 +47,18 @@ MACHINE = StateMachine(
 
 #: Statuses in which the order's money has arrived.
 PAID_STATUSES: frozenset[Status] = frozenset({"paid", "partially_refunded", "refunded"})
+
+#: What an order or refund number from outside (a path, a cursor, a provider's notification)
+#: must look like before it is looked up: WeChat Pay's rules for out_trade_no (Alipay's are
+#: wider; ours are 32 hex digits). The columns are ASCII, and MySQL refuses to compare them
+#: with other text (error 1267), so anything else is answered "no such order" unread.
+_ORDER_NO = re.compile(r"[0-9A-Za-z_\-|*]{1,32}")
+
+
+def is_order_no(value: str) -> bool:
+    """Whether `value` can be an order (or refund) number at all: else none has it."""
+    return _ORDER_NO.fullmatch(value) is not None
+
 
 ORDER_COLUMNS = (
     "order_no, user_id, product_id, product_kind, credits, membership_days, channel, amount_fen, status, "
@@ -154,6 +167,8 @@ class Order:
 
 
 async def load(conn: Conn, order_no: str, *, lock: bool = False) -> Order | None:
+    if not is_order_no(order_no):
+        return None
     row = await conn.fetchone(
         f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_no = %s" + (" FOR UPDATE" if lock else ""),
         order_no,
@@ -164,6 +179,8 @@ async def load(conn: Conn, order_no: str, *, lock: bool = False) -> Order | None
 async def load_for_settlement(conn: Conn, order_no: str) -> Order | None:
     """The order as settling needs it (SETTLE_COLUMNS): `pay_params` and `provider_txn_id`
     are None and `request_hash` is empty, whatever the row holds."""
+    if not is_order_no(order_no):
+        return None
     row = await conn.fetchone(f"SELECT {SETTLE_COLUMNS} FROM orders WHERE order_no = %s", order_no)
     return None if row is None else Order.of(row)
 

@@ -81,8 +81,6 @@ class Refunds:
         self.provider_for = provider_for
 
     async def load(self, refund_no: str) -> Refund | None:
-        if not 0 < len(refund_no) <= 32:
-            return None
         async with self.db.connection() as conn:
             return await refunds.load(conn, refund_no)
 
@@ -123,7 +121,7 @@ class Refunds:
         """(refund, created). A repeat of a key with the same body answers the first refund."""
         digest = refund_hash(amount_fen, reason)
         async with self.db.connection() as conn:
-            order = await orders.load(conn, order_no) if 0 < len(order_no) <= 32 else None
+            order = await orders.load(conn, order_no)
         if order is None:
             raise NotFound(f"No order {order_no}")
         found = await self._by_key(order_no, key, digest)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from server.db import Conn, Row
+from server.payments.orders import is_order_no
 from server.statemachine import StateMachine
 from server.timing import rfc3339
 
@@ -83,6 +84,8 @@ class Refund:
 
 
 async def load(conn: Conn, refund_no: str, *, lock: bool = False) -> Refund | None:
+    if not is_order_no(refund_no):  # refund numbers are made like order numbers
+        return None
     row = await conn.fetchone(
         f"SELECT {REFUND_COLUMNS} FROM refunds WHERE refund_no = %s" + (" FOR UPDATE" if lock else ""),
         refund_no,
