@@ -79,12 +79,24 @@ async def read_json(request: web.Request, max_bytes: int) -> Any:
     if not raw.strip():
         raise AppError(ErrorCode.MALFORMED_REQUEST, "A JSON body is required")
     try:
-        return json.loads(raw, parse_constant=_no_constant)
+        data = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
         # ValueError: not JSON (JSONDecodeError), not UTF-8, NaN/Infinity, an integer of over
         # 4,300 digits; RecursionError: arrays or objects nested thousands deep.
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise AppError(ErrorCode.MALFORMED_REQUEST, f"The body is not valid JSON: {reason}") from None
+    if b"\\u" in raw and _lone_surrogate(data):  # only an escape can make one: UTF-8 cannot
+        # "\\ud800" alone is JSON, but not text: no column can store it (MySQL's client raised).
+        raise AppError(ErrorCode.MALFORMED_REQUEST, "The body is not valid JSON: a string holds a lone surrogate")
+    return data
+
+
+def _lone_surrogate(data: Any) -> bool:
+    try:
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _no_constant(name: str) -> Any:

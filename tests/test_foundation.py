@@ -133,6 +133,7 @@ async def test_delete_on_healthz_answers_405_envelope(client: Any) -> None:
         (b'{"name": "x", "count": ' + b"1" * 5000 + b"}", {}),  # past int()'s 4,300 digits
         (b'{"name": "x", "count": NaN}', {}),  # Python's json takes it; JSON has no NaN
         (b'{"name": "\xff"}', {}),  # not UTF-8
+        (b'{"name": "x", "count": 1, "more": {"k": ["\\udc00"]}}', {}),  # a lone surrogate: no text
         (b'{"name": "x", "count": 1}', {"Content-Encoding": "gzip"}),  # not gzip
     ],
 )
@@ -168,6 +169,9 @@ async def test_a_valid_body_reaches_the_handler(client: Any) -> None:
     resp = await client.post("/api/v1/_probe/echo", json={"name": "abc", "count": 2})
     assert resp.status == 200
     assert await resp.json() == {"name": "abc", "count": 2}
+    paired = b'{"name": "\\ud83d\\ude00", "count": 2}'  # an escaped pair is one character: fine
+    resp = await client.post("/api/v1/_probe/echo", data=paired, headers={"Content-Type": "application/json"})
+    assert resp.status == 200 and await resp.json() == {"name": "\U0001f600", "count": 2}
 
 
 async def test_an_oversized_json_body_answers_413(client: Any, settings: Settings) -> None:
