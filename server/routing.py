@@ -87,7 +87,7 @@ async def read_json(request: web.Request, max_bytes: int) -> Any:
         raise AppError(ErrorCode.MALFORMED_REQUEST, f"The body is not valid JSON: {reason}") from None
     if b"\\u" in raw and _lone_surrogate(data):  # only an escape can make one: UTF-8 cannot
         # "\\ud800" alone is JSON, but not text: no column can store it (MySQL's client raised).
-        raise AppError(ErrorCode.MALFORMED_REQUEST, "The body is not valid JSON: a string holds a lone surrogate")
+        raise AppError(ErrorCode.MALFORMED_REQUEST, "The body is not valid JSON: a lone surrogate")
     return data
 
 

@@ -478,6 +478,29 @@ async def test_the_cleanup_removes_what_interrupted_local_writes_left_once_they_
     assert (await clean_orphans(db, local, settings)).found == 0
 
 
+async def test_a_partial_write_that_cannot_be_removed_is_reported_failed_and_the_rest_still_goes(
+    local: LocalStorage, client: TestClient[Any, Any], settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As root a read-only directory does not stop an unlink, so the refusal is injected."""
+    db = client.app[db_key]
+    stuck = _partial_write(local, "u/7/.tmp-0a1b-x.png", 2 * DAY)
+    gone = _partial_write(local, "u/8/.tmp-2c3d-y.png", 2 * DAY)
+    unlink = os.unlink
+
+    def refuse_one(path: Any, *args: Any, **kwargs: Any) -> None:
+        if os.fspath(path) == str(stuck):
+            raise PermissionError(13, "Permission denied", str(path))
+        unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refuse_one)
+    report = await clean_orphans(db, local, settings)
+    assert report.failed == ["u/7/.tmp-0a1b-x.png"] and report.partial == ["u/8/.tmp-2c3d-y.png"]
+    assert stuck.exists() and not gone.exists()
+    assert report.deleted == {"upload": [1, 4]}
+    monkeypatch.undo()
+    assert (await clean_orphans(db, local, settings)).partial == ["u/7/.tmp-0a1b-x.png"]  # the next night
+
+
 async def test_the_cron_job_counts_what_it_deleted_on_metrics(client: TestClient[Any, Any]) -> None:
     storage = client.app[storage_key]
     assert isinstance(storage, LocalStorage)

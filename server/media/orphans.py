@@ -16,6 +16,7 @@ Runs at 03:00 Asia/Shanghai (aiocron, once per cluster) and from
 4. **Partial writes.** A local write goes to a hidden temporary file that is then renamed
    into place; a crash in between leaves that file, which no listing shows. Those older
    than ORPHAN_FILE_MIN_AGE are deleted (`Storage.clear_partial_writes`; COS has none).
+   One that cannot be (a PermissionError, say) is reported among the failed keys.
 
 Deleting: candidates go to the backend `delete_batch` (≤ 1000 keys per call: one COS
 multi-delete request); keys it reports as failed are retried up to DELETE_ATTEMPTS times
@@ -64,7 +65,7 @@ class OrphanReport:
     expired: int = 0  # output rows past their retention (deleted unless dry run)
     orphans: dict[str, list[str]] = field(default_factory=dict)  # prefix → keys deleted, every prefix listed
     partial: list[str] = field(default_factory=list)  # what writes cut short left (paths), deleted
-    failed: list[str] = field(default_factory=list)  # keys still there after every attempt
+    failed: list[str] = field(default_factory=list)  # keys (and partial writes) left after every attempt
     skipped: int = 0  # candidates left because a writer held their row too long
     deleted: dict[str, list[int]] = field(default_factory=dict)  # class → [objects, bytes]
 
@@ -229,8 +230,9 @@ async def clean_orphans(
         async for page in storage.objects(prefix):
             report.scanned += len(page)
             found.extend(o.key for o in await sweeper.delete([o for o in page if o.modified < bar]))
-    partial = await storage.clear_partial_writes(before, dry_run=dry_run)
+    partial, stuck = await storage.clear_partial_writes(before, dry_run=dry_run)
     report.partial = [o.key for o in partial]
+    report.failed.extend(stuck)
     if not dry_run:
         sweeper.count(partial)
     return report

@@ -77,10 +77,13 @@ class Storage(Protocol):
         during the walk may or may not be seen."""
         ...
 
-    async def clear_partial_writes(self, before: float, *, dry_run: bool = False) -> list[StoredObject]:
+    async def clear_partial_writes(
+        self, before: float, *, dry_run: bool = False
+    ) -> tuple[list[StoredObject], list[str]]:
         """Remove what writes cut short (a crash mid-write) left behind, last written before
-        `before` (unix seconds); with `dry_run`, only find it. Answers those files, keyed
-        by their path under the root (not valid keys: they are no object's)."""
+        `before` (unix seconds); with `dry_run`, only find it. Answers (those removed, or
+        found on a dry run; those that could not be removed), keyed by their path under
+        the root (not valid keys: they are no object's)."""
         ...
 
     async def close(self) -> None: ...

@@ -255,10 +255,12 @@ class CosStorage:
         )
         return url
 
-    async def clear_partial_writes(self, before: float, *, dry_run: bool = False) -> list[StoredObject]:
+    async def clear_partial_writes(
+        self, before: float, *, dry_run: bool = False
+    ) -> tuple[list[StoredObject], list[str]]:
         """None here: `put_object` is one request, and COS stores its object whole or not at
         all (no multipart uploads are started, so none can be left unfinished)."""
-        return []
+        return [], []
 
     async def close(self) -> None:
         """Stop taking calls, let running ones finish for a bounded time, close the sockets."""

@@ -201,12 +201,16 @@ class LocalStorage:
         if page:
             yield page
 
-    async def clear_partial_writes(self, before: float, *, dry_run: bool = False) -> list[StoredObject]:
+    async def clear_partial_writes(
+        self, before: float, *, dry_run: bool = False
+    ) -> tuple[list[StoredObject], list[str]]:
         """The temporary files of writes that never reached their rename (the process died
-        in between), under the root and `.types`, last written before `before`."""
+        in between), under the root and `.types`, last written before `before`. One that
+        cannot be removed (say, its directory is read-only) is answered among the failed,
+        and the sweep goes on."""
 
-        def sweep() -> list[StoredObject]:
-            found = []
+        def sweep() -> tuple[list[StoredObject], list[str]]:
+            found, failed = [], []
             for directory, _, names in os.walk(self.root):
                 for name in names:
                     if not name.startswith(_PARTIAL):
@@ -220,8 +224,11 @@ class LocalStorage:
                             os.unlink(path)
                     except FileNotFoundError:
                         continue  # renamed into place or removed meanwhile
+                    except OSError:
+                        failed.append(self._key_of(path))
+                        continue
                     found.append(StoredObject(self._key_of(path), stat.st_size, stat.st_mtime))
-            return found
+            return found, failed
 
         return await self._io(sweep)
 
