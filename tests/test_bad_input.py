@@ -19,17 +19,16 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from tests import payments_support as support
 from tests.auth_support import bearer, login
-
-# The shared fixtures (pytest finds them by these module-level names).
-wx_keys, ali_keys, wxpay_gateway, alipay_gateway = (
-    support.wx_keys,
-    support.ali_keys,
-    support.wxpay_gateway,
-    support.alipay_gateway,
+from tests.payments_support import (  # fixtures: pytest finds them by these module-level names
+    ADMIN_PHONE,
+    ali_keys,  # noqa: F401
+    alipay_gateway,  # noqa: F401
+    settings,  # noqa: F401
+    wechat_server,  # noqa: F401
+    wx_keys,  # noqa: F401
+    wxpay_gateway,  # noqa: F401
 )
-settings, wechat_server = support.settings, support.wechat_server
 
 
 def _cursor(*key: Any) -> str:
@@ -97,7 +96,7 @@ async def test_no_malformed_request_to_any_operation_answers_500_or_without_the_
     client: TestClient[Any, Any],
 ) -> None:
     doc = await (await client.get("/api/openapi.json")).json()
-    admin = bearer((await login(client, support.ADMIN_PHONE))["access_token"])
+    admin = bearer((await login(client, ADMIN_PHONE))["access_token"])
     sweep = _requests(doc)
     assert len(sweep) > 900 and {m for m, _, _ in sweep} >= {"get", "post", "patch", "put", "delete"}
     wrong: list[str] = []
