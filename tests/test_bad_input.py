@@ -1,6 +1,7 @@
 """Bad input, swept over the whole API from its OpenAPI document: every operation gets
-malformed path parameters, query parameters and bodies, and none may answer 500 or an
-error without the envelope (API.md: "Bad input always gets the error envelope").
+malformed path parameters, query parameters, bodies, bearer tokens and Idempotency-Keys,
+and none may answer 500 or an error without the envelope (API.md: "Bad input always gets
+the error envelope"); a route that needs a token answers a bad one 401.
 
 The app runs as in the other black-box tests (real MariaDB and Redis, the payment
 channels configured against fake gateways that check signatures), signed in as the
@@ -39,6 +40,16 @@ PATH_VALUES = ["ü😀", "9" * 23, "x" * 300, "a'b", "-1", "0", "..%2F..", "%ff"
 QUERY_VALUES = ["ü😀", "-1", "9" * 30, "x" * 300, "1e400", _cursor("ü"), _cursor(2**70), _cursor(-1, "x")]
 FIELD_VALUES: list[Any] = [None, "", -1, 2**64, 1e308, True, [], {}, "ü😀", "x" * 5000, {"a": [None]}]
 RAW_BODIES = [b"{", b"[]", b"null", b'"x"', b'{"a": "\\ud800"}', b"\xff\xfe", b"[" * 5000]
+NOT_A_TOKEN = [
+    "",
+    "Bearer",
+    "Bearer ",
+    "Basic YWJj",
+    "Bearer a.b.c",
+    "Bearer " + "x" * 5000,
+    "Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiIxIiwicm9sZSI6ImFkbWluIn0.",
+]  # alg "none"
+IDEMPOTENCY_KEYS = ["", " ", "ü" * 10, "x" * 129, "x" * 5000]
 # Answers in the provider's format, not the envelope (API.md: notifications).
 PROVIDER_FORMAT = ("/api/v1/payments/",)
 SKIPPED = {"/api/v1/ws", "/api/v1/auth/logout-all"}  # a socket; revoking the sweep's own token
@@ -83,6 +94,12 @@ def _requests(doc: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
             for p in params:
                 if p["in"] == "query":
                     made += [(method, plain, {"params": {p["name"]: v}}) for v in QUERY_VALUES]
+            if op.get("security"):
+                made += [(method, plain, {**valid, "headers": {"Authorization": t}}) for t in NOT_A_TOKEN]
+            if method == "post":
+                made += [
+                    (method, plain, {**valid, "headers": {"Idempotency-Key": k}}) for k in IDEMPOTENCY_KEYS
+                ]
             if baseline is None:
                 continue
             json_type = {"Content-Type": "application/json"}
@@ -98,13 +115,17 @@ async def test_no_malformed_request_to_any_operation_answers_500_or_without_the_
     doc = await (await client.get("/api/openapi.json")).json()
     admin = bearer((await login(client, ADMIN_PHONE))["access_token"])
     sweep = _requests(doc)
-    assert len(sweep) > 900 and {m for m, _, _ in sweep} >= {"get", "post", "patch", "put", "delete"}
+    assert len(sweep) > 1300 and {m for m, _, _ in sweep} >= {"get", "post", "patch", "put", "delete"}
     wrong: list[str] = []
     for n, (method, url, kwargs) in enumerate(sweep):
-        headers = {**admin, "Idempotency-Key": f"sweep-{n}", **kwargs.pop("headers", {})}
+        sent = kwargs.pop("headers", {})
+        headers = {**admin, "Idempotency-Key": f"sweep-{n}", **sent}
         async with client.request(method.upper(), url, headers=headers, **kwargs) as resp:
             text = await resp.text()
             enveloped = resp.status < 400 or url.startswith(PROVIDER_FORMAT) or '"error":{"code":' in text
-            if resp.status == 500 or not enveloped:
-                wrong.append(f"{resp.status} {method.upper()} {url[:80]} {str(kwargs)[:120]}: {text[:120]}")
+            refused = "Authorization" not in sent or resp.status == 401  # a bad token is 401, nothing else
+            if resp.status == 500 or not enveloped or not refused:
+                wrong.append(
+                    f"{resp.status} {method.upper()} {url[:80]} {sent!s:.60} {kwargs!s:.80}: {text[:120]}"
+                )
     assert not wrong, f"{len(wrong)} of {len(sweep)}:\n" + "\n".join(wrong[:20])
