@@ -13,13 +13,12 @@ MySQL refused to compare them with the ASCII column), an invite code decoding pa
 
 from __future__ import annotations
 
-import base64
-import json
 import urllib.parse
 from typing import Any
 
 from aiohttp.test_utils import TestClient
 
+from server.paging import encode_cursor
 from tests.auth_support import bearer, login
 from tests.payments_support import (  # fixtures: pytest finds them by these module-level names
     ADMIN_PHONE,
@@ -31,13 +30,17 @@ from tests.payments_support import (  # fixtures: pytest finds them by these mod
     wxpay_gateway,  # noqa: F401
 )
 
-
-def _cursor(*key: Any) -> str:
-    return base64.urlsafe_b64encode(json.dumps(list(key)).encode()).decode().rstrip("=")
-
-
 PATH_VALUES = ["ü😀", "9" * 23, "x" * 300, "a'b", "-1", "0", "..%2F..", "%ff"]
-QUERY_VALUES = ["ü😀", "-1", "9" * 30, "x" * 300, "1e400", _cursor("ü"), _cursor(2**70), _cursor(-1, "x")]
+QUERY_VALUES = [
+    "ü😀",
+    "-1",
+    "9" * 30,
+    "x" * 300,
+    "1e400",
+    encode_cursor("ü"),
+    encode_cursor(2**70),
+    encode_cursor(-1, "x"),
+]
 FIELD_VALUES: list[Any] = [None, "", -1, 2**64, 1e308, True, [], {}, "ü😀", "x" * 5000, {"a": [None]}]
 RAW_BODIES = [b"{", b"[]", b"null", b'"x"', b'{"a": "\\ud800"}', b"\xff\xfe", b"[" * 5000]
 NOT_A_TOKEN = [
@@ -47,8 +50,8 @@ NOT_A_TOKEN = [
     "Basic YWJj",
     "Bearer a.b.c",
     "Bearer " + "x" * 5000,
-    "Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiIxIiwicm9sZSI6ImFkbWluIn0.",
-]  # alg "none"
+    "Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiIxIiwicm9sZSI6ImFkbWluIn0.",  # alg "none", role admin
+]
 IDEMPOTENCY_KEYS = ["", " ", "ü" * 10, "x" * 129, "x" * 5000]
 # Answers in the provider's format, not the envelope (API.md: notifications).
 PROVIDER_FORMAT = ("/api/v1/payments/",)
