@@ -224,7 +224,8 @@ async def _decide(
     errors=[E.NOT_FOUND, E.CONFLICT],
 )
 async def approve(request: web.Request, body: DecisionIn) -> Distributor:
-    """Approve a pending application (409 when it was decided already)."""
+    """Approve a pending application. 409 when it was rejected; the same decision again
+    answers the application as the first one left it."""
     return await _decide(request, "approved", body.reason)
 
 
@@ -235,7 +236,8 @@ async def approve(request: web.Request, body: DecisionIn) -> Distributor:
     errors=[E.NOT_FOUND, E.CONFLICT],
 )
 async def reject(request: web.Request, body: DecisionIn) -> Distributor:
-    """Reject a pending application (409 when it was decided already)."""
+    """Reject a pending application. 409 when it was approved; the same decision again
+    answers the application as the first one left it."""
     return await _decide(request, "rejected", body.reason)
 
 

@@ -189,6 +189,39 @@ async def test_admin_lists_masked_and_decides_once(client: TestClient[Any, Any],
     assert resp.status == 409
 
 
+async def test_ten_racing_decisions_on_two_instances_leave_the_first_and_replays_answer_it(
+    client: TestClient[Any, Any],
+    client2: TestClient[Any, Any],
+    settings: Settings,
+    services: Services,
+    database: str,
+    log_lines: list[str],
+) -> None:
+    who, user_id, _ = await user(client)
+    await apply(client, who, NAME, new_id())
+    admin = await admin_with(client, settings)
+
+    async def decide(i: int) -> tuple[int, dict[str, Any]]:
+        verb = "approve" if i % 2 else "reject"
+        resp = await (client, client2)[i % 4 // 2].post(
+            f"/api/v1/admin/distributors/{user_id}/{verb}", json={"reason": f"r{i}"}, headers=admin
+        )
+        return resp.status, await resp.json()
+
+    answers = await asyncio.gather(*(decide(i) for i in range(10)))
+    row = services.query(
+        database, "SELECT status, decision_reason FROM distributors WHERE user_id = %s", user_id
+    )[0]
+    won = "approve" if row["status"] == "approved" else "reject"
+    for i, (status, body) in enumerate(answers):
+        if ("approve" if i % 2 else "reject") == won:  # the winner and its replays: the row as it is
+            assert status == 200 and body["status"] == row["status"], body
+            assert body["decision_reason"] == row["decision_reason"]
+        else:
+            assert status == 409 and body["error"]["code"] == "CONFLICT", body
+    assert sum(f"distributor {user_id} {row['status']} by admin" in line for line in log_lines) == 1
+
+
 async def test_a_ciphertext_swapped_between_two_rows_fails_to_decrypt_with_no_plaintext(
     client: TestClient[Any, Any], settings: Settings, services: Services, database: str
 ) -> None:

@@ -176,13 +176,17 @@ class Distributors:
     # ------------------------------------------------------------ deciding
 
     async def decide(self, admin_id: int, user_id: int, to: str, reason: str | None) -> Row:
-        await MACHINE.apply(
+        """Approve or reject a pending application. The same decision again (a double
+        click, or two admins at once) is a replay: the row as the first one left it.
+        The other decision raises IllegalTransition (409)."""
+        moved = await MACHINE.apply(
             self.db,
             (user_id,),
             to,
             {"decided_by": admin_id, "decided_at": _utcnow(), "decision_reason": reason},
         )
-        logger.info("distributor {} {} by admin {}", user_id, to, admin_id)
+        if moved:
+            logger.info("distributor {} {} by admin {}", user_id, to, admin_id)
         return await self.get(user_id)
 
     async def set_rate(self, user_id: int, rate: Decimal | None) -> Row:
