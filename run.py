@@ -261,7 +261,7 @@ def cmd_grant_credits(settings: Settings, args: argparse.Namespace) -> int:
         await system.start()
         try:
             reason = f"{body.reason} (by run.py grant-credits)"[:200]
-            state = await credits.grant(user_id, body.amount, "adjust", reason=reason)
+            state = await credits.adjust(user_id, body.amount, reason)
         finally:
             await system.stop(settings.actors.stop_timeout)
             await redis.aclose()

@@ -13,7 +13,7 @@ from server.credits.facade import QuotaState
 from server.errors import ErrorCode
 from server.keys import auth_key, credits_key
 from server.paging import Page, PageQuery, decode_cursor, page_of
-from server.routing import RouteTable, path_id
+from server.routing import RouteTable, optional_idempotency_key, path_id
 
 routes = RouteTable(tags=["quota"], auth="user")
 admin_routes = RouteTable(tags=["admin"], auth="admin")
@@ -112,13 +112,20 @@ async def my_ledger(request: web.Request, query: PageQuery) -> LedgerPage:
     "/api/v1/admin/users/{user_id}/quota",
     body=QuotaAdjust,
     response=Quota,
-    errors=[ErrorCode.NOT_FOUND, ErrorCode.QUOTA_INSUFFICIENT],
+    errors=[ErrorCode.NOT_FOUND, ErrorCode.QUOTA_INSUFFICIENT, ErrorCode.IDEMPOTENCY_CONFLICT],
 )
 async def adjust_quota(request: web.Request, body: QuotaAdjust) -> Quota:
-    """Add or remove credits with a reason (ledger kind `adjust`); never below zero available."""
+    """Add or remove credits with a reason (ledger kind `adjust`); never below zero available.
+
+    With an optional `Idempotency-Key` header (per admin) it is applied once: a repeat
+    answers the balance as it is now, and the same key with another user, amount or
+    reason is 409 IDEMPOTENCY_CONFLICT, nothing written. Send one, so that a retry after
+    a timeout cannot adjust twice."""
     user_id = path_id(request, "user_id", "user")
+    key = optional_idempotency_key(request)
     await request.app[auth_key].admin.get(user_id)  # NotFound for an unknown user
     admin = principal_of(request).user_id
     reason = f"{body.reason} (by admin {admin})"[:200]
-    state = await request.app[credits_key].grant(user_id, body.amount, "adjust", reason=reason)
+    scoped = None if key is None else f"admin {admin}:{key}"
+    state = await request.app[credits_key].adjust(user_id, body.amount, reason, key=scoped)
     return Quota.of(state)

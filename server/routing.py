@@ -241,10 +241,21 @@ class RouteTable:
 
 def idempotency_key(request: web.Request) -> str:
     """The request's `Idempotency-Key` header: 1–128 printable characters, else 422."""
-    key = request.headers.get("Idempotency-Key")
-    if key is None or not (1 <= len(key) <= 128) or not key.isprintable() or key.strip() != key:
+    key = optional_idempotency_key(request)
+    if key is None:
         raise validation_failed(
             [{"field": "header.Idempotency-Key", "message": "required: 1–128 printable characters"}]
+        )
+    return key
+
+
+def optional_idempotency_key(request: web.Request) -> str | None:
+    """The request's `Idempotency-Key` header, None when not sent; 422 when it is not
+    1–128 printable characters."""
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and (not (1 <= len(key) <= 128) or not key.isprintable() or key.strip() != key):
+        raise validation_failed(
+            [{"field": "header.Idempotency-Key", "message": "must be 1–128 printable characters"}]
         )
     return key
 

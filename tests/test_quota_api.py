@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Callable
 from typing import Any
@@ -10,10 +11,12 @@ import pytest
 from aiohttp import web
 
 from actors.user import UserActor
+from server.app import create_app
 from server.config import Settings
 from server.credits.ledger import Confirm, Grant, Reserve
 from server.keys import actor_system_key
 from tests.auth_support import auth_settings, bearer, error_code, register
+from tests.conftest import Services
 
 
 @pytest.fixture
@@ -100,6 +103,52 @@ async def test_an_admin_adjusts_credits_with_a_reason_but_never_below_zero_avail
     assert ledger["items"][0]["reason"].startswith("reset (by admin ")
 
 
+async def test_an_adjustment_under_an_idempotency_key_is_applied_once_across_two_instances(
+    client: Any, aiohttp_client: Any, settings: Settings, services: Services, database: str
+) -> None:
+    client2 = await aiohttp_client(create_app(settings))  # a second instance, same MariaDB and Redis
+    me = await register(client)
+    uid = me["user"]["id"]
+    admin = bearer(await admin_token(client))
+
+    async def adjust(c: Any, amount: int, key: str | None, reason: str = "goodwill", user: Any = uid) -> Any:
+        headers = admin if key is None else {**admin, "Idempotency-Key": key}
+        resp = await c.post(
+            f"/api/v1/admin/users/{user}/quota", json={"amount": amount, "reason": reason}, headers=headers
+        )
+        return resp.status, await resp.json()
+
+    # A retried click: 12 at once over both instances, one adjustment.
+    answers = await asyncio.gather(*(adjust((client, client2)[i % 2], 40, "grant-1") for i in range(12)))
+    assert {status for status, _ in answers} == {200}, answers
+    rows = services.query(
+        database, "SELECT balance_delta FROM quota_ledger WHERE user_id = %s AND kind = 'adjust'", uid
+    )
+    assert [int(r["balance_delta"]) for r in rows] == [40]
+    assert (await adjust(client2, 40, "grant-1"))[1] == {"balance": 40, "reserved": 0, "available": 40}
+
+    # The same key with another amount, reason or user: 409, nothing written.
+    other = (await register(client))["user"]["id"]
+    for amount, reason, user in ((41, "goodwill", uid), (40, "bonus", uid), (40, "goodwill", other)):
+        status, body = await adjust(client, amount, "grant-1", reason, user)
+        assert status == 409 and body["error"]["code"] == "IDEMPOTENCY_CONFLICT", body
+    assert (
+        services.query(database, "SELECT COUNT(*) AS n FROM quota_ledger WHERE kind = 'adjust'")[0]["n"] == 1
+    )
+
+    # A refused one writes nothing, so its key is still free; another key is another adjustment.
+    status, body = await adjust(client, -50, "take-1")
+    assert status == 402 and body["error"]["code"] == "QUOTA_INSUFFICIENT"
+    assert (await adjust(client, -30, "take-1"))[1]["balance"] == 10
+    assert (await adjust(client2, 5, None))[1]["balance"] == 15  # no key: applied each time
+    assert (await adjust(client2, 5, None))[1]["balance"] == 20
+    status, body = await adjust(client, 5, "x" * 129)
+    assert status == 422 and body["error"]["details"]["fields"][0]["field"] == "header.Idempotency-Key"
+    assert (await (await client.get("/api/v1/me/quota", headers=bearer(me["access_token"]))).json())[
+        "balance"
+    ] == 20
+
+
 async def test_an_adjustment_validates_its_body_and_its_user(client: Any) -> None:
     me = await register(client)
     token = await admin_token(client)
@@ -125,7 +174,6 @@ async def test_an_adjustment_validates_its_body_and_its_user(client: Any) -> Non
 async def test_sign_up_credits_are_granted_once_through_the_ledger(
     aiohttp_client: Any, make_settings: Callable[..., Settings]
 ) -> None:
-    from server.app import create_app
     from server.credits.ledger import check_all
     from server.keys import db_key
 

@@ -9,6 +9,7 @@ routes) call these methods and never address the actor themselves.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -33,6 +34,7 @@ from server.credits.ledger import (
     WithEffect,
 )
 from server.db import Database, Row
+from server.errors import AppError, ErrorCode
 from server.figures import ReservationFigures
 from server.hub.events import Event, EventHub
 from server.metrics import Metrics
@@ -91,6 +93,34 @@ class Credits:
     ) -> QuotaState:
         """Add (or, for `refund`/`adjust`, remove) credits; a `ref` is applied once."""
         return await self._user(user_id).ask(Grant(amount, kind, ref=ref, reason=reason, order_no=order_no))
+
+    async def adjust(self, user_id: int, amount: int, reason: str, *, key: str | None = None) -> QuotaState:
+        """Add or remove credits by hand (ledger kind `adjust`); QUOTA_INSUFFICIENT below
+        zero available. With an idempotency `key` (scoped by the caller, e.g. the admin's
+        id and its Idempotency-Key) it is applied once: a repeat answers the balance as it
+        is, and the key sent again with another user, amount or reason is
+        IDEMPOTENCY_CONFLICT with nothing written. A refused adjustment writes nothing, so
+        its key stays free. The key is the grant's `ref` (hashed): the ledger's unique
+        (kind, ref) decides between racing repeats on every instance."""
+        if key is None:
+            return await self.grant(user_id, amount, "adjust", reason=reason)
+        ref = "key:" + hashlib.sha256(key.encode()).hexdigest()
+        asked = (user_id, amount, reason)
+        done = await self._adjustment(ref)
+        if done is None:
+            state = await self.grant(user_id, amount, "adjust", ref=ref, reason=reason)
+            if await self._adjustment(ref) == asked:  # this one, or a repeat that won the race
+                return state
+        elif done == asked:
+            return await self.balance(user_id)
+        raise AppError(ErrorCode.IDEMPOTENCY_CONFLICT, "This Idempotency-Key was used for another adjustment")
+
+    async def _adjustment(self, ref: str) -> tuple[int, int, str] | None:
+        """(user id, amount, reason) of the adjustment recorded under `ref`, if any."""
+        row = await self.db.fetchone(
+            "SELECT user_id, balance_delta, reason FROM quota_ledger WHERE kind = 'adjust' AND ref = %s", ref
+        )
+        return None if row is None else (int(row["user_id"]), int(row["balance_delta"]), str(row["reason"]))
 
     async def apply(
         self,
