@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from server.config import ConfigError, Settings
 from server.errors import Busy, ErrorCode
 from server.keys import actor_system_key, db_key, redis_key
 from server.routing import RouteTable, add_routes
+from tests.conftest import ROOT
 
 
 class EchoIn(BaseModel):
@@ -389,3 +391,49 @@ async def test_every_log_line_of_a_request_carries_its_request_id(client: Any) -
     assert any(line.startswith("trace-42 GET /api/v1/_probe/boom 500") for line in lines)
     assert any(line.startswith("trace-43 GET /healthz 200") for line in lines)
     assert "None outside any request" in lines  # a line outside any request has none
+
+
+_PROD_LOGGING = """
+import logging
+from loguru import logger
+from server.logging import REQUEST_ID, setup_logging
+setup_logging("INFO", json=True)
+logger.info("outside any request")
+REQUEST_ID.set("trace-7")
+logger.info("{} {} {}", "GET", "/healthz", 200, route="/healthz", status=200)
+logger.debug("below the level")
+logger.bind(actor="user:13912345678").warning("phone 13912345678")
+try:
+    raise ValueError("id 110101199001011234")
+except ValueError:
+    logger.exception("failed")
+logging.getLogger("aiohttp.server").warning("from the %s", "stdlib")
+"""
+
+
+def test_prod_logs_one_flat_json_object_a_line_masked_with_the_request_id() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _PROD_LOGGING],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [(line["level"], line["request_id"]) for line in lines] == [
+        ("INFO", "-"),
+        ("INFO", "trace-7"),
+        ("WARNING", "trace-7"),
+        ("ERROR", "trace-7"),
+        ("WARNING", "trace-7"),
+    ]
+    access = lines[1]
+    assert (access["message"], access["route"], access["status"]) == ("GET /healthz 200", "/healthz", 200)
+    assert access["logger"] == "__main__" and access["function"] == "<module>" and access["line"] == 8
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d", access["time"])
+    assert (lines[2]["message"], lines[2]["actor"]) == ("phone 139****5678", "user:139****5678")
+    failed = lines[3]["message"]
+    assert failed.startswith("failed\nTraceback") and "ValueError: id 1101**********1234" in failed
+    assert lines[4]["message"] == "from the stdlib"
+    assert "13912345678" not in done.stderr and "110101199001011234" not in done.stderr
