@@ -26,7 +26,10 @@ CPU 0 runs only what is measured: the app, or a bare run (a process of its own).
 talk to runs on CPU 1: the load, the notifications' signer, the fake gateway, and MariaDB
 and Redis (private instances under var/bench, every thread pinned). Both sides run with the
 same environment (the app's settings included), as `requests`, under the SDK, reads the
-whole of `os.environ` on every call. Both sides are timed warm: before the rounds the app
+whole of `os.environ` on every call. Like every bench here, the app runs with
+LOG_LEVEL=WARNING and CRON_ENABLED=false (bench/_support.py): no access line is logged per
+request (at the default INFO it costs the event loop more than our layers do: see
+bench/RESULTS.md, "Ninth sitting"). Both sides are timed warm: before the rounds the app
 serves 50 orders and 200 notifications (every buyer's actor, its pools, the SDK's threads),
 and a bare settlement run opens its 50 MySQL connections before its clock starts. Rounds
 alternate bare/app. Reported: the best rate of
@@ -36,7 +39,9 @@ it; the verdict is on that median (this 2-vCPU VM moves the rates of both sides 
 "server CPU ms each": the app process's CPU time during its run, or the bare process's
 during its timed part (its set-up, and the signing of the bare side's bodies, excluded);
 "of which the event loop's": the app's main thread alone (the rest is the SDK's thread pool).
-About a minute. Prints a table, then lines for bench/RESULTS.md.
+Last, the bare side's CPU an operation over the app's (the least seen of each): both sides
+are CPU-bound on CPU 0, so the rates stand about as these do, and this moves less between
+runs than the rates. About a minute. Prints a table, then lines for bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -535,8 +540,15 @@ def report(
         verdict = "met" if median[key] >= target else "NOT met"
         print(
             f"{what}: each round's app / the bare run just before it: {rounds}; "
-            f"median {median[key]:.2f} (target ≥ {target}: {verdict})"
+            f"median {median[key]:.3f} (target ≥ {target}: {verdict})"
         )
+    # Both sides are CPU-bound on CPU 0, so their rates stand roughly as their CPU costs do;
+    # this ratio moves less from run to run than the rates.
+    for what, app_key, bare_key in (
+        ("a notification", "app_notify", "bare_settle"),
+        ("an order", "app_order", "bare_order"),
+    ):
+        print(f"server CPU {what}, bare / app (least of each): {cpu[bare_key] / cpu[app_key]:.3f}")
     print(
         f"Python {platform.python_version()}, {args.notifications} notifications and {args.orders} orders "
         f"a round, {args.rounds} rounds, {dt.date.today()}"
