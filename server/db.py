@@ -13,13 +13,16 @@ and opens new ones once the server is back.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 import aiomysql
 import pymysql
+from loguru import logger
 
 from server.config import DatabaseURL, Settings
 from server.errors import Busy, Unavailable
@@ -261,3 +264,94 @@ class Database:
 
     async def ping(self) -> None:
         await self.fetchval("SELECT 1")
+
+
+class GroupExecute:
+    """One statement, run for many callers: the calls made while a round trip is out
+    go together in the next one (multi-statement, as `Conn.execute_all`), at most
+    `most` a round trip. A group commit for INSERTs of independent rows (orders): at 50
+    concurrent buyers a round carried 7 on average, and the event loop spent 0.10 ms
+    less an order (bench/RESULTS.md, "Ninth sitting").
+
+    Each caller gets what `Database.execute` would have given it: its statement's
+    affected row count, or the error its own statement raised. Each statement still
+    commits on its own (autocommit), so sharing a round trip changes no outcome. The
+    server stops a multi-statement at the first statement that fails; the ones after it
+    go into the next round. An error that is not a statement's (the pool is exhausted,
+    the server went away) reaches every caller of that round, as it would each of them
+    alone. A caller cancelled before its round is sent is left out of it; one cancelled
+    after may still have its row written, as with `execute`."""
+
+    def __init__(self, db: Database, sql: str, *, most: int = 50) -> None:
+        self._db = db
+        self._sql = sql
+        self._most = most
+        self._waiting: deque[tuple[tuple[Any, ...], asyncio.Future[int]]] = deque()
+        self._runner: asyncio.Task[None] | None = None
+        self.rounds = 0  # round trips made, and statements sent in them (tests)
+        self.statements = 0
+
+    async def __call__(self, *args: Any) -> int:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        self._waiting.append((args, future))
+        if self._runner is None:
+            # Its own context: its log lines are not the first caller's request's.
+            self._runner = loop.create_task(self._run(), context=contextvars.Context())
+        return await future
+
+    async def _run(self) -> None:
+        batch: list[tuple[tuple[Any, ...], asyncio.Future[int]]] = []
+        try:
+            while self._waiting:
+                batch = []
+                while self._waiting and len(batch) < self._most:
+                    args, future = self._waiting.popleft()
+                    if not future.done():  # a caller cancelled before its round
+                        batch.append((args, future))
+                if batch:
+                    await self._round(batch)
+        except BaseException:  # cancelled with the loop: nobody may wait for ever
+            for _, future in [*batch, *self._waiting]:
+                future.cancel()
+            self._waiting.clear()
+            raise
+        finally:
+            self._runner = None
+
+    async def _round(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[int]]]) -> None:
+        self.rounds += 1
+        self.statements += len(batch)
+        done = 0  # statements answered so far, in order
+        try:
+            async with self._db.connection() as conn:
+                sql = "; ".join(conn.format(self._sql, *args) for args, _ in batch)
+                async with conn.raw.cursor() as cur:
+                    count = await cur.execute(sql)
+                    while True:
+                        _answer(batch[done][1], int(count))
+                        done += 1
+                        if not await cur.nextset():
+                            break
+                        count = cur.rowcount
+        except Exception as exc:
+            if done == len(batch):  # every caller has its answer: the error is the connection's
+                logger.warning("after a round of {} statements: {!r}", done, exc)
+            elif isinstance(exc, pymysql.err.MySQLError) and not is_unreachable(exc):
+                # Statement `done` failed: its caller gets the error; those after it did
+                # not run, and go first into the next round.
+                _fail(batch[done][1], exc)
+                self._waiting.extendleft(reversed(batch[done + 1 :]))
+            else:
+                for _, future in batch[done:]:
+                    _fail(future, exc)
+
+
+def _answer(future: asyncio.Future[int], count: int) -> None:
+    if not future.done():
+        future.set_result(count)
+
+
+def _fail(future: asyncio.Future[int], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

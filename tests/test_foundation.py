@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from actors import Actor, ActorRef
 from server.app import create_app
 from server.config import ConfigError, Settings
+from server.db import GroupExecute, is_duplicate
 from server.errors import Busy, ErrorCode
 from server.keys import actor_system_key, db_key, redis_key
 from server.routing import RouteTable, add_routes
@@ -211,6 +212,57 @@ async def test_an_exhausted_pool_answers_503_busy_with_retry_after(
     assert resp.status == 200
     metrics = await (await client.get("/metrics")).text()
     assert "wardrobe_db_pool_acquire_timeouts_total 1.0" in metrics
+
+
+GX = "INSERT INTO gx (id, v) SELECT %s, %s FROM DUAL WHERE %s"  # 1 row, or 0 when the flag is false
+
+
+async def test_group_execute_answers_each_caller_as_alone_in_shared_round_trips(
+    client: Any, app: web.Application
+) -> None:
+    db = app[db_key]
+    await db.execute("CREATE TABLE gx (id INT PRIMARY KEY, v INT NOT NULL)")
+    await db.execute("INSERT INTO gx VALUES (7, 0)")
+    gx = GroupExecute(db, GX)
+    # 30 at once: 0, 5, 10 … write nothing (0), 7 is taken (its own IntegrityError), the rest 1.
+    answers = await asyncio.gather(*(gx(i, i, i % 5 != 0) for i in range(30)), return_exceptions=True)
+    duplicate = answers.pop(7)
+    assert isinstance(duplicate, Exception) and is_duplicate(duplicate)
+    assert answers == [0 if i % 5 == 0 else 1 for i in range(30) if i != 7]
+    rows = await db.fetchall("SELECT id, v FROM gx ORDER BY id")
+    assert [(r["id"], r["v"]) for r in rows] == [(i, 0 if i == 7 else i) for i in range(30) if i % 5]
+    # One round trip for all 30; the server stopped at 7, so 8…29 went again in a second.
+    assert (gx.rounds, gx.statements) == (2, 30 + 22)
+
+
+async def test_group_execute_leaves_out_a_caller_cancelled_before_its_round(
+    client: Any, app: web.Application
+) -> None:
+    db = app[db_key]
+    await db.execute("CREATE TABLE gx (id INT PRIMARY KEY, v INT NOT NULL)")
+    gx = GroupExecute(db, GX)
+    calls = [asyncio.create_task(gx(i, i, True)) for i in range(3)]
+    await asyncio.sleep(0)  # all three are queued; the round has not started
+    calls[1].cancel()
+    assert await calls[0] == 1 and await calls[2] == 1
+    assert calls[1].cancelled()
+    assert [r["id"] for r in await db.fetchall("SELECT id FROM gx ORDER BY id")] == [0, 2]
+    assert (gx.rounds, gx.statements) == (1, 2)
+
+
+async def test_group_execute_gives_a_pool_timeout_to_every_caller_of_the_round(
+    aiohttp_client: Any, make_settings: Callable[..., Settings]
+) -> None:
+    app = create_app(make_settings(db_pool_min=0, db_pool_max=1, db_acquire_timeout=0.2))
+    await aiohttp_client(app)
+    db = app[db_key]
+    await db.execute("CREATE TABLE gx (id INT PRIMARY KEY, v INT NOT NULL)")
+    gx = GroupExecute(db, GX)
+    async with db.connection():  # the only connection
+        answers = await asyncio.gather(*(gx(i, i, True) for i in range(5)), return_exceptions=True)
+    assert all(isinstance(a, Busy) for a in answers), answers
+    assert gx.rounds == 1 and await db.fetchval("SELECT COUNT(*) FROM gx") == 0
+    assert await asyncio.gather(*(gx(i, i, True) for i in range(5))) == [1] * 5
 
 
 async def test_readyz_is_200_when_db_redis_and_migrations_are_current(client: Any) -> None:

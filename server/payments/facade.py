@@ -27,7 +27,7 @@ from server.auth.users import Profiles
 from server.config import DistributorSettings, Settings
 from server.credits.facade import Credits
 from server.credits.ledger import Grant, QuotaState, Read
-from server.db import Conn, Database, Row, is_duplicate
+from server.db import Conn, Database, GroupExecute, Row, is_duplicate
 from server.errors import AppError, Busy, ErrorCode, NotFound, validation_failed
 from server.hub.events import Event, EventHub
 from server.metrics import Metrics
@@ -278,6 +278,7 @@ class Payments:
         self.profiles = profiles
         self.metrics = metrics
         self.products = Products(db)
+        self._insert_order = GroupExecute(db, INSERT_ORDER)  # orders made at once share a round trip
         self.providers = {p.name: p for p in providers}
         self._by_channel = {c: p for p in providers for c in p.channels}
         self.refunds = Refunds(
@@ -344,8 +345,9 @@ class Payments:
     async def create_order(self, user_id: int, key: str, product_id: str, channel: str) -> tuple[Order, bool]:
         """(order, created). A repeat of a key with the same body answers the first order.
 
-        MySQL round trips on the happy path: one (the INSERT) for Native and Alipay, two for
-        JSAPI (the buyer's openid first), once the product is in `Products`' cache. The
+        MySQL round trips on the happy path: one (the INSERT, shared with the orders made at
+        the same moment: `GroupExecute`) for Native and Alipay, two for JSAPI (the buyer's
+        openid first), once the product is in `Products`' cache. The
         key is not looked up first: the unique key (user_id, idempotency_key) decides at
         the INSERT, so a repeat costs a provider call whose prepay is thrown away (never
         handed to anyone; it expires at the provider at our `expires_at`). Every refusal
@@ -418,8 +420,7 @@ class Payments:
         except AppError as exc:  # UPSTREAM_FAILED, BUSY: nothing written; a repeat still answers
             return await self._refuse(user_id, key, digest, exc)
         try:
-            inserted = await self.db.execute(
-                INSERT_ORDER,
+            inserted = await self._insert_order(
                 order_no, user_id, channel, json.dumps(pay_params), key, digest, now, expires,
                 product.id, product.kind, product.price_fen, product.credits, product.membership_days,
             )  # fmt: skip
