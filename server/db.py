@@ -280,7 +280,12 @@ class GroupExecute:
     go into the next round. An error that is not a statement's (the pool is exhausted,
     the server went away) reaches every caller of that round, as it would each of them
     alone. A caller cancelled before its round is sent is left out of it; one cancelled
-    after may still have its row written, as with `execute`."""
+    after may still have its row written, as with `execute`.
+
+    One round trip is out at a time, as in any group commit: a statement that waits for
+    a lock holds up the calls behind it. Use it for statements that take no lock another
+    transaction holds for long (an order's INSERT: its keys are new, and every other
+    write of `orders` is a short transaction)."""
 
     def __init__(self, db: Database, sql: str, *, most: int = 50) -> None:
         self._db = db
