@@ -274,7 +274,8 @@ class GroupExecute:
     less an order (bench/RESULTS.md, "Ninth sitting").
 
     Each caller gets what `Database.execute` would have given it: its statement's
-    affected row count, or the error its own statement raised. Each statement still
+    affected row count, or the error its own statement (or its arguments, which cannot
+    be escaped) raised. Each statement still
     commits on its own (autocommit), so sharing a round trip changes no outcome. The
     server stops a multi-statement at the first statement that fails; the ones after it
     go into the next round. An error that is not a statement's (the pool is exhausted,
@@ -293,7 +294,7 @@ class GroupExecute:
         self._most = most
         self._waiting: deque[tuple[tuple[Any, ...], asyncio.Future[int]]] = deque()
         self._runner: asyncio.Task[None] | None = None
-        self.rounds = 0  # round trips made, and statements sent in them (tests)
+        self.rounds = 0  # rounds tried, and statements sent in them (tests)
         self.statements = 0
 
     async def __call__(self, *args: Any) -> int:
@@ -326,29 +327,41 @@ class GroupExecute:
 
     async def _round(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[int]]]) -> None:
         self.rounds += 1
-        self.statements += len(batch)
+        sent: list[tuple[tuple[Any, ...], asyncio.Future[int]]] = []
         done = 0  # statements answered so far, in order
         try:
             async with self._db.connection() as conn:
-                sql = "; ".join(conn.format(self._sql, *args) for args, _ in batch)
+                statements = []
+                for args, future in batch:
+                    try:
+                        statements.append(conn.format(self._sql, *args))
+                    except Exception as exc:  # arguments that cannot be escaped: that caller's error
+                        _fail(future, exc)
+                        continue
+                    sent.append((args, future))
+                if not sent:
+                    return
+                self.statements += len(sent)
                 async with conn.raw.cursor() as cur:
-                    count = await cur.execute(sql)
+                    count = await cur.execute("; ".join(statements))
                     while True:
-                        _answer(batch[done][1], int(count))
+                        _answer(sent[done][1], int(count))
                         done += 1
                         if not await cur.nextset():
                             break
                         count = cur.rowcount
         except Exception as exc:
-            if done == len(batch):  # every caller has its answer: the error is the connection's
+            if not sent:  # no connection: the whole round's error
+                sent = batch
+            if done == len(sent):  # every caller has its answer: the error is the connection's
                 logger.warning("after a round of {} statements: {!r}", done, exc)
             elif isinstance(exc, pymysql.err.MySQLError) and not is_unreachable(exc):
                 # Statement `done` failed: its caller gets the error; those after it did
                 # not run, and go first into the next round.
-                _fail(batch[done][1], exc)
-                self._waiting.extendleft(reversed(batch[done + 1 :]))
+                _fail(sent[done][1], exc)
+                self._waiting.extendleft(reversed(sent[done + 1 :]))
             else:
-                for _, future in batch[done:]:
+                for _, future in sent[done:]:
                     _fail(future, exc)
 
 

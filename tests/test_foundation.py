@@ -224,8 +224,11 @@ async def test_group_execute_answers_each_caller_as_alone_in_shared_round_trips(
     await db.execute("CREATE TABLE gx (id INT PRIMARY KEY, v INT NOT NULL)")
     await db.execute("INSERT INTO gx VALUES (7, 0)")
     gx = GroupExecute(db, GX)
-    # 30 at once: 0, 5, 10 … write nothing (0), 7 is taken (its own IntegrityError), the rest 1.
-    answers = await asyncio.gather(*(gx(i, i, i % 5 != 0) for i in range(30)), return_exceptions=True)
+    # 30 at once: 0, 5, 10 … write nothing (0), 7 is taken (its own IntegrityError), the rest 1;
+    # and one whose arguments cannot be escaped (a dict): its own TypeError, never sent.
+    calls = [gx(i, i, i % 5 != 0) for i in range(30)] + [gx({"id": 99}, 0, True)]
+    answers = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(answers.pop(), TypeError)
     duplicate = answers.pop(7)
     assert isinstance(duplicate, Exception) and is_duplicate(duplicate)
     assert answers == [0 if i % 5 == 0 else 1 for i in range(30) if i != 7]
