@@ -16,8 +16,8 @@ import asyncio
 import contextvars
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing, asynccontextmanager
 from typing import Any, Literal
 
 import aiomysql
@@ -91,11 +91,15 @@ class Conn:
         """Run statements (already `format`ted) in ONE round trip, in order (the
         connection allows multi-statements); returns each one's affected row count.
         The first failing statement raises, and those after it do not run."""
+        return [count async for count in self.execute_each(statements)]
+
+    async def execute_each(self, statements: Sequence[str]) -> AsyncGenerator[int, None]:
+        """`execute_all`, each statement's affected row count as it is read: a caller
+        learns which statements ran before the one that raised (GroupExecute)."""
         async with self.raw.cursor() as cur:
-            counts = [int(await cur.execute("; ".join(statements)))]
+            yield int(await cur.execute("; ".join(statements)))
             while await cur.nextset():
-                counts.append(int(cur.rowcount))
-            return counts
+                yield int(cur.rowcount)
 
     async def fetch_sets(self, statements: Sequence[str]) -> list[list[Row]]:
         """Like `execute_all`, but returns each statement's rows ([] for one without)."""
@@ -275,8 +279,8 @@ class GroupExecute:
 
     Each caller gets what `Database.execute` would have given it: its statement's
     affected row count, or the error its own statement (or its arguments, which cannot
-    be escaped) raised. Each statement still
-    commits on its own (autocommit), so sharing a round trip changes no outcome. The
+    be escaped) raised. Each statement still commits on its own (autocommit), so sharing
+    a round trip changes no outcome. The
     server stops a multi-statement at the first statement that fails; the ones after it
     go into the next round. An error that is not a statement's (the pool is exhausted,
     the server went away) reaches every caller of that round, as it would each of them
@@ -342,14 +346,10 @@ class GroupExecute:
                 if not sent:
                     return
                 self.statements += len(sent)
-                async with conn.raw.cursor() as cur:
-                    count = await cur.execute("; ".join(statements))
-                    while True:
-                        _answer(sent[done][1], int(count))
+                async with aclosing(conn.execute_each(statements)) as counts:
+                    async for count in counts:
+                        _answer(sent[done][1], count)
                         done += 1
-                        if not await cur.nextset():
-                            break
-                        count = cur.rowcount
         except Exception as exc:
             if not sent:  # no connection: the whole round's error
                 sent = batch
